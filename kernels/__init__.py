@@ -1,0 +1,1 @@
+"""Triton kernels of fastguide (installed as ``fastguide.kernels``), one op per module."""
