@@ -1,0 +1,351 @@
+"""Samplers as coefficient tables: each sampler is a short function from a schedule to step rows.
+
+Every model evaluation is one *stage*; a stage has one row of ``fastguide.layout`` coefficients plus the
+static facts the loop needs (the model's timestep and input scale, whether noise is drawn, what the
+guidance networks see). VP samplers (``ddpm``, ``ddim``) run on the VP state ``x_t = a x0 + s eps``
+(guided-diffusion); sigma samplers (``euler``, ``euler_ancestral``, ``heun``, ``dpmpp_2m``) run on the
+k-diffusion/EDM state ``x = x0 + sigma eps``, also for VP schedules (the model then sees
+``x / sqrt(1 + sigma^2)`` and the training timestep).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from .layout import NUM_COLS, Col
+from .schedule import Schedule, vp_time_of_sigma
+
+VP_SAMPLERS = ("ddpm", "ddim")
+SIGMA_SAMPLERS = ("euler", "euler_ancestral", "heun", "dpmpp_2m")
+SAMPLERS = VP_SAMPLERS + SIGMA_SAMPLERS
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Static facts about one model evaluation of a sampler run."""
+
+    step: int                 # sampling step this stage belongs to, 0 .. steps-1
+    t_model: float            # the model's timestep (training timestep for VP schedules, sigma for EDM)
+    c_in: float               # the model sees c_in * x
+    alpha: float              # state parametrisation at this stage: x = alpha * x0 + sigma * eps
+    sigma: float
+    vp_time: float            # VP time in [0, 1]: t / T for VP schedules, tau(sigma) for EDM
+    guide_t: float            # timestep given to classifiers / discriminators
+    guide_in: float           # guidance networks see guide_in * x (the VP view of the state)
+    pre_noise: float = 0.0    # churn: x += pre_noise * z before the model call
+    noise: bool = False       # the row uses fresh noise z
+    uses_x0_prev: bool = False
+    second_stage: bool = False  # Heun's correction stage
+    variance: float = 0.0     # Sigma for mean-shift guidance (VP samplers); 0 for sigma samplers
+
+
+@dataclass
+class Plan:
+    """A sampler run: the coefficient table (float64, host) and its stages."""
+
+    sampler: str
+    schedule: Schedule
+    steps: int
+    rows: np.ndarray                  # [stages, NUM_COLS] float64
+    stages: List[Stage]
+    init_scale: float                 # x_T (unit Gaussian) is scaled by this to start
+    learned_variance: bool = False
+    max_variance: float = 0.0         # largest variance the run can use (Ma et al.'s Sigma_max)
+    options: dict = field(default_factory=dict)
+
+    @property
+    def table(self) -> torch.Tensor:
+        """The fp32 table the kernels read, on the host (move it to the sample's device once)."""
+        return torch.from_numpy(self.rows).float()
+
+
+def prediction_coeffs(prediction_type: str, alpha: float, sigma: float, c_in: float) -> dict:
+    """x0 and eps as linear functions of (x, m) for a model that sees c_in * x.
+
+    The model's own parametrisation is ``c_in x = a_m x0 + s_m eps`` with ``a_m = c_in alpha``,
+    ``s_m = c_in sigma``; v-prediction (Salimans & Ho 2022) is ``v = a_m eps - s_m x0`` with
+    ``a_m^2 + s_m^2 = 1``.
+    """
+    if prediction_type == "epsilon":
+        return {Col.P_X: 1.0 / alpha, Col.P_M: -sigma / alpha, Col.Q_M: 1.0}
+    if prediction_type == "sample":
+        return {Col.P_M: 1.0, Col.Q_X: 1.0 / sigma, Col.Q_M: -alpha / sigma}
+    a_m, s_m = c_in * alpha, c_in * sigma
+    return {Col.P_X: a_m * c_in, Col.P_M: -s_m, Col.Q_X: s_m * c_in, Col.Q_M: a_m}
+
+
+def _row(pred: dict, alpha: float, sigma: float, **update) -> np.ndarray:
+    """A row with the prediction conversion, the score-correction columns and the update columns.
+
+    Score correction (guided-diffusion ``condition_score``): eps' = eps - sigma g, hence
+    x0' = x0 + sigma^2 / alpha * g.
+    """
+    r = np.zeros(NUM_COLS)
+    for col, v in pred.items():
+        r[col] = v
+    r[Col.Q_G] = -sigma
+    r[Col.P_G] = sigma * sigma / alpha
+    for name, v in update.items():
+        r[Col[name]] = v
+    return r
+
+
+# ---------------------------------------------------------------------------------------------------
+# VP samplers (guided-diffusion's respaced chain)
+
+def _vp_chain(schedule: Schedule, steps: int):
+    ts = schedule.timesteps(steps).astype(np.int64)
+    if np.any(ts < 0) or np.any(ts >= schedule.num_train_timesteps) or np.any(np.diff(ts) >= 0):
+        raise ValueError(f"timestep spacing {schedule.timestep_spacing!r} with steps={steps} gives invalid "
+                         f"timesteps {ts.tolist()}")
+    abar = schedule.alphas_cumprod[ts]
+    abar_prev = np.append(abar[1:], 1.0)
+    beta = 1.0 - abar / abar_prev
+    post_var = beta * (1.0 - abar_prev) / (1.0 - abar)
+    # guided-diffusion replaces the zero posterior variance of the final step by the next one, in the
+    # clipped log variance and in fixed_large.
+    post_var_clipped = post_var.copy()
+    if len(ts) > 1:
+        post_var_clipped[-1] = post_var[-2]
+    return ts, abar, abar_prev, beta, post_var, post_var_clipped
+
+
+def _vp_stage(schedule: Schedule, i: int, t: int, a: float, s: float, **kw) -> Stage:
+    T = schedule.num_train_timesteps
+    return Stage(step=i, t_model=float(t), c_in=1.0, alpha=a, sigma=s, vp_time=t / T, guide_t=float(t),
+                 guide_in=1.0, **kw)
+
+
+def ddpm(schedule: Schedule, steps: int) -> Plan:
+    """Ancestral DDPM (Ho et al. 2020 eq. 7) on the respaced chain, as guided-diffusion's ``p_sample``:
+    ``x_{t-1} = c0 x0^ + ct x_t + sqrt(Sigma_t) z``, Sigma fixed_small / fixed_large / learned_range."""
+    ts, abar, abar_prev, beta, post_var, post_var_clipped = _vp_chain(schedule, steps)
+    vt = schedule.variance_type
+    rows, stages, variances = [], [], []
+    for i, t in enumerate(ts):
+        a, s = math.sqrt(abar[i]), math.sqrt(1 - abar[i])
+        last = i == len(ts) - 1
+        c0 = math.sqrt(abar_prev[i]) * beta[i] / (1 - abar[i])
+        ct = math.sqrt(1 - beta[i]) * (1 - abar_prev[i]) / (1 - abar[i])
+        pred = prediction_coeffs(schedule.prediction_type, a, s, 1.0)
+        if vt == "learned_range":
+            variance = beta[i]  # the upper end of the learned range
+            upd = dict(A=ct, B=c0, DV=1.0, EV=0.0 if last else 1.0, LV_MAX=math.log(beta[i]),
+                       LV_MIN=math.log(post_var_clipped[i]))
+        else:
+            # guided-diffusion: fixed_small is the posterior variance (0 on the final step, where no noise
+            # is drawn); fixed_large is beta_t, with the final step's replaced by the next posterior variance.
+            variance = post_var[i] if vt == "fixed_small" else (post_var_clipped[i] if last else beta[i])
+            upd = dict(A=ct, B=c0, D=variance, E=0.0 if last else math.sqrt(variance))
+        rows.append(_row(pred, a, s, **upd))
+        variances.append(variance)
+        stages.append(_vp_stage(schedule, i, int(t), a, s, noise=not last, variance=variance))
+    return Plan("ddpm", schedule, steps, np.stack(rows), stages, init_scale=1.0,
+                learned_variance=vt == "learned_range", max_variance=float(max(variances)))
+
+
+def ddim(schedule: Schedule, steps: int, eta: float = 0.0, clipped: bool = False) -> Plan:
+    """DDIM (Song et al. 2021 eq. 12): ``x_prev = a_prev x0^ + sqrt(1 - a_prev^2 - sig^2) eps + sig z``.
+
+    With ``clipped`` the eps is re-derived from the clipped x0^, as guided-diffusion's ``ddim_sample``;
+    that is folded into the x and x0^ columns. The mean-shift variance (x0-input guidance) is the DDPM
+    posterior variance of the same step pair.
+    """
+    if not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be finite and >= 0, got {eta}")
+    ts, abar, abar_prev, beta, post_var, post_var_clipped = _vp_chain(schedule, steps)
+    rows, stages = [], []
+    for i, t in enumerate(ts):
+        a, s = math.sqrt(abar[i]), math.sqrt(1 - abar[i])
+        a_prev = math.sqrt(abar_prev[i])
+        sig = eta * math.sqrt((1 - abar_prev[i]) / (1 - abar[i])) * math.sqrt(1 - abar[i] / abar_prev[i])
+        direction = math.sqrt(max(1 - abar_prev[i] - sig * sig, 0.0))
+        pred = prediction_coeffs(schedule.prediction_type, a, s, 1.0)
+        if clipped:
+            upd = dict(A=direction / s, B=a_prev - direction * a / s)
+        else:
+            upd = dict(B=a_prev, C=direction)
+        variance = post_var[i]
+        rows.append(_row(pred, a, s, D=variance, E=sig, **upd))
+        stages.append(_vp_stage(schedule, i, int(t), a, s, noise=sig > 0, variance=variance))
+    return Plan("ddim", schedule, steps, np.stack(rows), stages, init_scale=1.0,
+                max_variance=float(max(st.variance for st in stages)), options={"eta": eta})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sigma samplers (k-diffusion / EDM state x = x0 + sigma eps)
+
+def sigma_schedule(schedule: Schedule, steps: int) -> tuple:
+    """(sigmas with a final 0, model timesteps) for a sigma sampler."""
+    if schedule.kind == "edm":
+        sig = schedule.karras_sigmas(steps)
+        return np.append(sig, 0.0), sig.copy()
+    ts = schedule.timesteps(steps, integer=schedule.timestep_spacing != "linspace")
+    sig = schedule.sigma_of_t(ts)
+    if schedule.use_karras_sigmas:
+        sig = schedule.karras_sigmas(steps, sigma_min=float(sig[-1]), sigma_max=float(sig[0]))
+        ts = schedule.t_of_sigma(sig)
+    return np.append(sig, 0.0), ts
+
+
+def _sigma_stage(schedule: Schedule, i: int, sigma: float, t_model: float, **kw) -> Stage:
+    """A stage on the sigma state; guidance networks see the VP view x / sqrt(1 + sigma^2)."""
+    vp_in = 1.0 / math.sqrt(1.0 + sigma * sigma)
+    if schedule.kind == "edm":
+        tau = float(vp_time_of_sigma(sigma))
+        return Stage(step=i, t_model=sigma, c_in=1.0, alpha=1.0, sigma=sigma, vp_time=tau, guide_t=tau,
+                     guide_in=vp_in, **kw)
+    return Stage(step=i, t_model=float(t_model), c_in=vp_in, alpha=1.0, sigma=sigma,
+                 vp_time=float(t_model) / schedule.num_train_timesteps, guide_t=float(t_model),
+                 guide_in=vp_in, **kw)
+
+
+def _model_t(schedule: Schedule, sigma: float, t_default: float) -> float:
+    """The model's timestep at a (possibly churned) sigma."""
+    if schedule.kind == "edm":
+        return sigma
+    return t_default
+
+
+def _churn(sigma: float, steps: int, s_churn: float, s_tmin: float, s_tmax: float) -> float:
+    """EDM Algorithm 2's gamma: temporarily raise the noise level by (1 + gamma)."""
+    if s_churn > 0 and s_tmin <= sigma <= s_tmax:
+        return min(s_churn / steps, math.sqrt(2.0) - 1.0)
+    return 0.0
+
+
+def _pred(schedule: Schedule, stage: Stage) -> dict:
+    return prediction_coeffs(schedule.prediction_type, stage.alpha, stage.sigma, stage.c_in)
+
+
+def euler(schedule: Schedule, steps: int, s_churn: float = 0.0, s_tmin: float = 0.0,
+          s_tmax: float = float("inf"), s_noise: float = 1.0) -> Plan:
+    """Euler on the probability-flow ODE (Karras et al. 2022 Alg. 2 without the Heun correction):
+    ``x_next = x + (sigma_next - sigma_hat) (x - x0^) / sigma_hat``, with optional churn."""
+    sigmas, ts = sigma_schedule(schedule, steps)
+    rows, stages = [], []
+    for i in range(steps):
+        sig, nxt = sigmas[i], sigmas[i + 1]
+        gamma = _churn(sig, steps, s_churn, s_tmin, s_tmax)
+        sig_hat = sig * (1 + gamma)
+        t_model = schedule.t_of_sigma(np.array(sig_hat)).item() if gamma and schedule.kind == "vp" else ts[i]
+        st = _sigma_stage(schedule, i, sig_hat, _model_t(schedule, sig_hat, t_model),
+                          pre_noise=math.sqrt(sig_hat ** 2 - sig ** 2) * s_noise if gamma else 0.0)
+        dt = nxt - sig_hat
+        rows.append(_row(_pred(schedule, st), 1.0, sig_hat, A=1 + dt / sig_hat, B=-dt / sig_hat))
+        stages.append(st)
+    return Plan("euler", schedule, steps, np.stack(rows), stages, init_scale=_init_scale(schedule, sigmas),
+                options=dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise))
+
+
+def euler_ancestral(schedule: Schedule, steps: int, eta: float = 1.0, s_noise: float = 1.0) -> Plan:
+    """Euler ancestral (k-diffusion): step deterministically to sigma_down, then add sigma_up noise, with
+    ``sigma_up = min(sigma_next, eta sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2))``."""
+    if not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be finite and >= 0, got {eta}")
+    sigmas, ts = sigma_schedule(schedule, steps)
+    rows, stages = [], []
+    for i in range(steps):
+        sig, nxt = sigmas[i], sigmas[i + 1]
+        up = min(nxt, eta * math.sqrt(nxt ** 2 * (sig ** 2 - nxt ** 2) / sig ** 2)) if nxt > 0 else 0.0
+        down = math.sqrt(nxt ** 2 - up ** 2)
+        st = _sigma_stage(schedule, i, sig, ts[i], noise=up > 0)
+        dt = down - sig
+        rows.append(_row(_pred(schedule, st), 1.0, sig, A=1 + dt / sig, B=-dt / sig, E=up * s_noise))
+        stages.append(st)
+    return Plan("euler_ancestral", schedule, steps, np.stack(rows), stages,
+                init_scale=_init_scale(schedule, sigmas), options=dict(eta=eta, s_noise=s_noise))
+
+
+def heun(schedule: Schedule, steps: int, s_churn: float = 0.0, s_tmin: float = 0.0,
+         s_tmax: float = float("inf"), s_noise: float = 1.0) -> Plan:
+    """EDM's 2nd-order Heun sampler (Karras et al. 2022 Alg. 2).
+
+    Stage 1 is Euler from sigma_hat; stage 2 (skipped when sigma_next = 0) averages the two slopes:
+    ``x_next = x_hat + h (d1 + d2) / 2``. Stage 2's kernel sees x = the Euler result and x0_prev = D1,
+    from which x_hat is recovered exactly: ``x_hat = (t_hat x_e + h D1) / t_next``.
+    """
+    sigmas, ts = sigma_schedule(schedule, steps)
+    rows, stages = [], []
+    for i in range(steps):
+        sig, nxt = sigmas[i], sigmas[i + 1]
+        gamma = _churn(sig, steps, s_churn, s_tmin, s_tmax)
+        t_hat = sig * (1 + gamma)
+        t_model = schedule.t_of_sigma(np.array(t_hat)).item() if gamma and schedule.kind == "vp" else ts[i]
+        st = _sigma_stage(schedule, i, t_hat, _model_t(schedule, t_hat, t_model),
+                          pre_noise=math.sqrt(t_hat ** 2 - sig ** 2) * s_noise if gamma else 0.0)
+        h = nxt - t_hat
+        rows.append(_row(_pred(schedule, st), 1.0, t_hat, A=1 + h / t_hat, B=-h / t_hat))
+        stages.append(st)
+        if nxt > 0:
+            r = h / t_hat
+            st2 = _sigma_stage(schedule, i, nxt, _model_t(schedule, nxt, ts[i + 1] if i + 1 < len(ts) else 0.0),
+                               uses_x0_prev=True, second_stage=True)
+            rows.append(_row(_pred(schedule, st2), 1.0, nxt,
+                             A=(1 + 0.5 * r) * t_hat / nxt + 0.5 * h / nxt,
+                             B=-0.5 * h / nxt,
+                             F=(1 + 0.5 * r) * h / nxt - 0.5 * r))
+            stages.append(st2)
+    return Plan("heun", schedule, steps, np.stack(rows), stages, init_scale=_init_scale(schedule, sigmas),
+                options=dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise))
+
+
+def dpmpp_2m(schedule: Schedule, steps: int) -> Plan:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in k-diffusion's sigma form, lambda = -log sigma:
+    ``x_next = (sigma_next/sigma) x + (1 - e^{-h}) D``, D = x0^ on the first and last step, else
+    ``(1 + 1/(2r)) x0^ - 1/(2r) x0^_prev`` with r = h_prev / h."""
+    sigmas, ts = sigma_schedule(schedule, steps)
+    rows, stages = [], []
+    for i in range(steps):
+        sig, nxt = sigmas[i], sigmas[i + 1]
+        second = i > 0 and nxt > 0
+        st = _sigma_stage(schedule, i, sig, ts[i], uses_x0_prev=second)
+        ratio = nxt / sig
+        if second:
+            h = math.log(sig / nxt)
+            r = math.log(sigmas[i - 1] / sig) / h
+            upd = dict(A=ratio, B=(1 - ratio) * (1 + 0.5 / r), F=-(1 - ratio) * 0.5 / r)
+        else:
+            upd = dict(A=ratio, B=1 - ratio)
+        rows.append(_row(_pred(schedule, st), 1.0, sig, **upd))
+        stages.append(st)
+    return Plan("dpmpp_2m", schedule, steps, np.stack(rows), stages, init_scale=_init_scale(schedule, sigmas))
+
+
+def _init_scale(schedule: Schedule, sigmas: np.ndarray) -> float:
+    """Unit noise becomes x_T: sigma_max for EDM, sqrt(1 + sigma_max^2) for a VP model in sigma state."""
+    return float(sigmas[0]) if schedule.kind == "edm" else math.sqrt(1.0 + float(sigmas[0]) ** 2)
+
+
+_BUILDERS = {"ddpm": ddpm, "ddim": ddim, "euler": euler, "euler_ancestral": euler_ancestral, "heun": heun,
+             "dpmpp_2m": dpmpp_2m}
+
+
+def build(sampler: str, schedule: Schedule, steps: int, **options) -> Plan:
+    """The plan of ``sampler`` over ``steps`` steps of ``schedule``; options are the sampler's keywords.
+
+    >>> plan = fastguide.samplers.build("heun", fastguide.Schedule.edm(), steps=18, s_churn=0.0)
+    >>> plan.table.shape      # 35 stages: 18 Euler stages + 17 Heun corrections
+    """
+    if sampler not in _BUILDERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a fastguide.Schedule, got {type(schedule).__name__}")
+    if sampler in VP_SAMPLERS and schedule.kind != "vp":
+        raise ValueError(f"sampler {sampler!r} needs a VP schedule (Schedule.ddpm), got an EDM schedule")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    try:
+        return _BUILDERS[sampler](schedule, steps, **options)
+    except TypeError as exc:
+        raise TypeError(f"sampler {sampler!r}: {exc}") from None
+
+
+def with_rows(plan: Plan, rows: np.ndarray) -> Plan:
+    """A copy of ``plan`` with another coefficient table (same stages)."""
+    return replace(plan, rows=rows)
