@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import dispatch as _dispatch
+from . import library as _library  # noqa: F401  (registers torch.ops.fastguide)
 from .layout import CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD, NUM_COLS
 
 Scale = Union[float, int, torch.Tensor]
@@ -67,7 +68,23 @@ def check_scale(name: str, scale: Scale, batch: int, device: torch.device) -> to
         return scale.float()
     if not math.isfinite(scale) or scale < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {scale}")
-    return torch.full((batch,), float(scale), device=device, dtype=torch.float32)
+    if _is_compiling():
+        return torch.full((batch,), float(scale), device=device, dtype=torch.float32)
+    return _constant_scale(float(scale), batch, device)
+
+
+_constant_scales: dict = {}
+
+
+def _constant_scale(value: float, batch: int, device: torch.device) -> torch.Tensor:
+    """A float scale as a [B] view of one cached element (stride 0): no allocation or copy per call."""
+    key = (value, batch, device)
+    t = _constant_scales.get(key)
+    if t is None:
+        if len(_constant_scales) > 256:
+            _constant_scales.clear()
+        t = _constant_scales[key] = torch.full((1,), value, dtype=torch.float32, device=device).expand(batch)
+    return t
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
@@ -161,6 +178,10 @@ def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table: torch.T
     if check_outputs_finite:
         check_finite("model_output", model_output)
 
+    if _is_compiling():
+        return _traced_step(sample, model_output, table, step, w, float(rescale), g_score, g_mean, noise,
+                            x0_prev, clip_mode, lo, hi, threshold, learned_variance, out, x0_out, write_out,
+                            backend)
     impl = _dispatch.resolve(backend, sample.device)
     mfactor = impl.cfg_rescale_factor(model_output, w, float(rescale), learned_variance) if rescale else None
     # Kernels read every input of an element before writing it, so an output may be one of the inputs
@@ -180,6 +201,25 @@ def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table: torch.T
         x0_out.copy_(x0_buf)
     if out_buf is not out:
         out.copy_(out_buf)
+    return out
+
+
+def _traced_step(sample, model_output, table, step, w, rescale, g_score, g_mean, noise, x0_prev, clip_mode,
+                 lo, hi, threshold, learned_variance, out, x0_out, write_out, backend):
+    """The step as seen by torch.compile: functional custom ops, then copies into the caller's outputs."""
+    ops = torch.ops.fastguide
+    mfactor = ops.cfg_rescale_factor(model_output, w, rescale, learned_variance, backend) if rescale else None
+    step_tensor = step if isinstance(step, torch.Tensor) else None
+    res, x0 = ops.guided_step(sample, model_output, table, 0 if step_tensor is not None else step, step_tensor,
+                              w, mfactor, g_score, g_mean, noise, x0_prev, clip_mode, lo, hi, threshold,
+                              learned_variance, write_out, x0_out is not None, backend)
+    if x0_out is not None:
+        x0_out.copy_(x0)
+    if not write_out:
+        return None
+    if out is None:
+        return res
+    out.copy_(res)
     return out
 
 
@@ -224,6 +264,8 @@ def temperature_lse_grad(logits: torch.Tensor, labels: torch.Tensor, tau1: float
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
             raise ValueError(f"{name} must be a finite float, got {tau!r}")
     w = check_scale("scale", scale, logits.shape[0], logits.device) if scale is not None else None
+    if _is_compiling():
+        return torch.ops.fastguide.temperature_lse_grad(logits, labels, float(tau1), float(tau2), w, backend)
     impl = _dispatch.resolve(backend, logits.device)
     out = torch.empty_like(logits, memory_format=torch.contiguous_format)
     impl.temperature_lse_grad(logits, labels, float(tau1), float(tau2), w, out)
@@ -235,4 +277,6 @@ def per_sample_rms(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     check_tensor("x", x)
     if x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"x must have a non-empty batch dimension, got {tuple(x.shape)}")
+    if _is_compiling():
+        return torch.ops.fastguide.per_sample_rms(x, backend)
     return _dispatch.resolve(backend, x.device).per_sample_rms(x)
