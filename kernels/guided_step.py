@@ -1,0 +1,179 @@
+"""The fused guided sampler step: the row formula of ``fastguide.layout`` in one pass over memory.
+
+Every input element is read once and every output element written once; everything between is fp32 in
+registers. Absent tensors are switched off by constexpr flags, so their loads and arithmetic are not even
+compiled. The coefficient row is read from the device table at a step index that is a launch argument
+or is itself read from device memory, so a CUDA graph replaying this launch always sees the current step.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from fastguide.layout import CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD, Col
+
+from .launch_utils import elementwise_block, row_slices, warps_for
+
+# Column indices as compile-time constants (jit code may only read constexpr globals).
+P_X = tl.constexpr(int(Col.P_X))
+P_M = tl.constexpr(int(Col.P_M))
+P_G = tl.constexpr(int(Col.P_G))
+P_Z = tl.constexpr(int(Col.P_Z))
+Q_X = tl.constexpr(int(Col.Q_X))
+Q_M = tl.constexpr(int(Col.Q_M))
+Q_G = tl.constexpr(int(Col.Q_G))
+Q_Z = tl.constexpr(int(Col.Q_Z))
+C_A = tl.constexpr(int(Col.A))
+C_B = tl.constexpr(int(Col.B))
+C_C = tl.constexpr(int(Col.C))
+C_D = tl.constexpr(int(Col.D))
+C_E = tl.constexpr(int(Col.E))
+C_F = tl.constexpr(int(Col.F))
+C_DV = tl.constexpr(int(Col.DV))
+C_EV = tl.constexpr(int(Col.EV))
+LV_MAX = tl.constexpr(int(Col.LV_MAX))
+LV_MIN = tl.constexpr(int(Col.LV_MIN))
+MODE_RANGE = tl.constexpr(CLIP_RANGE)
+MODE_THRESHOLD = tl.constexpr(CLIP_THRESHOLD)
+
+
+@triton.jit(do_not_specialize=["step", "row0"])
+def guided_step_kernel(
+    x_ptr, x_stride, m_ptr, m_stride, n, batch, row0,
+    scale_ptr, scale_stride, mfactor_ptr, mfactor_stride,
+    g_score_ptr, g_score_stride, g_mean_ptr, g_mean_stride,
+    noise_ptr, noise_stride, x0_prev_ptr, x0_prev_stride,
+    clip_lo, clip_hi, threshold_ptr, threshold_stride,
+    table_ptr, table_stride_row, table_stride_col, step_ptr, step,
+    out_ptr, out_stride, x0_out_ptr, x0_out_stride,
+    HAS_CFG: tl.constexpr, HAS_MFACTOR: tl.constexpr, HAS_G_SCORE: tl.constexpr, HAS_G_MEAN: tl.constexpr,
+    HAS_NOISE: tl.constexpr, HAS_X0_PREV: tl.constexpr, LEARNED_VARIANCE: tl.constexpr,
+    CLIP_MODE: tl.constexpr, STEP_FROM_PTR: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_X0: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Grid: (chunks of a row, rows). Row offsets in int64: a [2B, 2n] model output can pass 2**31.
+    row = tl.program_id(1).to(tl.int64) + row0
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+
+    if STEP_FROM_PTR:
+        step_idx = tl.load(step_ptr).to(tl.int64)
+    else:
+        step_idx = step.to(tl.int64)
+    coef = table_ptr + step_idx * table_stride_row
+
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_CFG:
+        # [uncond; cond]: this sample's cond row is `batch` rows below its uncond row.
+        cond_row = m_ptr + (row + batch) * m_stride
+        u = tl.load(m_ptr + row * m_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(cond_row + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+        m = u + w * (c - u)
+    else:
+        cond_row = m_ptr + row * m_stride
+        m = tl.load(cond_row + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MFACTOR:
+        m = m * tl.load(mfactor_ptr + row * mfactor_stride).to(tl.float32)
+
+    x0 = tl.load(coef + P_X * table_stride_col) * x + tl.load(coef + P_M * table_stride_col) * m
+    eps = tl.load(coef + Q_X * table_stride_col) * x + tl.load(coef + Q_M * table_stride_col) * m
+    if HAS_NOISE:
+        z = tl.load(noise_ptr + row * noise_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        x0 = x0 + tl.load(coef + P_Z * table_stride_col) * z
+        eps = eps + tl.load(coef + Q_Z * table_stride_col) * z
+    # NaN must survive clipping (a NaN model output may never turn into a finite sample).
+    if CLIP_MODE == MODE_RANGE:
+        x0 = tl.clamp(x0, clip_lo, clip_hi, propagate_nan=tl.PropagateNan.ALL)
+    elif CLIP_MODE == MODE_THRESHOLD:
+        s = tl.load(threshold_ptr + row * threshold_stride).to(tl.float32)
+        x0 = tl.clamp(x0, -s, s, propagate_nan=tl.PropagateNan.ALL) / s
+    # The score correction enters after clipping (guided-diffusion's condition_score).
+    if HAS_G_SCORE:
+        g = tl.load(g_score_ptr + row * g_score_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        x0 = x0 + tl.load(coef + P_G * table_stride_col) * g
+        eps = eps + tl.load(coef + Q_G * table_stride_col) * g
+
+    if WRITE_OUT:
+        res = (tl.load(coef + C_A * table_stride_col) * x + tl.load(coef + C_B * table_stride_col) * x0
+               + tl.load(coef + C_C * table_stride_col) * eps)
+        if LEARNED_VARIANCE and (HAS_G_MEAN or HAS_NOISE):
+            # learned_range: the cond row is [prediction (n) | v (n)]; log Sigma interpolates in f=(v+1)/2.
+            v = tl.load(cond_row + n + cols, mask=mask, other=0.0).to(tl.float32)
+            frac = (v + 1.0) * 0.5
+            variance = tl.exp(frac * tl.load(coef + LV_MAX * table_stride_col)
+                              + (1.0 - frac) * tl.load(coef + LV_MIN * table_stride_col))
+        if HAS_G_MEAN:
+            gm = tl.load(g_mean_ptr + row * g_mean_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            shift = tl.load(coef + C_D * table_stride_col)
+            if LEARNED_VARIANCE:
+                shift = shift + tl.load(coef + C_DV * table_stride_col) * variance
+            res = res + shift * gm
+        if HAS_NOISE:
+            amp = tl.load(coef + C_E * table_stride_col)
+            if LEARNED_VARIANCE:
+                amp = amp + tl.load(coef + C_EV * table_stride_col) * tl.sqrt(variance)
+            res = res + amp * z
+        if HAS_X0_PREV:
+            xp = tl.load(x0_prev_ptr + row * x0_prev_stride + cols, mask=mask, other=0.0).to(tl.float32)
+            res = res + tl.load(coef + C_F * table_stride_col) * xp
+    # All loads of this program's elements are above, so an output may be an input exactly (out=sample).
+    # x0 is stored first: should x0_out and out be the same tensor, out wins, as in the reference.
+    if WRITE_X0:
+        tl.store(x0_out_ptr + row * x0_out_stride + cols, x0.to(x0_out_ptr.dtype.element_ty), mask=mask)
+    if WRITE_OUT:
+        tl.store(out_ptr + row * out_stride + cols, res.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _stride(t: Optional[torch.Tensor]) -> int:
+    return t.stride(0) if t is not None else 0
+
+
+def guided_step(x: torch.Tensor, model_output: torch.Tensor, table: torch.Tensor,
+                step: Union[int, torch.Tensor], *, scale: Optional[torch.Tensor] = None,
+                mfactor: Optional[torch.Tensor] = None, g_score: Optional[torch.Tensor] = None,
+                g_mean: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
+                x0_prev: Optional[torch.Tensor] = None, clip_mode: int = CLIP_NONE, clip_lo: float = -1.0,
+                clip_hi: float = 1.0, threshold: Optional[torch.Tensor] = None, learned_variance: bool = False,
+                out: Optional[torch.Tensor] = None, x0_out: Optional[torch.Tensor] = None,
+                block: Optional[int] = None) -> None:
+    """Launch the fused step on row views: ``x``, ``out``, ``x0_out``, ``g_*``, ``noise``, ``x0_prev`` are
+    ``[B, n]``, ``model_output`` is ``[B or 2B, n or 2n]``, each with unit inner stride (``as_rows``).
+
+    ``scale`` is required exactly when ``model_output`` has 2B rows; ``scale``, ``mfactor`` and
+    ``threshold`` are [B] vectors with any stride (0 for a broadcast scalar). ``block`` overrides the
+    elements per program (a power of two; tests use small ones to cross chunk boundaries).
+    """
+    batch, n = x.shape
+    if batch == 0 or n == 0 or (out is None and x0_out is None):
+        return
+    has_cfg = model_output.shape[0] == 2 * batch
+    block = block or elementwise_block(n, batch, x.device)
+    step_from_ptr = isinstance(step, torch.Tensor)
+    # Absent pointers are never dereferenced (their flags compile the loads out); any tensor will do.
+    dummy = x
+    for row0, rows in row_slices(batch):
+        grid = (triton.cdiv(n, block), rows)
+        guided_step_kernel[grid](
+            x, x.stride(0), model_output, model_output.stride(0), n, batch, row0,
+            scale if scale is not None else dummy, _stride(scale),
+            mfactor if mfactor is not None else dummy, _stride(mfactor),
+            g_score if g_score is not None else dummy, _stride(g_score),
+            g_mean if g_mean is not None else dummy, _stride(g_mean),
+            noise if noise is not None else dummy, _stride(noise),
+            x0_prev if x0_prev is not None else dummy, _stride(x0_prev),
+            float(clip_lo), float(clip_hi), threshold if threshold is not None else dummy, _stride(threshold),
+            table, table.stride(0), table.stride(1),
+            step if step_from_ptr else table, 0 if step_from_ptr else int(step),
+            out if out is not None else dummy, _stride(out),
+            x0_out if x0_out is not None else dummy, _stride(x0_out),
+            HAS_CFG=has_cfg, HAS_MFACTOR=mfactor is not None, HAS_G_SCORE=g_score is not None,
+            HAS_G_MEAN=g_mean is not None, HAS_NOISE=noise is not None, HAS_X0_PREV=x0_prev is not None,
+            LEARNED_VARIANCE=bool(learned_variance), CLIP_MODE=int(clip_mode), STEP_FROM_PTR=step_from_ptr,
+            WRITE_OUT=out is not None, WRITE_X0=x0_out is not None, BLOCK=block,
+            num_warps=warps_for(block), enable_fp_fusion=True,
+        )
