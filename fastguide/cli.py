@@ -1,0 +1,92 @@
+"""The ``fastguide`` command line: ``fastguide demo`` and ``fastguide backends``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+import fastguide
+from fastguide.examples.mixture import GaussianMixture
+
+
+def _demo(args) -> int:
+    """Every guidance method on an exact Gaussian mixture, where the right answer is known."""
+    torch.manual_seed(args.seed)
+    classes = 4
+    true_weights = torch.tensor([0.55, 0.25, 0.15, 0.05])
+    mix = GaussianMixture.ring(classes=classes, weights=true_weights)
+    schedule = fastguide.Schedule.ddpm()
+    n = args.samples
+    y = torch.arange(n) % classes
+    null = -1
+    model = mix.eps_model(schedule, null_label=null)
+    wrong = torch.full((classes,), 1.0 / classes)
+    rows = []
+
+    def run(name, net, labels, guidance, target):
+        gen = torch.Generator().manual_seed(args.seed)
+        x_T = torch.randn(n, 2, 1, 1, generator=gen)
+        t0 = time.perf_counter()
+        x = fastguide.sample(net, x_T, schedule=schedule, sampler=args.sampler, steps=args.steps, y=labels,
+                             guidance=guidance, generator=gen)
+        seconds = time.perf_counter() - t0
+        comp = mix.nearest_component(x)
+        acc = (comp == y).double().mean().item() if target else float("nan")
+        freq = torch.bincount(comp, minlength=classes).double() / n
+        tv = 0.5 * (freq - true_weights.double()).abs().sum().item()
+        spread = (x.double().flatten(1) - mix.means[comp]).square().sum(1).mean().sqrt().item()
+        rows.append((name, acc, tv, spread, 1e3 * seconds / n))
+
+    clf = mix.noisy_classifier(schedule)
+    run("unconditional", model, torch.full_like(y, null), [], False)
+    run("conditional (y)", model, y, [], True)
+    run("CFG w=3", model, y, [fastguide.CFG(3.0, null_label=null)], True)
+    uncond_model = mix.eps_model(schedule)
+    run("ADM classifier s=1", lambda x, t, _y: uncond_model(x, t, None), y,
+        [fastguide.ClassifierGuidance(clf, 1.0)], True)
+    run("ADM classifier s=4", lambda x, t, _y: uncond_model(x, t, None), y,
+        [fastguide.ClassifierGuidance(clf, 4.0)], True)
+    wrong_model = mix.eps_model(schedule, weights=wrong)
+    run("mis-specified model", lambda x, t, _y: wrong_model(x, t, None), None, [], False)
+    run("  + discriminator guidance", lambda x, t, _y: wrong_model(x, t, None), None,
+        [fastguide.DiscriminatorGuidance(mix.density_ratio_logit(schedule, wrong), weight=1.0)], False)
+
+    print(f"fastguide demo: exact 2-D Gaussian mixture ({classes} classes, weights {[round(w, 2) for w in true_weights.tolist()]}), "
+          f"{n} samples, {args.sampler} {args.steps} steps, backends {fastguide.backends()}")
+    print(f"{'method':30s} {'class acc':>9s} {'TV to true weights':>18s} {'spread':>7s} {'ms/sample':>9s}")
+    for name, acc, tv, spread, ms in rows:
+        acc_s = "-" if acc != acc else f"{acc:9.3f}"
+        print(f"{name:30s} {acc_s:>9s} {tv:18.3f} {spread:7.3f} {ms:9.4f}")
+    print("class acc: samples nearest the requested class mean. Exact guidance at scale 1 reproduces the\n"
+          "conditional model (acc ~1); discriminator guidance moves the mis-specified model's mode weights\n"
+          "back to the true ones (TV shrinks). spread: RMS distance to the nearest mean (component std "
+          f"{2 ** 0.5 * mix.var ** 0.5:.3f}).")
+    return 0
+
+
+def _backends(args) -> int:
+    for name, why in fastguide.backends(reasons=True).items():
+        print(f"{name:8s} {'available' if not why else 'unavailable: ' + why}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastguide", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run every guidance method on an exact Gaussian mixture")
+    demo.add_argument("--samples", type=int, default=2000)
+    demo.add_argument("--steps", type=int, default=50)
+    demo.add_argument("--sampler", default="ddim", choices=fastguide.samplers.SAMPLERS[:2])
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
+    sub.add_parser("backends", help="which kernel backends can run here").set_defaults(func=_backends)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Worked examples that double as demos: exact models whose right answers are known."""
