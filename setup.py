@@ -1,6 +1,75 @@
-"""fastguide build: pure-Python package plus the optional compiled extension ``fastguide._C``."""
+"""fastguide build: the Python package plus the compiled extension ``fastguide._C`` (built by CMakeLists.txt).
 
-from setuptools import setup
+Build switches (environment variables, read when the package is built):
+
+  FASTGUIDE_BUILD_EXT=0   pure-Python install: no compiler needed; the torch and Triton backends work and
+                          fastguide.backends() reports the compiled ones as unavailable. Any other value
+                          (default 1) builds the extension, and a failed build fails the install.
+  FASTGUIDE_CUDA          0: CPU kernels only; 1: CUDA kernels required (fail without nvcc); unset: add
+                          the CUDA kernels (csrc/cuda/*.cu) when a CUDA compiler is found.
+  FASTGUIDE_CUDA_ARCHS    CUDA architectures in CMake syntax (default "80;90").
+  FASTGUIDE_BUILD_TYPE    CMake build type (default Release).
+  MAX_JOBS                parallel compile jobs (default: all cores).
+
+Editable installs (``pip install -e . --no-build-isolation``) place ``fastguide/_C*.so`` in the source tree;
+the CMake build directory ``build/cmake-<python>`` is kept, so rebuilds are incremental.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def build_extension_enabled() -> bool:
+    return os.environ.get("FASTGUIDE_BUILD_EXT", "1") != "0"
+
+
+class CMakeExtension(Extension):
+    """An extension whose sources are built by CMake rather than by setuptools."""
+
+    def __init__(self, name: str, source_dir: str):
+        super().__init__(name, sources=[])
+        self.source_dir = source_dir
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: CMakeExtension) -> None:
+        import pybind11  # a build requirement (pyproject.toml)
+
+        if shutil.which("cmake") is None:
+            raise RuntimeError("building fastguide._C needs cmake >= 3.18 on PATH "
+                               "(or install with FASTGUIDE_BUILD_EXT=0 for a pure-Python install)")
+        target = os.path.abspath(self.get_ext_fullpath(ext.name))
+        build_dir = os.path.join(ROOT, "build", f"cmake-{sys.implementation.cache_tag}")
+        configure = [
+            "cmake", "-S", ext.source_dir, "-B", build_dir,
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('FASTGUIDE_BUILD_TYPE', 'Release')}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={os.path.dirname(target)}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DFASTGUIDE_CUDA={os.environ.get('FASTGUIDE_CUDA', '')}",
+            f"-DFASTGUIDE_CUDA_ARCHS={os.environ.get('FASTGUIDE_CUDA_ARCHS', '80;90')}",
+        ]
+        if shutil.which("ninja") and not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):
+            configure += ["-G", "Ninja"]
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        subprocess.check_call(configure)
+        subprocess.check_call(["cmake", "--build", build_dir, "--parallel", jobs])
+        if not os.path.exists(target):
+            raise RuntimeError(f"CMake did not produce {target}")
+
+
+if build_extension_enabled():
+    ext_modules = [CMakeExtension("fastguide._C", ROOT)]
+    cmdclass = {"build_ext": CMakeBuild}
+else:
+    ext_modules, cmdclass = [], {}
 
 setup(
     name="fastguide",
@@ -9,6 +78,8 @@ setup(
     python_requires=">=3.9",
     packages=["fastguide", "fastguide.kernels"],
     package_dir={"fastguide": "fastguide", "fastguide.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton"],
