@@ -1,0 +1,677 @@
+"""Drop-in replacement for ``scheduler.step`` of diffusers schedulers, with the CFG combine fused in.
+
+``fastguide.step(noise_pred, t, latents, scheduler=scheduler, guidance_scale=w)`` returns what
+``scheduler.step(u + w * (c - u), t, latents)`` of the diffusers scheduler returns, and advances the
+scheduler's step state the same way, so a pipeline may switch between the two mid-loop.
+
+How: every supported scheduler step is one row of ``fastguide.layout`` coefficients. The rows are built
+here, in float64, from the scheduler's *own* state after ``set_timesteps`` (``alphas_cumprod``,
+``timesteps``, ``sigmas``: spacing, Karras sigmas, zero-SNR rescaling and custom schedules are already in
+them), once per schedule, and kept as a device table. A call looks up its row on the host (the timestep's
+position for DDPM/DDIM, the scheduler's step counter for the others) and runs one fused
+``fastguide.guided_step``. Stochastic schedulers draw their noise from the caller's generator exactly where,
+and in the shape and dtype, diffusers draws it, so seeded loops match sample for sample.
+
+Supported: ``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``,
+``EulerAncestralDiscreteScheduler`` and ``DPMSolverMultistepScheduler`` (``dpmsolver++``, order 1 or 2).
+Anything else raises ``ValueError`` naming the scheduler or the option.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import weakref
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from . import dispatch as _dispatch
+from . import noise as _noise
+from . import ops as _ops
+from .layout import NUM_COLS, Col
+
+__all__ = ["step", "StepOutput", "SchedulerPlan", "plan_for"]
+
+Scale = Union[float, int, torch.Tensor]
+GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]
+
+_DDPM, _DDIM, _EULER, _EULER_A, _DPM = "ddpm", "ddim", "euler", "euler_ancestral", "dpmsolver++"
+
+# diffusers class name -> the step formula it uses.
+_KINDS = {
+    "DDPMScheduler": _DDPM,
+    "DDIMScheduler": _DDIM,
+    "EulerDiscreteScheduler": _EULER,
+    "EulerAncestralDiscreteScheduler": _EULER_A,
+    "DPMSolverMultistepScheduler": _DPM,
+}
+_INDEX_BASED = (_EULER, _EULER_A, _DPM)  # schedulers that keep a step counter (``_step_index``)
+
+
+@dataclass
+class StepOutput:
+    """What ``fastguide.step(..., return_dict=True)`` returns (the fields of diffusers' step outputs)."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+@dataclass
+class SchedulerPlan:
+    """The coefficient rows of one scheduler's current schedule, and what each step needs to know.
+
+    ``rows`` holds ``num_steps`` rows (one per position in ``scheduler.timesteps``); DPM-Solver++ with
+    ``solver_order=2`` appends ``num_steps`` second-order rows (row ``num_steps + i`` is step ``i`` taken with
+    the previous x0). Per step, ``alpha``/``sigma`` give the state's parametrisation ``x = alpha x0 + sigma
+    eps`` (for Euler that is the sigma after churn), which defines the score-correction columns
+    (``eps -= sigma g``, ``x0 += sigma^2/alpha g``). ``variance`` is DDPM's fixed mean-shift variance
+    (``mu += Sigma g``); None where the model supplies it (learned_range: the DV column) or the scheduler has
+    no mean shift.
+    """
+
+    kind: str
+    rows: np.ndarray                       # [R, NUM_COLS] float64
+    num_steps: int
+    alpha: np.ndarray                      # [num_steps]
+    sigma: np.ndarray                      # [num_steps]
+    draws_noise: np.ndarray                # [num_steps] bool: diffusers draws noise on this step
+    variance: Optional[np.ndarray] = None  # [num_steps] DDPM fixed variance for a mean shift
+    learned_variance: bool = False         # model output carries 2C channels (DDPM learned_range)
+    timestep_rows: Dict[int, int] = field(default_factory=dict)  # DDPM/DDIM: timestep value -> step
+    _tables: Dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def supports_mean_shift(self) -> bool:
+        return self.kind == _DDPM
+
+    def table(self, device: torch.device) -> torch.Tensor:
+        """The fp32 table on ``device``, copied there once."""
+        t = self._tables.get(device)
+        if t is None:
+            t = torch.from_numpy(self.rows).to(device=device, dtype=torch.float32)
+            self._tables[device] = t
+        return t
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which scheduler, and which of its options we can express
+
+
+def _kind_of(scheduler) -> str:
+    """The step formula of ``scheduler``; subclasses count only if they keep the parent's ``step``."""
+    for cls in type(scheduler).__mro__:
+        kind = _KINDS.get(cls.__name__)
+        if kind is not None and getattr(type(scheduler), "step", None) is getattr(cls, "step", None):
+            return kind
+    raise ValueError(f"scheduler: {type(scheduler).__name__} is not supported by fastguide.step; supported: "
+                     f"{', '.join(_KINDS)}")
+
+
+def _cfg(scheduler, name: str, default=None):
+    return scheduler.config.get(name, default)
+
+
+def _check_choice(scheduler, name: str, allowed: Tuple, why: str = "") -> None:
+    value = _cfg(scheduler, name)
+    if value not in allowed:
+        raise ValueError(f"scheduler.config.{name}={value!r} is not supported by fastguide.step for "
+                         f"{type(scheduler).__name__} (supported: {', '.join(map(repr, allowed))}){why}")
+
+
+def _check_config(scheduler, kind: str) -> None:
+    """Reject every config option whose step the coefficient rows cannot reproduce."""
+    if kind == _DDPM:
+        _check_choice(scheduler, "prediction_type", ("epsilon", "v_prediction", "sample"))
+        if _cfg(scheduler, "variance_type") == "fixed_large_log":
+            # DDPMScheduler.step takes sqrt(log beta_t) for this type, so its own result is NaN.
+            raise ValueError("scheduler.config.variance_type='fixed_large_log' is not supported: diffusers' "
+                             "DDPMScheduler.step returns NaN for it (it takes the square root of log beta_t); "
+                             "'fixed_large' is the intended variance")
+        _check_choice(scheduler, "variance_type", ("fixed_small", "fixed_small_log", "fixed_large",
+                                                   "learned_range"))
+    elif kind == _DDIM:
+        _check_choice(scheduler, "prediction_type", ("epsilon", "v_prediction", "sample"))
+    elif kind == _EULER:
+        _check_choice(scheduler, "prediction_type", ("epsilon", "v_prediction", "sample", "original_sample"))
+    elif kind == _EULER_A:
+        _check_choice(scheduler, "prediction_type", ("epsilon", "v_prediction"))
+    elif kind == _DPM:
+        _check_choice(scheduler, "algorithm_type", ("dpmsolver++",))
+        _check_choice(scheduler, "solver_order", (1, 2))
+        _check_choice(scheduler, "solver_type", ("midpoint", "heun"))
+        _check_choice(scheduler, "prediction_type", ("epsilon", "v_prediction", "sample"))
+        _check_choice(scheduler, "variance_type", (None,))
+        if _cfg(scheduler, "use_flow_sigmas", False):
+            raise ValueError("scheduler.config.use_flow_sigmas=True is not supported by fastguide.step")
+    if kind in (_DDPM, _DDIM, _DPM) and _cfg(scheduler, "thresholding", False):
+        ratio = _cfg(scheduler, "dynamic_thresholding_ratio")
+        if not isinstance(ratio, numbers.Real) or not 0.0 <= float(ratio) <= 1.0:
+            raise ValueError(f"scheduler.config.dynamic_thresholding_ratio must be in [0, 1], got {ratio!r}")
+    elif kind in (_DDPM, _DDIM) and _cfg(scheduler, "clip_sample", False):
+        rng = _cfg(scheduler, "clip_sample_range", 1.0)
+        if not isinstance(rng, numbers.Real) or not float(rng) > 0.0 or not math.isfinite(float(rng)):
+            raise ValueError(f"scheduler.config.clip_sample_range must be a finite float > 0, got {rng!r}")
+    if kind in (_DDIM, _DPM) and getattr(scheduler, "num_inference_steps", None) is None:
+        raise ValueError(f"scheduler: {type(scheduler).__name__} has no schedule yet; call "
+                         "scheduler.set_timesteps(...) first")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Coefficient rows, float64, from the scheduler's own arrays
+
+
+def _f64(t) -> np.ndarray:
+    return np.asarray(t.detach().double().cpu().numpy() if isinstance(t, torch.Tensor) else t, dtype=np.float64)
+
+
+def _score_cols(r: np.ndarray, alpha: float, sigma: float) -> None:
+    """Score correction for a state x = alpha x0 + sigma eps: eps -= sigma g, so x0 += sigma^2/alpha g."""
+    r[Col.Q_G] = -sigma
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r[Col.P_G] = np.float64(sigma) * sigma / np.float64(alpha)
+
+
+def _vp_prediction(r: np.ndarray, prediction_type: str, a: float, s: float, with_eps: bool) -> None:
+    """x0 (and eps when ``with_eps``) from (x, m) on the VP state x = a x0 + s eps (raw, before clipping)."""
+    a, s = np.float64(a), np.float64(s)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if prediction_type == "epsilon":
+            r[Col.P_X], r[Col.P_M] = 1.0 / a, -s / a
+            if with_eps:
+                r[Col.Q_M] = 1.0
+        elif prediction_type == "sample":
+            r[Col.P_M] = 1.0
+            if with_eps:
+                r[Col.Q_X], r[Col.Q_M] = 1.0 / s, -a / s
+        else:  # v_prediction (Salimans & Ho 2022): v = a eps - s x0
+            r[Col.P_X], r[Col.P_M] = a, -s
+            if with_eps:
+                r[Col.Q_X], r[Col.Q_M] = s, a
+
+
+def _ddpm_plan(scheduler) -> SchedulerPlan:
+    """Ho et al. 2020 eq. 7 over diffusers' chain: x_prev = c0 x0^ + ct x + std z, noise only when t > 0."""
+    abar = _f64(scheduler.alphas_cumprod)
+    ts = [int(t) for t in _f64(scheduler.timesteps)]
+    n = len(ts)
+    pred = _cfg(scheduler, "prediction_type")
+    vtype = _cfg(scheduler, "variance_type")
+    learned = vtype == "learned_range"
+    rows = np.zeros((n, NUM_COLS))
+    alpha, sigma, variance = np.zeros(n), np.zeros(n), np.zeros(n)
+    draws = np.zeros(n, dtype=bool)
+    for i, t in enumerate(ts):
+        prev = ts[i + 1] if i + 1 < n else -1
+        at = abar[t]
+        ap = abar[prev] if prev >= 0 else 1.0
+        beta = 1.0 - at / ap
+        post_var = max((1.0 - ap) / (1.0 - at) * beta, 1e-20)  # clamped as diffusers does
+        a, s = math.sqrt(at), math.sqrt(1.0 - at)
+        r = rows[i]
+        _vp_prediction(r, pred, a, s, with_eps=False)
+        r[Col.B] = math.sqrt(ap) * beta / (1.0 - at)
+        r[Col.A] = math.sqrt(at / ap) * (1.0 - ap) / (1.0 - at)
+        _score_cols(r, a, s)
+        draws[i] = t > 0
+        if learned:
+            # log Sigma = f log beta_t + (1 - f) log(posterior variance), f = (v + 1) / 2; noise sqrt(Sigma).
+            r[Col.LV_MAX], r[Col.LV_MIN] = math.log(beta), math.log(post_var)
+            r[Col.DV] = 1.0
+            r[Col.EV] = 1.0 if draws[i] else 0.0
+            variance[i] = np.nan
+        else:
+            var = beta if vtype == "fixed_large" else post_var  # fixed_small_log: same std, via exp(log/2)
+            r[Col.D] = var
+            r[Col.E] = math.sqrt(var) if draws[i] else 0.0
+            variance[i] = var
+        alpha[i], sigma[i] = a, s
+    return SchedulerPlan(_DDPM, rows, n, alpha, sigma, draws, None if learned else variance, learned,
+                         _first_positions(ts))
+
+
+def _ddim_plan(scheduler, eta: float, use_clipped: bool) -> SchedulerPlan:
+    """Song et al. 2021 eq. 12 as DDIMScheduler takes it: the previous timestep is always
+    ``t - num_train_timesteps // num_inference_steps`` (not the next entry of the schedule)."""
+    abar = _f64(scheduler.alphas_cumprod)
+    final = float(_f64(scheduler.final_alpha_cumprod))
+    ts = [int(t) for t in _f64(scheduler.timesteps)]
+    n = len(ts)
+    stride = int(_cfg(scheduler, "num_train_timesteps")) // int(scheduler.num_inference_steps)
+    pred = _cfg(scheduler, "prediction_type")
+    rows = np.zeros((n, NUM_COLS))
+    alpha, sigma = np.zeros(n), np.zeros(n)
+    for i, t in enumerate(ts):
+        prev = t - stride
+        at = abar[t]
+        ap = abar[prev] if prev >= 0 else final
+        a, s, a_prev = math.sqrt(at), math.sqrt(1.0 - at), math.sqrt(ap)
+        std = eta * math.sqrt((1.0 - ap) / (1.0 - at) * (1.0 - at / ap))
+        rest = 1.0 - ap - std * std
+        # eta > 1 can make this negative; diffusers then returns NaN, and so does the row.
+        direction = math.sqrt(rest) if rest >= 0 else math.nan
+        r = rows[i]
+        _vp_prediction(r, pred, a, s, with_eps=not use_clipped)
+        if use_clipped:
+            # eps re-derived from the clipped x0^: direction * (x - a x0^) / s, folded into A and B.
+            r[Col.A], r[Col.B] = direction / s, a_prev - direction * a / s
+        else:
+            r[Col.B], r[Col.C] = a_prev, direction
+        r[Col.E] = std if eta > 0 else 0.0
+        _score_cols(r, a, s)
+        alpha[i], sigma[i] = a, s
+    draws = np.full(n, eta > 0)
+    return SchedulerPlan(_DDIM, rows, n, alpha, sigma, draws, timestep_rows=_first_positions(ts))
+
+
+def _first_positions(ts: List[int]) -> Dict[int, int]:
+    positions: Dict[int, int] = {}
+    for i, t in enumerate(ts):
+        positions.setdefault(t, i)
+    return positions
+
+
+def _sigma_prediction(prediction_type: str, sigma_in: float, sigma_hat: float) -> Tuple[float, float]:
+    """(P_X, P_M) for Euler's x0 on the state x = x0 + sigma eps; v uses the un-churned sigma as diffusers."""
+    if prediction_type == "epsilon":
+        return 1.0, -sigma_hat
+    if prediction_type in ("sample", "original_sample"):
+        return 0.0, 1.0
+    return 1.0 / (sigma_in * sigma_in + 1.0), -sigma_in / math.sqrt(sigma_in * sigma_in + 1.0)
+
+
+def _euler_plan(scheduler, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> SchedulerPlan:
+    """Euler on the probability-flow ODE with EDM churn (Karras et al. 2022 Alg. 2) as EulerDiscreteScheduler:
+    x' = x + s_noise sqrt(sh^2 - s^2) z, x_next = x' + (s_next - sh) (x' - x0^) / sh, sh = s (1 + gamma)."""
+    sig = _f64(scheduler.sigmas)
+    n = len(sig) - 1
+    pred = _cfg(scheduler, "prediction_type")
+    # diffusers compares a float32 sigma with the bounds, so compare in float32 too.
+    tmin32, tmax32 = np.float32(s_tmin), np.float32(s_tmax)
+    rows = np.zeros((n, NUM_COLS))
+    alpha, sigma = np.ones(n), np.zeros(n)
+    draws = np.zeros(n, dtype=bool)
+    for i in range(n):
+        s, nxt = sig[i], sig[i + 1]
+        gamma = min(s_churn / n, 2 ** 0.5 - 1) if tmin32 <= np.float32(s) <= tmax32 else 0.0
+        sh = s * (gamma + 1.0)
+        churn = s_noise * math.sqrt(sh * sh - s * s) if gamma > 0 else 0.0
+        px, pm = _sigma_prediction(pred, s, sh)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.float64(nxt - sh) / np.float64(sh)
+        r = rows[i]
+        r[Col.P_X], r[Col.P_M], r[Col.P_Z] = px, pm, px * churn
+        r[Col.A], r[Col.B], r[Col.E] = 1.0 + ratio, -ratio, (1.0 + ratio) * churn
+        _score_cols(r, 1.0, sh)
+        draws[i] = gamma > 0
+        sigma[i] = sh
+    return SchedulerPlan(_EULER, rows, n, alpha, sigma, draws)
+
+
+def _euler_ancestral_plan(scheduler) -> SchedulerPlan:
+    """Euler ancestral: step to sigma_down, add sigma_up noise (drawn on every step, even when 0)."""
+    sig = _f64(scheduler.sigmas)
+    n = len(sig) - 1
+    pred = _cfg(scheduler, "prediction_type")
+    rows = np.zeros((n, NUM_COLS))
+    alpha, sigma = np.ones(n), np.zeros(n)
+    for i in range(n):
+        s, nxt = sig[i], sig[i + 1]
+        up = math.sqrt(nxt * nxt * (s * s - nxt * nxt) / (s * s))
+        down = math.sqrt(nxt * nxt - up * up)
+        px, pm = _sigma_prediction(pred, s, s)
+        ratio = (down - s) / s
+        r = rows[i]
+        r[Col.P_X], r[Col.P_M] = px, pm
+        r[Col.A], r[Col.B], r[Col.E] = 1.0 + ratio, -ratio, up
+        _score_cols(r, 1.0, s)
+        sigma[i] = s
+    return SchedulerPlan(_EULER_A, rows, n, alpha, sigma, np.ones(n, dtype=bool))
+
+
+def _dpm_lower_order_final(scheduler, i: int, n: int) -> bool:
+    """DPMSolverMultistepScheduler falls back to first order on the last step under these settings."""
+    return i == n - 1 and bool(_cfg(scheduler, "euler_at_final") or
+                               (_cfg(scheduler, "lower_order_final") and n < 15) or
+                               _cfg(scheduler, "final_sigmas_type") == "zero")
+
+
+def _dpm_plan(scheduler) -> SchedulerPlan:
+    """DPM-Solver++ (Lu et al. 2022) 1S and 2M on the VP state, with alpha = 1/sqrt(1+sigma^2),
+    sigma_vp = sigma alpha, so exp(-h) = sigma_next / sigma (no log of a zero final sigma needed)."""
+    sig = _f64(scheduler.sigmas)
+    n = len(scheduler.timesteps)
+    pred = _cfg(scheduler, "prediction_type")
+    order = int(_cfg(scheduler, "solver_order"))
+    heun = _cfg(scheduler, "solver_type") == "heun"
+    rows = np.zeros((n * order, NUM_COLS))
+    alpha, sigma = np.zeros(n), np.zeros(n)
+
+    def vp(x: float) -> Tuple[float, float]:
+        a = 1.0 / math.sqrt(x * x + 1.0)
+        return a, x * a
+
+    for i in range(n):
+        s, nxt = sig[i], sig[i + 1]
+        a_s, s_s = vp(s)
+        a_n, s_n = vp(nxt)
+        decay = nxt / s  # exp(-h)
+        first = rows[i]
+        _vp_prediction(first, pred, a_s, s_s, with_eps=False)
+        _score_cols(first, a_s, s_s)
+        first[Col.A], first[Col.B] = s_n / s_s, a_n * (1.0 - decay)
+        alpha[i], sigma[i] = a_s, s_s
+        if order == 2:
+            second = rows[n + i]
+            second[:] = first
+            if i > 0 and nxt > 0 and not _dpm_lower_order_final(scheduler, i, n):
+                h = math.log(s / nxt)
+                r0 = math.log(sig[i - 1] / s) / h
+                if heun:
+                    d1 = a_n * ((decay - 1.0) / h + 1.0) / r0
+                    second[Col.B] = a_n * (1.0 - decay) + d1
+                    second[Col.F] = -d1
+                else:
+                    second[Col.B] = a_n * (1.0 - decay) * (1.0 + 0.5 / r0)
+                    second[Col.F] = -0.5 * a_n * (1.0 - decay) / r0
+    return SchedulerPlan(_DPM, rows, n, alpha, sigma, np.zeros(n, dtype=bool))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-scheduler cache: rebuilt when set_timesteps (or a config change) replaces the scheduler's arrays
+
+
+@dataclass
+class _PlanCache:
+    refs: tuple                               # the objects the plans were built from, compared by identity
+    plans: Dict[tuple, SchedulerPlan] = field(default_factory=dict)
+
+
+_CACHE: "weakref.WeakKeyDictionary[object, _PlanCache]" = weakref.WeakKeyDictionary()
+
+
+def _state_refs(scheduler, kind: str) -> tuple:
+    """set_timesteps assigns new ``timesteps``/``sigmas`` tensors; holding them makes identity a safe key."""
+    arrays = (scheduler.sigmas,) if kind in _INDEX_BASED else (scheduler.alphas_cumprod,)
+    return (scheduler.timesteps, scheduler.config) + arrays
+
+
+def plan_for(scheduler, *, eta: float = 0.0, use_clipped_model_output: bool = False, s_churn: float = 0.0,
+             s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> SchedulerPlan:
+    """The coefficient plan of ``scheduler``'s current schedule for these step options (cached)."""
+    kind = _kind_of(scheduler)
+    _check_config(scheduler, kind)
+    return _plan(scheduler, kind, _variant(kind, eta, use_clipped_model_output, s_churn, s_tmin, s_tmax, s_noise))
+
+
+def _variant(kind: str, eta, use_clipped, s_churn, s_tmin, s_tmax, s_noise) -> tuple:
+    if kind == _DDIM:
+        return (float(eta), bool(use_clipped))
+    if kind == _EULER:
+        return (float(s_churn), float(s_tmin), float(s_tmax), float(s_noise))
+    return ()
+
+
+def _plan(scheduler, kind: str, variant: tuple) -> SchedulerPlan:
+    refs = _state_refs(scheduler, kind)
+    cache = _CACHE.get(scheduler)
+    if cache is None or len(cache.refs) != len(refs) or any(a is not b for a, b in zip(cache.refs, refs)):
+        cache = _PlanCache(refs)
+        _CACHE[scheduler] = cache
+    plan = cache.plans.get(variant)
+    if plan is None:
+        if kind == _DDPM:
+            plan = _ddpm_plan(scheduler)
+        elif kind == _DDIM:
+            plan = _ddim_plan(scheduler, *variant)
+        elif kind == _EULER:
+            plan = _euler_plan(scheduler, *variant)
+        elif kind == _EULER_A:
+            plan = _euler_ancestral_plan(scheduler)
+        else:
+            plan = _dpm_plan(scheduler)
+        cache.plans[variant] = plan
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argument checks (all before anything is drawn, written or advanced)
+
+
+def _check_real(name: str, value, *, minimum: Optional[float] = None, allow_inf: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    v = float(value)
+    if math.isnan(v) or (math.isinf(v) and not allow_inf) or (minimum is not None and v < minimum):
+        what = "a float" if minimum is None else f"a float >= {minimum}"
+        raise ValueError(f"{name} must be {what}{'' if allow_inf else ' and finite'}, got {value!r}")
+    return v
+
+
+def _scalar_timestep(timestep) -> float:
+    """The timestep as a host number (one sync for a CUDA tensor, as diffusers' own indexing does)."""
+    if isinstance(timestep, torch.Tensor):
+        if timestep.numel() != 1:
+            raise ValueError(f"timestep must be a scalar, got a tensor of shape {tuple(timestep.shape)}")
+        return timestep.item()
+    if isinstance(timestep, bool) or not isinstance(timestep, numbers.Real):
+        raise TypeError(f"timestep must be an int, a float or a one-element tensor, got {type(timestep).__name__}")
+    return timestep
+
+
+def _vp_row(plan: SchedulerPlan, timestep) -> int:
+    value = _scalar_timestep(timestep)
+    row = plan.timestep_rows.get(int(value)) if float(value).is_integer() else None
+    if row is None:
+        shown = list(plan.timestep_rows)
+        shown = shown if len(shown) <= 12 else shown[:6] + ["..."] + shown[-3:]
+        raise ValueError(f"timestep {value!r} is not in scheduler.timesteps {shown}")
+    return row
+
+
+def _indexed_step(scheduler, kind: str, timestep) -> Tuple[int, bool]:
+    """(step index this call uses, whether the scheduler's counter must be initialised from ``timestep``)."""
+    if kind in (_EULER, _EULER_A) and (isinstance(timestep, int) and not isinstance(timestep, bool) or
+                                       isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
+        # As Euler*.step: integer indices (enumerate) are a common mistake; pass a value of scheduler.timesteps.
+        raise ValueError("timestep must be a value of scheduler.timesteps, not an integer index")
+    n = len(scheduler.timesteps)
+    if scheduler.step_index is not None:
+        index, init = int(scheduler.step_index), False
+    elif scheduler.begin_index is not None:
+        index, init = int(scheduler.begin_index), True
+    else:
+        _scalar_timestep(timestep)
+        ts = timestep.to(scheduler.timesteps.device) if isinstance(timestep, torch.Tensor) else timestep
+        if not bool((scheduler.timesteps == ts).any()):
+            raise ValueError(f"timestep {_scalar_timestep(timestep)!r} is not in scheduler.timesteps")
+        index, init = int(scheduler.index_for_timestep(ts)), True
+    if not 0 <= index < n:
+        raise ValueError(f"scheduler: step index {index} is past the end of its {n}-step schedule; call "
+                         "scheduler.set_timesteps(...) to start a new loop")
+    return index, init
+
+
+def _threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Saharia et al. 2022 dynamic threshold per sample: the ``ratio`` quantile of |x0|, clamped to
+    [1, max_value] (computed in fp32 like diffusers, which upcasts half inputs)."""
+    flat = x0.reshape(x0.shape[0], -1).abs().float()
+    return torch.quantile(flat, ratio, dim=1).clamp(min=1, max=max_value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The step
+
+
+def _scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *, scheduler,
+                    guidance_scale: Optional[Scale], guidance_rescale: float, generator: GeneratorArg,
+                    eta: float, use_clipped_model_output: bool, s_churn: float, s_tmin: float, s_tmax: float,
+                    s_noise: float, out: Optional[torch.Tensor], backend: str, want_x0: bool,
+                    g_score: Optional[torch.Tensor] = None,
+                    g_mean: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One scheduler step; returns (prev_sample, x0 or None).
+
+    ``g_score`` (added to the score: ``eps -= sigma g``) and ``g_mean`` (DDPM mean shift ``mu += Sigma g``)
+    are the hooks for classifier / discriminator guidance; callers pass gradients already scaled.
+    Everything is checked before the generator, ``out`` or the scheduler is touched.
+    """
+    kind = _kind_of(scheduler)
+    _check_config(scheduler, kind)
+
+    # Options that only some schedulers' step() takes.
+    eta = _check_real("eta", eta, minimum=0.0)
+    if not isinstance(use_clipped_model_output, bool):
+        raise TypeError(f"use_clipped_model_output must be a bool, got {type(use_clipped_model_output).__name__}")
+    s_churn = _check_real("s_churn", s_churn, minimum=0.0)
+    s_tmin = _check_real("s_tmin", s_tmin, allow_inf=True)
+    s_tmax = _check_real("s_tmax", s_tmax, allow_inf=True)
+    s_noise = _check_real("s_noise", s_noise)
+    if kind != _DDIM and (eta != 0.0 or use_clipped_model_output):
+        name = "eta" if eta != 0.0 else "use_clipped_model_output"
+        raise ValueError(f"{name} applies only to DDIMScheduler, not {type(scheduler).__name__}")
+    if kind != _EULER and (s_churn, s_tmin, s_tmax, s_noise) != (0.0, 0.0, math.inf, 1.0):
+        raise ValueError(f"s_churn/s_tmin/s_tmax/s_noise apply only to EulerDiscreteScheduler, not "
+                         f"{type(scheduler).__name__}")
+
+    # Tensors.
+    _ops.check_tensor("sample", sample)
+    if sample.dim() < 2:
+        raise ValueError(f"sample must have a batch dimension and at least one more, got {tuple(sample.shape)}")
+    _ops.check_tensor("model_output", model_output)
+    if model_output.device != sample.device:
+        raise ValueError(f"model_output is on {model_output.device} but sample is on {sample.device}")
+    if model_output.dtype != sample.dtype:
+        raise TypeError(f"model_output has dtype {model_output.dtype} but sample has {sample.dtype}; "
+                        "pass both in the same dtype")
+    batch = sample.shape[0]
+    rows = 2 * batch if guidance_scale is not None else batch
+    if model_output.shape[0] != rows:
+        what = ("2B rows [uncond; cond] because guidance_scale is given" if guidance_scale is not None
+                else "B rows because no guidance_scale is given")
+        raise ValueError(f"model_output must have {what}: sample has B={batch}, model_output has "
+                         f"{model_output.shape[0]} rows")
+    learned = kind == _DDPM and _cfg(scheduler, "variance_type") == "learned_range"
+    expected = (2 * sample.shape[1],) + tuple(sample.shape[2:]) if learned else tuple(sample.shape[1:])
+    if tuple(model_output.shape[1:]) != expected:
+        extra = " (noise and variance channels, variance_type='learned_range')" if learned else ""
+        raise ValueError(f"model_output must have per-sample shape {expected}{extra}, got "
+                         f"{tuple(model_output.shape[1:])}")
+    w = _ops.check_scale("guidance_scale", guidance_scale, batch, sample.device) \
+        if guidance_scale is not None else None
+    if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, numbers.Real) or \
+            not 0.0 <= float(guidance_rescale) <= 1.0:
+        raise ValueError(f"guidance_rescale must be a float in [0, 1], got {guidance_rescale!r}")
+    guidance_rescale = float(guidance_rescale)
+    if guidance_rescale and w is None:
+        raise ValueError("guidance_rescale needs guidance_scale (a 2B-row [uncond; cond] model_output)")
+    _ops.check_tensor("out", out, like=sample, allow_none=True)
+    if out is not None and out.dtype != sample.dtype:
+        raise TypeError(f"out must have the sample's dtype {sample.dtype}, got {out.dtype}")
+    for name, g in (("g_score", g_score), ("g_mean", g_mean)):
+        _ops.check_tensor(name, g, like=sample, allow_none=True)
+    _noise.check_generator(generator, batch, sample.device)
+    _dispatch.resolve(backend, sample.device)
+
+    # Which row, from the scheduler's state (read only).
+    plan = _plan(scheduler, kind, _variant(kind, eta, use_clipped_model_output, s_churn, s_tmin, s_tmax, s_noise))
+    if g_mean is not None and not plan.supports_mean_shift:
+        raise ValueError(f"g_mean: a mean shift is defined only for DDPMScheduler, not {type(scheduler).__name__}")
+    init_index = False
+    x0_prev = None
+    if kind in _INDEX_BASED:
+        index, init_index = _indexed_step(scheduler, kind, timestep)
+    else:
+        index = _vp_row(plan, timestep)
+    row = index
+    if kind == _DPM and int(_cfg(scheduler, "solver_order")) == 2 and scheduler.lower_order_nums >= 1 and \
+            not _dpm_lower_order_final(scheduler, index, plan.num_steps):
+        row = plan.num_steps + index
+        # The previous step's x0 is the newest entry until this step shifts the list.
+        x0_prev = scheduler.model_outputs[-1]
+        if not isinstance(x0_prev, torch.Tensor) or tuple(x0_prev.shape) != tuple(sample.shape) or \
+                x0_prev.device != sample.device:
+            got = tuple(x0_prev.shape) if isinstance(x0_prev, torch.Tensor) else type(x0_prev).__name__
+            raise ValueError(f"scheduler.model_outputs[-1] must be the previous step's x0 of the sample's shape "
+                             f"{tuple(sample.shape)} on {sample.device}, got {got}")
+    table = plan.table(sample.device)
+
+    if kind in (_DDPM, _DDIM, _DPM) and _cfg(scheduler, "thresholding", False):
+        clip, thresholding = None, True
+    elif kind in (_DDPM, _DDIM) and _cfg(scheduler, "clip_sample", False):
+        r = float(_cfg(scheduler, "clip_sample_range", 1.0))
+        clip, thresholding = (-r, r), False
+    else:
+        clip, thresholding = None, False
+
+    # Checks are done: from here on the generator, out and the scheduler may change.
+    z = None
+    if plan.draws_noise[index]:
+        z = _noise.randn(sample.shape, generator, model_output.device, model_output.dtype)
+    need_x0 = want_x0 or kind == _DPM
+    x0 = torch.empty_like(sample, memory_format=torch.contiguous_format) if need_x0 or thresholding else None
+    threshold = None
+    if thresholding:
+        # The threshold is a quantile of the raw x0, which needs the whole tensor first: one x0-only pass.
+        _ops.guided_step(sample, model_output, table, row, scale=w, rescale=guidance_rescale, noise=z,
+                         learned_variance=plan.learned_variance, x0_out=x0, write_out=False, backend=backend)
+        threshold = _threshold(x0, float(_cfg(scheduler, "dynamic_thresholding_ratio")),
+                               float(_cfg(scheduler, "sample_max_value")))
+    prev = _ops.guided_step(sample, model_output, table, row, scale=w, rescale=guidance_rescale, g_score=g_score,
+                            g_mean=g_mean, noise=z, x0_prev=x0_prev, clip=clip, threshold=threshold,
+                            learned_variance=plan.learned_variance, out=out,
+                            x0_out=x0 if need_x0 else None, backend=backend)
+
+    # Advance the scheduler exactly as its step() does.
+    if kind in _INDEX_BASED:
+        if init_index:
+            scheduler._init_step_index(timestep)
+        if kind == _DPM:
+            order = int(_cfg(scheduler, "solver_order"))
+            for i in range(order - 1):
+                scheduler.model_outputs[i] = scheduler.model_outputs[i + 1]
+            scheduler.model_outputs[-1] = x0
+            if scheduler.lower_order_nums < order:
+                scheduler.lower_order_nums += 1
+        scheduler._step_index = index + 1
+    return prev, x0 if want_x0 else None
+
+
+def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], sample: torch.Tensor, *,
+         scheduler, guidance_scale: Optional[Scale] = None, guidance_rescale: float = 0.0,
+         generator: GeneratorArg = None, eta: float = 0.0, use_clipped_model_output: bool = False,
+         s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+         out: Optional[torch.Tensor] = None, backend: str = "auto",
+         return_dict: bool = False) -> Union[torch.Tensor, StepOutput]:
+    """CFG combine + ``scheduler.step`` of a diffusers scheduler in one fused op.
+
+    With a 2B-row ``[uncond; cond]`` ``model_output`` and ``guidance_scale`` (a float or a [B] tensor) the
+    result equals ``scheduler.step(u + w * (c - u), timestep, sample, ...).prev_sample``; with B rows and no
+    ``guidance_scale`` it is the plain step. ``guidance_rescale`` is diffusers' ``rescale_noise_cfg``.
+    ``eta``/``use_clipped_model_output`` are DDIMScheduler's step options, ``s_churn``/``s_tmin``/``s_tmax``/
+    ``s_noise`` EulerDiscreteScheduler's. The scheduler's step state (step index, DPM-Solver's model
+    outputs) advances as its own ``step`` would, and noise is drawn from ``generator`` exactly as it draws
+    it. ``out`` receives the result (it may be ``sample``). ``return_dict=True`` returns a ``StepOutput``
+    with ``prev_sample`` and ``pred_original_sample``.
+
+    ``model_output`` and ``sample`` must share dtype and device. For DDPMScheduler with
+    ``variance_type="learned_range"`` each half carries 2C channels (noise, then variance); the variance
+    of the cond half is used.
+
+    >>> scheduler.set_timesteps(50)
+    >>> for t in scheduler.timesteps:
+    ...     x_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+    ...     noise_pred = unet(x_in, t, encoder_hidden_states=embeds).sample      # [uncond; cond]
+    ...     latents = fastguide.step(noise_pred, t, latents, scheduler=scheduler, guidance_scale=7.5,
+    ...                              generator=generator, out=latents)
+    """
+    if not isinstance(return_dict, bool):
+        raise TypeError(f"return_dict must be a bool, got {type(return_dict).__name__}")
+    prev, x0 = _scheduler_step(model_output, timestep, sample, scheduler=scheduler, guidance_scale=guidance_scale,
+                               guidance_rescale=guidance_rescale, generator=generator, eta=eta,
+                               use_clipped_model_output=use_clipped_model_output, s_churn=s_churn, s_tmin=s_tmin,
+                               s_tmax=s_tmax, s_noise=s_noise, out=out, backend=backend, want_x0=return_dict)
+    if return_dict:
+        return StepOutput(prev_sample=prev, pred_original_sample=x0)
+    return prev
