@@ -25,12 +25,10 @@ def _is_compiling() -> bool:
 
 
 def _host_checks_allowed(t: torch.Tensor) -> bool:
-    """Value checks read tensors on the host: free on CPU, a sync on CUDA, impossible while tracing."""
-    if _is_compiling():
-        return False
-    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return False
-    return True
+    """Value checks read tensors on the host: cheap on CPU, but a device sync on CUDA and impossible while
+    tracing, so device tensors' values (per-sample scales, labels) are only checked on the CPU. The native
+    loop checks its CFG scale once, up front, on any device (``check_scale(..., sync_ok=True)``)."""
+    return t.device.type == "cpu" and not _is_compiling()
 
 
 def check_tensor(name: str, t, *, like: Optional[torch.Tensor] = None, float_only: bool = True,
@@ -50,8 +48,10 @@ def check_tensor(name: str, t, *, like: Optional[torch.Tensor] = None, float_onl
             raise ValueError(f"{name} must have the sample's shape {tuple(like.shape)}, got {tuple(t.shape)}")
 
 
-def check_scale(name: str, scale: Scale, batch: int, device: torch.device) -> torch.Tensor:
-    """A guidance scale as a [B] fp32 tensor on ``device``; floats and [B] tensors, finite and >= 0."""
+def check_scale(name: str, scale: Scale, batch: int, device: torch.device, sync_ok: bool = False) -> torch.Tensor:
+    """A guidance scale as a [B] fp32 tensor on ``device``; floats and [B] tensors, finite and >= 0.
+
+    A tensor's values are checked when it lives on the CPU, or anywhere with ``sync_ok``."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a [B] tensor, got {type(scale).__name__}")
     if isinstance(scale, torch.Tensor):
@@ -63,7 +63,8 @@ def check_scale(name: str, scale: Scale, batch: int, device: torch.device) -> to
             raise ValueError(f"{name} must be a float or a tensor of shape [{batch}], got {tuple(scale.shape)}")
         if scale.device != device:
             raise ValueError(f"{name} is on {scale.device} but sample is on {device}")
-        if _host_checks_allowed(scale) and not bool(torch.all(torch.isfinite(scale) & (scale >= 0))):
+        if (sync_ok and not _is_compiling() or _host_checks_allowed(scale)) \
+                and not bool(torch.all(torch.isfinite(scale) & (scale >= 0))):
             raise ValueError(f"{name} must be finite and >= 0, got {scale.tolist()}")
         return scale.float()
     if not math.isfinite(scale) or scale < 0:
@@ -109,6 +110,8 @@ def check_table(table, step, device: torch.device) -> None:
         raise TypeError(f"step must be an int or a one-element integer tensor, got {type(step).__name__}")
     elif not 0 <= step < table.shape[0]:
         raise ValueError(f"step must be in [0, {table.shape[0]}), got {step}")
+    if not table.is_contiguous():
+        raise ValueError("table must be contiguous (the kernels read rows of NUM_COLS floats)")
 
 
 def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table: torch.Tensor,
@@ -124,6 +127,9 @@ def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table: torch.T
     ``model_output`` is ``[uncond; cond]`` (2B rows) when ``scale`` is given, else B rows; ``rescale`` is
     diffusers' ``guidance_rescale``. Returns ``out`` (allocated when None) or None when ``write_out`` is
     False (x0-only "predict" call, which then needs ``x0_out``).
+
+    ``step`` is a host int (checked against the table) or a one-element integer tensor on the sample's
+    device, e.g. a loop's step counter; a device index is trusted, since checking it would sync.
 
     >>> table = fastguide.samplers.build("ddim", fastguide.Schedule.ddpm(), steps=50).table
     >>> x = fastguide.ops.guided_step(x, torch.cat([eps_u, eps_c]), table, 0, scale=7.5)
