@@ -1,0 +1,316 @@
+// The fused guided sampler step: one pass over x, the model output(s), the guidance gradients, the noise
+// and the previous x0, writing x_out and/or x0^ (the row formula of fastguide/layout.py, computed in fp32).
+//
+// Grid: x = chunk of a row, y = row (sample). Each thread moves ITEMS packs of every input, issuing all
+// loads before any arithmetic so that enough bytes are in flight to saturate HBM. Which element streams
+// are present is a compile-time feature mask, so an absent term costs no load, no register and no math;
+// misaligned or odd-sized tensors take a scalar kernel whose features are runtime flags.
+#include <array>
+#include <utility>
+
+#include "dtype_io.cuh"
+#include "fastguide_cuda.h"
+
+namespace fastguide::cuda {
+namespace {
+
+using namespace detail;
+
+// Element streams besides x and the (cond) prediction; each is one bit of a kernel's feature mask.
+enum StepFeature : int {
+  kCfg = 1 << 0,         // model_output has 2B rows [uncond; cond]
+  kScoreGrad = 1 << 1,   // g_score
+  kMeanGrad = 1 << 2,    // g_mean (read only when out is written)
+  kNoise = 1 << 3,       // noise
+  kX0Prev = 1 << 4,      // x0_prev (read only when out is written)
+  kLearnedVar = 1 << 5,  // variance channels (read only when out is written and Sigma is used)
+};
+constexpr int kNumFeatureMasks = 1 << 6;
+
+template <int MASK>
+struct StaticFeatures {
+  __device__ __forceinline__ constexpr bool has(int feature) const { return (MASK & feature) != 0; }
+};
+
+struct RuntimeFeatures {
+  int mask;
+  __device__ __forceinline__ bool has(int feature) const { return (mask & feature) != 0; }
+};
+
+// StepArgs with typed pointers; strides in elements.
+template <class IO>
+struct StepParams {
+  using Bits = typename IO::Bits;
+  int64_t batch, n;
+  const Bits* sample;
+  int64_t sample_stride;
+  const Bits* model_output;
+  int64_t model_output_stride;
+  const float* scale;
+  int64_t scale_stride;
+  const float* mfactor;
+  const Bits* g_score;
+  int64_t g_score_stride;
+  const Bits* g_mean;
+  int64_t g_mean_stride;
+  const Bits* noise;
+  int64_t noise_stride;
+  const Bits* x0_prev;
+  int64_t x0_prev_stride;
+  int32_t clip_mode;
+  float clip_lo, clip_hi;
+  const float* threshold;
+  const float* table;
+  const int64_t* step_ptr;
+  int64_t step;
+  Bits* out;
+  int64_t out_stride;
+  Bits* x0_out;
+  int64_t x0_out_stride;
+};
+
+constexpr int kStepThreads = 256;
+constexpr int kScalarItems = 2;
+
+// 16-byte packs per thread per stream. Two keep >= 64 B per thread in flight when only x and the
+// prediction (and one more stream) are read; with five or more streams one pack each is as many bytes
+// and half the registers.
+constexpr int vector_items(int mask) { return 2 + __builtin_popcount(mask) <= 4 ? 2 : 1; }
+
+// No __restrict__ on the data pointers: out may be sample, x0_out may be x0_prev. Each element is read by
+// the thread that writes it, and every read of a pack happens before its writes, so exact aliasing is safe.
+template <class IO, int VEC, int ITEMS, class Features>
+__global__ void __launch_bounds__(kStepThreads)
+    guided_step_kernel(const StepParams<IO> p, const Features feat) {
+  using Bits = typename IO::Bits;
+  using P = Pack<IO, VEC>;
+
+  // The step index lives on the device so a CUDA-graph replay reads the current one.
+  const int64_t step = p.step_ptr != nullptr ? __ldg(p.step_ptr) : p.step;
+  // Coefficients are uniform over the grid (cached after the first warp); plain loads through a restrict
+  // pointer, so those of absent terms are dropped by the compiler.
+  const float* __restrict__ coef = p.table + step * kNumCols;
+  const float px = coef[P_X], pm = coef[P_M], pg = coef[P_G], pz = coef[P_Z];
+  const float qx = coef[Q_X], qm = coef[Q_M], qg = coef[Q_G], qz = coef[Q_Z];
+  const float ca = coef[A], cb = coef[B], cc = coef[C], cd = coef[D];
+  const float ce = coef[E], cf = coef[F], cdv = coef[DV], cev = coef[EV];
+  const float lv_max = coef[LV_MAX], lv_min = coef[LV_MIN];
+
+  const bool write_out = p.out != nullptr;
+  const bool write_x0 = p.x0_out != nullptr;
+  const int64_t nvec = p.n / VEC;
+  const int64_t first = int64_t(blockIdx.x) * (kStepThreads * ITEMS) + threadIdx.x;
+
+  for (int64_t b = blockIdx.y; b < p.batch; b += gridDim.y) {
+    const Bits* x_row = p.sample + b * p.sample_stride;
+    const Bits* u_row = p.model_output + b * p.model_output_stride;
+    const Bits* c_row = feat.has(kCfg) ? p.model_output + (p.batch + b) * p.model_output_stride : u_row;
+    const Bits* v_row = c_row + p.n;  // learned variance: second half of the cond row
+    const Bits* gs_row = p.g_score + b * p.g_score_stride;
+    const Bits* gm_row = p.g_mean + b * p.g_mean_stride;
+    const Bits* z_row = p.noise + b * p.noise_stride;
+    const Bits* xp_row = p.x0_prev + b * p.x0_prev_stride;
+    Bits* out_row = p.out + b * p.out_stride;
+    Bits* x0_row = p.x0_out + b * p.x0_out_stride;
+
+    const float w = feat.has(kCfg) ? __ldg(p.scale + b * p.scale_stride) : 0.f;
+    // Multiplying by exactly 1 is an identity (NaN and Inf included), so an absent factor changes nothing.
+    const float mfac = p.mfactor != nullptr ? __ldg(p.mfactor + b) : 1.f;
+    // Clipping as clamp(x0, lo, hi) * clip_mul: none is (-inf, inf, 1), a range is (lo, hi, 1) and a
+    // per-sample threshold s is (-s, s, 1/s), so the element loop has no branch on the mode.
+    float lo = -INFINITY, hi = INFINITY, clip_mul = 1.f;
+    if (p.clip_mode == kClipRange) {
+      lo = p.clip_lo;
+      hi = p.clip_hi;
+    } else if (p.clip_mode == kClipThreshold) {
+      hi = __ldg(p.threshold + b);
+      lo = -hi;
+      clip_mul = 1.f / hi;
+    }
+
+    P x[ITEMS], c[ITEMS], u[ITEMS], v[ITEMS], gs[ITEMS], gm[ITEMS], z[ITEMS], xp[ITEMS];
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int64_t k = first + i * kStepThreads;
+      if (k >= nvec) continue;
+      const int64_t e = k * VEC;
+      x[i] = load_pack<IO, VEC>(x_row + e);
+      c[i] = load_pack<IO, VEC>(c_row + e);
+      if (feat.has(kCfg)) u[i] = load_pack<IO, VEC>(u_row + e);
+      if (feat.has(kScoreGrad)) gs[i] = load_pack<IO, VEC>(gs_row + e);
+      if (feat.has(kNoise)) z[i] = load_pack<IO, VEC>(z_row + e);
+      if (feat.has(kMeanGrad)) gm[i] = load_pack<IO, VEC>(gm_row + e);
+      if (feat.has(kX0Prev)) xp[i] = load_pack<IO, VEC>(xp_row + e);
+      if (feat.has(kLearnedVar)) v[i] = load_pack<IO, VEC>(v_row + e);
+    }
+
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int64_t k = first + i * kStepThreads;
+      if (k >= nvec) continue;
+      const int64_t e = k * VEC;
+      float out_vals[VEC], x0_vals[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float xf = pack_get(x[i], j);
+        float m = pack_get(c[i], j);
+        if (feat.has(kCfg)) {
+          const float uf = pack_get(u[i], j);
+          m = uf + w * (m - uf);
+        }
+        m *= mfac;
+
+        float x0 = px * xf + pm * m;
+        float eps = qx * xf + qm * m;
+        float zf = 0.f;
+        if (feat.has(kNoise)) {
+          zf = pack_get(z[i], j);
+          x0 += pz * zf;
+          eps += qz * zf;
+        }
+        // Comparisons (not fminf/fmaxf) so that a NaN stays NaN, as torch.clamp does.
+        x0 = x0 < lo ? lo : x0;
+        x0 = x0 > hi ? hi : x0;
+        x0 *= clip_mul;
+        // The score correction enters after clipping (guided-diffusion's condition_score).
+        if (feat.has(kScoreGrad)) {
+          const float g = pack_get(gs[i], j);
+          x0 += pg * g;
+          eps += qg * g;
+        }
+        // Both results are always formed (a few FMAs) and stored only when asked, so the element loop
+        // has no branch.
+        x0_vals[j] = x0;
+        float res = ca * xf + cb * x0 + cc * eps;
+        float variance = 0.f;
+        if (feat.has(kLearnedVar)) {
+          const float frac = (pack_get(v[i], j) + 1.f) * 0.5f;
+          variance = expf(frac * lv_max + (1.f - frac) * lv_min);
+        }
+        if (feat.has(kMeanGrad)) {
+          const float shift = feat.has(kLearnedVar) ? cd + cdv * variance : cd;
+          res += shift * pack_get(gm[i], j);
+        }
+        if (feat.has(kNoise)) {
+          const float amp = feat.has(kLearnedVar) ? ce + cev * sqrtf(variance) : ce;
+          res += amp * zf;
+        }
+        if (feat.has(kX0Prev)) res += cf * pack_get(xp[i], j);
+        out_vals[j] = res;
+      }
+      if (write_x0) store_pack<IO, VEC>(x0_row + e, make_pack<IO, VEC>(x0_vals));
+      if (write_out) store_pack<IO, VEC>(out_row + e, make_pack<IO, VEC>(out_vals));
+    }
+  }
+}
+
+template <class IO, int VEC, int ITEMS, class Features>
+void launch_step(const StepParams<IO>& p, Features feat, cudaStream_t stream) {
+  const int64_t per_block = int64_t(kStepThreads) * ITEMS;
+  const int64_t chunks = (p.n / VEC + per_block - 1) / per_block;
+  const dim3 grid(unsigned(chunks), grid_rows(p.batch));
+  guided_step_kernel<IO, VEC, ITEMS, Features><<<grid, kStepThreads, 0, stream>>>(p, feat);
+}
+
+template <class IO>
+using StepLauncher = void (*)(const StepParams<IO>&, cudaStream_t);
+
+template <class IO, int MASK>
+void launch_vectorized(const StepParams<IO>& p, cudaStream_t stream) {
+  launch_step<IO, kVec16<IO>, vector_items(MASK)>(p, StaticFeatures<MASK>{}, stream);
+}
+
+// Sigma only feeds the g_mean and noise terms, so feature_mask() never sets kLearnedVar without one of
+// them; those masks share the kernel without kLearnedVar instead of instantiating dead variants.
+constexpr int canonical_mask(int mask) {
+  return (mask & kLearnedVar) && !(mask & (kMeanGrad | kNoise)) ? mask & ~kLearnedVar : mask;
+}
+
+template <class IO, int... MASKS>
+constexpr std::array<StepLauncher<IO>, sizeof...(MASKS)> vectorized_launchers(
+    std::integer_sequence<int, MASKS...>) {
+  return {&launch_vectorized<IO, canonical_mask(MASKS)>...};
+}
+
+template <class IO>
+StepParams<IO> typed_params(const StepArgs& a) {
+  using Bits = typename IO::Bits;
+  StepParams<IO> p;
+  p.batch = a.batch;
+  p.n = a.n;
+  p.sample = static_cast<const Bits*>(a.sample);
+  p.sample_stride = a.sample_stride;
+  p.model_output = static_cast<const Bits*>(a.model_output);
+  p.model_output_stride = a.model_output_stride;
+  p.scale = a.scale;
+  p.scale_stride = a.scale_stride;
+  p.mfactor = a.mfactor;
+  p.g_score = static_cast<const Bits*>(a.g_score);
+  p.g_score_stride = a.g_score_stride;
+  p.g_mean = static_cast<const Bits*>(a.g_mean);
+  p.g_mean_stride = a.g_mean_stride;
+  p.noise = static_cast<const Bits*>(a.noise);
+  p.noise_stride = a.noise_stride;
+  p.x0_prev = static_cast<const Bits*>(a.x0_prev);
+  p.x0_prev_stride = a.x0_prev_stride;
+  p.clip_mode = a.clip_mode;
+  p.clip_lo = a.clip_lo;
+  p.clip_hi = a.clip_hi;
+  p.threshold = a.threshold;
+  p.table = a.table;
+  p.step_ptr = a.step_ptr;
+  p.step = a.step;
+  p.out = static_cast<Bits*>(a.out);
+  p.out_stride = a.out_stride;
+  p.x0_out = static_cast<Bits*>(a.x0_out);
+  p.x0_out_stride = a.x0_out_stride;
+  return p;
+}
+
+// The streams this call actually reads. Terms that only feed x_out are dropped for an x0-only call, and
+// the variance channels are read only when a term uses Sigma, so nothing unused is ever loaded.
+int feature_mask(const StepArgs& a) {
+  const bool write_out = a.out != nullptr;
+  int mask = 0;
+  if (a.has_cfg) mask |= kCfg;
+  if (a.g_score) mask |= kScoreGrad;
+  if (a.noise) mask |= kNoise;
+  if (write_out && a.g_mean) mask |= kMeanGrad;
+  if (write_out && a.x0_prev) mask |= kX0Prev;
+  if (write_out && a.learned_variance && (a.g_mean || a.noise)) mask |= kLearnedVar;
+  return mask;
+}
+
+bool vectorizable(const StepArgs& a, int mask, int64_t elem_size) {
+  const int64_t vec = 16 / elem_size;
+  if (a.n % vec != 0) return false;
+  return rows_aligned16(a.sample, a.sample_stride, elem_size) &&
+         rows_aligned16(a.model_output, a.model_output_stride, elem_size) &&
+         rows_aligned16((mask & kScoreGrad) ? a.g_score : nullptr, a.g_score_stride, elem_size) &&
+         rows_aligned16((mask & kMeanGrad) ? a.g_mean : nullptr, a.g_mean_stride, elem_size) &&
+         rows_aligned16((mask & kNoise) ? a.noise : nullptr, a.noise_stride, elem_size) &&
+         rows_aligned16((mask & kX0Prev) ? a.x0_prev : nullptr, a.x0_prev_stride, elem_size) &&
+         rows_aligned16(a.out, a.out_stride, elem_size) &&
+         rows_aligned16(a.x0_out, a.x0_out_stride, elem_size);
+}
+
+}  // namespace
+
+void guided_step(const StepArgs& args, void* stream) {
+  if (args.batch <= 0 || args.n <= 0 || (args.out == nullptr && args.x0_out == nullptr)) return;
+  const int mask = feature_mask(args);
+  dispatch_dtype(args.dtype, "guided_step", [&](auto io) {
+    using IO = decltype(io);
+    const StepParams<IO> p = typed_params<IO>(args);
+    if (vectorizable(args, mask, sizeof(typename IO::Bits))) {
+      static constexpr auto launchers =
+          vectorized_launchers<IO>(std::make_integer_sequence<int, kNumFeatureMasks>{});
+      launchers[mask](p, as_stream(stream));
+    } else {
+      launch_step<IO, 1, kScalarItems>(p, RuntimeFeatures{mask}, as_stream(stream));
+    }
+  });
+  check_launch("guided_step");
+}
+
+}  // namespace fastguide::cuda
