@@ -114,11 +114,11 @@ def _cfg(scheduler, name: str, default=None):
     return scheduler.config.get(name, default)
 
 
-def _check_choice(scheduler, name: str, allowed: Tuple, why: str = "") -> None:
+def _check_choice(scheduler, name: str, allowed: Tuple) -> None:
     value = _cfg(scheduler, name)
     if value not in allowed:
         raise ValueError(f"scheduler.config.{name}={value!r} is not supported by fastguide.step for "
-                         f"{type(scheduler).__name__} (supported: {', '.join(map(repr, allowed))}){why}")
+                         f"{type(scheduler).__name__} (supported: {', '.join(map(repr, allowed))})")
 
 
 def _check_config(scheduler, kind: str) -> None:
@@ -367,15 +367,14 @@ def _dpm_plan(scheduler) -> SchedulerPlan:
             second = rows[n + i]
             second[:] = first
             if i > 0 and nxt > 0 and not _dpm_lower_order_final(scheduler, i, n):
-                h = math.log(s / nxt)
-                r0 = math.log(sig[i - 1] / s) / h
-                if heun:
-                    d1 = a_n * ((decay - 1.0) / h + 1.0) / r0
-                    second[Col.B] = a_n * (1.0 - decay) + d1
-                    second[Col.F] = -d1
-                else:
-                    second[Col.B] = a_n * (1.0 - decay) * (1.0 + 0.5 / r0)
-                    second[Col.F] = -0.5 * a_n * (1.0 - decay) / r0
+                # A repeated sigma (h = 0 or h_prev = 0) makes this non-finite, as in diffusers' own step.
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    h = np.log(np.float64(s) / nxt)
+                    r0 = np.log(np.float64(sig[i - 1]) / s) / h
+                    d1 = a_n * ((decay - 1.0) / h + 1.0) / r0 if heun else 0.5 * a_n * (1.0 - decay) / r0
+                # x_next = A x + a_n (1 - e^-h) x0 + d1 (x0 - x0_prev), the D1 term of the 2M update.
+                second[Col.B] = a_n * (1.0 - decay) + d1
+                second[Col.F] = -d1
     return SchedulerPlan(_DPM, rows, n, alpha, sigma, np.zeros(n, dtype=bool))
 
 
@@ -384,26 +383,60 @@ def _dpm_plan(scheduler) -> SchedulerPlan:
 
 
 @dataclass
-class _PlanCache:
-    refs: tuple                               # the objects the plans were built from, compared by identity
+class _SchedulerState:
+    """What fastguide knows about one scheduler's current schedule and config (validated once)."""
+
+    refs: tuple                               # the objects it was built from, compared by identity
+    kind: str
+    clip: Optional[Tuple[float, float]]       # clip_sample range, DDPM/DDIM
+    threshold: Optional[Tuple[float, float]]  # (dynamic_thresholding_ratio, sample_max_value)
+    solver_order: int = 1                     # DPM-Solver++
     plans: Dict[tuple, SchedulerPlan] = field(default_factory=dict)
 
 
-_CACHE: "weakref.WeakKeyDictionary[object, _PlanCache]" = weakref.WeakKeyDictionary()
+_CACHE: "weakref.WeakKeyDictionary[object, _SchedulerState]" = weakref.WeakKeyDictionary()
+_KIND_OF_TYPE: Dict[type, str] = {}
 
 
 def _state_refs(scheduler, kind: str) -> tuple:
-    """set_timesteps assigns new ``timesteps``/``sigmas`` tensors; holding them makes identity a safe key."""
+    """set_timesteps assigns new ``timesteps``/``sigmas`` tensors and a config change a new config object;
+    holding them makes identity a safe key."""
     arrays = (scheduler.sigmas,) if kind in _INDEX_BASED else (scheduler.alphas_cumprod,)
     return (scheduler.timesteps, scheduler.config) + arrays
 
 
+def _scheduler_state(scheduler) -> _SchedulerState:
+    """The cached state of ``scheduler``, rebuilt (and its config re-validated) when its arrays changed."""
+    kind = _KIND_OF_TYPE.get(type(scheduler))
+    if kind is None:
+        kind = _KIND_OF_TYPE[type(scheduler)] = _kind_of(scheduler)
+    refs = _state_refs(scheduler, kind)
+    state = _CACHE.get(scheduler)
+    if state is not None and len(state.refs) == len(refs) and all(a is b for a, b in zip(state.refs, refs)):
+        return state
+    _check_config(scheduler, kind)
+    clip = threshold = None
+    if kind in (_DDPM, _DDIM, _DPM) and _cfg(scheduler, "thresholding", False):
+        threshold = (float(_cfg(scheduler, "dynamic_thresholding_ratio")), float(_cfg(scheduler, "sample_max_value")))
+    elif kind in (_DDPM, _DDIM) and _cfg(scheduler, "clip_sample", False):
+        r = float(_cfg(scheduler, "clip_sample_range", 1.0))
+        clip = (-r, r)
+    order = int(_cfg(scheduler, "solver_order")) if kind == _DPM else 1
+    state = _SchedulerState(refs, kind, clip, threshold, order)
+    _CACHE[scheduler] = state
+    return state
+
+
 def plan_for(scheduler, *, eta: float = 0.0, use_clipped_model_output: bool = False, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> SchedulerPlan:
-    """The coefficient plan of ``scheduler``'s current schedule for these step options (cached)."""
-    kind = _kind_of(scheduler)
-    _check_config(scheduler, kind)
-    return _plan(scheduler, kind, _variant(kind, eta, use_clipped_model_output, s_churn, s_tmin, s_tmax, s_noise))
+    """The coefficient plan of ``scheduler``'s current schedule for these step options (cached).
+
+    >>> plan = fastguide.dropin.plan_for(scheduler)     # after scheduler.set_timesteps(...)
+    >>> plan.sigma[i], plan.variance[i]                 # state parametrisation / DDPM variance of step i
+    """
+    state = _scheduler_state(scheduler)
+    return _plan(scheduler, state, _variant(state.kind, eta, use_clipped_model_output, s_churn, s_tmin, s_tmax,
+                                            s_noise))
 
 
 def _variant(kind: str, eta, use_clipped, s_churn, s_tmin, s_tmax, s_noise) -> tuple:
@@ -414,14 +447,10 @@ def _variant(kind: str, eta, use_clipped, s_churn, s_tmin, s_tmax, s_noise) -> t
     return ()
 
 
-def _plan(scheduler, kind: str, variant: tuple) -> SchedulerPlan:
-    refs = _state_refs(scheduler, kind)
-    cache = _CACHE.get(scheduler)
-    if cache is None or len(cache.refs) != len(refs) or any(a is not b for a, b in zip(cache.refs, refs)):
-        cache = _PlanCache(refs)
-        _CACHE[scheduler] = cache
-    plan = cache.plans.get(variant)
+def _plan(scheduler, state: _SchedulerState, variant: tuple) -> SchedulerPlan:
+    plan = state.plans.get(variant)
     if plan is None:
+        kind = state.kind
         if kind == _DDPM:
             plan = _ddpm_plan(scheduler)
         elif kind == _DDIM:
@@ -432,7 +461,7 @@ def _plan(scheduler, kind: str, variant: tuple) -> SchedulerPlan:
             plan = _euler_ancestral_plan(scheduler)
         else:
             plan = _dpm_plan(scheduler)
-        cache.plans[variant] = plan
+        state.plans[variant] = plan
     return plan
 
 
@@ -517,23 +546,26 @@ def _scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
     are the hooks for classifier / discriminator guidance; callers pass gradients already scaled.
     Everything is checked before the generator, ``out`` or the scheduler is touched.
     """
-    kind = _kind_of(scheduler)
-    _check_config(scheduler, kind)
+    state = _scheduler_state(scheduler)
+    kind = state.kind
 
-    # Options that only some schedulers' step() takes.
-    eta = _check_real("eta", eta, minimum=0.0)
-    if not isinstance(use_clipped_model_output, bool):
-        raise TypeError(f"use_clipped_model_output must be a bool, got {type(use_clipped_model_output).__name__}")
-    s_churn = _check_real("s_churn", s_churn, minimum=0.0)
-    s_tmin = _check_real("s_tmin", s_tmin, allow_inf=True)
-    s_tmax = _check_real("s_tmax", s_tmax, allow_inf=True)
-    s_noise = _check_real("s_noise", s_noise)
-    if kind != _DDIM and (eta != 0.0 or use_clipped_model_output):
-        name = "eta" if eta != 0.0 else "use_clipped_model_output"
-        raise ValueError(f"{name} applies only to DDIMScheduler, not {type(scheduler).__name__}")
-    if kind != _EULER and (s_churn, s_tmin, s_tmax, s_noise) != (0.0, 0.0, math.inf, 1.0):
-        raise ValueError(f"s_churn/s_tmin/s_tmax/s_noise apply only to EulerDiscreteScheduler, not "
-                         f"{type(scheduler).__name__}")
+    # Options that only some schedulers' step() takes (the common all-default call skips the checks).
+    if eta != 0.0 or use_clipped_model_output is not False:
+        eta = _check_real("eta", eta, minimum=0.0)
+        if not isinstance(use_clipped_model_output, bool):
+            raise TypeError(f"use_clipped_model_output must be a bool, got "
+                            f"{type(use_clipped_model_output).__name__}")
+        if kind != _DDIM and (eta != 0.0 or use_clipped_model_output):
+            name = "eta" if eta != 0.0 else "use_clipped_model_output"
+            raise ValueError(f"{name} applies only to DDIMScheduler, not {type(scheduler).__name__}")
+    if (s_churn, s_tmin, s_tmax, s_noise) != (0.0, 0.0, math.inf, 1.0):
+        s_churn = _check_real("s_churn", s_churn, minimum=0.0)
+        s_tmin = _check_real("s_tmin", s_tmin, allow_inf=True)
+        s_tmax = _check_real("s_tmax", s_tmax, allow_inf=True)
+        s_noise = _check_real("s_noise", s_noise)
+        if kind != _EULER:
+            raise ValueError(f"s_churn/s_tmin/s_tmax/s_noise apply only to EulerDiscreteScheduler, not "
+                             f"{type(scheduler).__name__}")
 
     # Tensors.
     _ops.check_tensor("sample", sample)
@@ -558,13 +590,13 @@ def _scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
         extra = " (noise and variance channels, variance_type='learned_range')" if learned else ""
         raise ValueError(f"model_output must have per-sample shape {expected}{extra}, got "
                          f"{tuple(model_output.shape[1:])}")
-    w = _ops.check_scale("guidance_scale", guidance_scale, batch, sample.device) \
-        if guidance_scale is not None else None
+    if guidance_scale is not None:
+        _ops.check_scale("guidance_scale", guidance_scale, batch, sample.device)
     if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, numbers.Real) or \
             not 0.0 <= float(guidance_rescale) <= 1.0:
         raise ValueError(f"guidance_rescale must be a float in [0, 1], got {guidance_rescale!r}")
     guidance_rescale = float(guidance_rescale)
-    if guidance_rescale and w is None:
+    if guidance_rescale and guidance_scale is None:
         raise ValueError("guidance_rescale needs guidance_scale (a 2B-row [uncond; cond] model_output)")
     _ops.check_tensor("out", out, like=sample, allow_none=True)
     if out is not None and out.dtype != sample.dtype:
@@ -575,7 +607,7 @@ def _scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
     _dispatch.resolve(backend, sample.device)
 
     # Which row, from the scheduler's state (read only).
-    plan = _plan(scheduler, kind, _variant(kind, eta, use_clipped_model_output, s_churn, s_tmin, s_tmax, s_noise))
+    plan = _plan(scheduler, state, _variant(kind, eta, use_clipped_model_output, s_churn, s_tmin, s_tmax, s_noise))
     if g_mean is not None and not plan.supports_mean_shift:
         raise ValueError(f"g_mean: a mean shift is defined only for DDPMScheduler, not {type(scheduler).__name__}")
     init_index = False
@@ -585,7 +617,7 @@ def _scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
     else:
         index = _vp_row(plan, timestep)
     row = index
-    if kind == _DPM and int(_cfg(scheduler, "solver_order")) == 2 and scheduler.lower_order_nums >= 1 and \
+    if state.solver_order == 2 and scheduler.lower_order_nums >= 1 and \
             not _dpm_lower_order_final(scheduler, index, plan.num_steps):
         row = plan.num_steps + index
         # The previous step's x0 is the newest entry until this step shifts the list.
@@ -596,16 +628,10 @@ def _scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
             raise ValueError(f"scheduler.model_outputs[-1] must be the previous step's x0 of the sample's shape "
                              f"{tuple(sample.shape)} on {sample.device}, got {got}")
     table = plan.table(sample.device)
+    thresholding = state.threshold is not None
 
-    if kind in (_DDPM, _DDIM, _DPM) and _cfg(scheduler, "thresholding", False):
-        clip, thresholding = None, True
-    elif kind in (_DDPM, _DDIM) and _cfg(scheduler, "clip_sample", False):
-        r = float(_cfg(scheduler, "clip_sample_range", 1.0))
-        clip, thresholding = (-r, r), False
-    else:
-        clip, thresholding = None, False
-
-    # Checks are done: from here on the generator, out and the scheduler may change.
+    # Checks are done: from here on the generator, out and the scheduler may change. The scale goes on
+    # as the caller gave it (a float scale stays a cached constant inside guided_step).
     z = None
     if plan.draws_noise[index]:
         z = _noise.randn(sample.shape, generator, model_output.device, model_output.dtype)
@@ -614,12 +640,13 @@ def _scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
     threshold = None
     if thresholding:
         # The threshold is a quantile of the raw x0, which needs the whole tensor first: one x0-only pass.
-        _ops.guided_step(sample, model_output, table, row, scale=w, rescale=guidance_rescale, noise=z,
-                         learned_variance=plan.learned_variance, x0_out=x0, write_out=False, backend=backend)
-        threshold = _threshold(x0, float(_cfg(scheduler, "dynamic_thresholding_ratio")),
-                               float(_cfg(scheduler, "sample_max_value")))
-    prev = _ops.guided_step(sample, model_output, table, row, scale=w, rescale=guidance_rescale, g_score=g_score,
-                            g_mean=g_mean, noise=z, x0_prev=x0_prev, clip=clip, threshold=threshold,
+        _ops.guided_step(sample, model_output, table, row, scale=guidance_scale, rescale=guidance_rescale,
+                         noise=z, learned_variance=plan.learned_variance, x0_out=x0, write_out=False,
+                         backend=backend)
+        threshold = _threshold(x0, *state.threshold)
+    prev = _ops.guided_step(sample, model_output, table, row, scale=guidance_scale, rescale=guidance_rescale,
+                            g_score=g_score, g_mean=g_mean, noise=z, x0_prev=x0_prev, clip=state.clip,
+                            threshold=threshold,
                             learned_variance=plan.learned_variance, out=out,
                             x0_out=x0 if need_x0 else None, backend=backend)
 
@@ -628,7 +655,7 @@ def _scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
         if init_index:
             scheduler._init_step_index(timestep)
         if kind == _DPM:
-            order = int(_cfg(scheduler, "solver_order"))
+            order = state.solver_order
             for i in range(order - 1):
                 scheduler.model_outputs[i] = scheduler.model_outputs[i + 1]
             scheduler.model_outputs[-1] = x0

@@ -19,12 +19,15 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler)
 
+import fastguide  # noqa: E402
 from fastguide import dropin  # noqa: E402
 from fastguide.dropin import StepOutput, step  # noqa: E402
 
 B, C, H, W = 2, 3, 8, 8
 STEP_TOL = 1e-5     # relative to the largest magnitude of the reference, one step from identical inputs
 LOOP_TOL = 1e-4     # whole free-running loops
+# Every backend that can run on CPU here; "auto" is what the other tests use.
+CPU_BACKENDS = [b for b in ("torch", "cpp") if fastguide.backends()[b]]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -183,8 +186,9 @@ def _split_opts(opts: dict):
     return opts, scale, rescale, learned
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name,cls,config,opts,steps", CONFIGS, ids=[c[0] for c in CONFIGS])
-def test_teacher_forced_parity(name, cls, config, opts, steps):
+def test_teacher_forced_parity(name, cls, config, opts, steps, backend):
     step_kwargs, scale, rescale, learned = _split_opts(opts)
     sched = cls(**config)
     sched.set_timesteps(steps)
@@ -197,7 +201,7 @@ def test_teacher_forced_parity(name, cls, config, opts, steps):
         twin, twin_gen = copy.deepcopy(sched), clone_gen(gen)
         ref = sched.step(diffusers_cfg(mo, scale, rescale, learned), t, x, generator=gen, **step_kwargs)
         got = step(mo, t, x, scheduler=twin, guidance_scale=scale, guidance_rescale=rescale,
-                   generator=twin_gen, return_dict=True, **step_kwargs)
+                   generator=twin_gen, return_dict=True, backend=backend, **step_kwargs)
         assert isinstance(got, StepOutput)
         assert rel_err(got.prev_sample, ref.prev_sample) <= STEP_TOL, f"{name} t={t}"
         if returns_x0:
@@ -239,6 +243,27 @@ def test_ddpm_custom_timesteps_and_no_set_timesteps(monkeypatch):
             x = ref
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("make", [lambda: DDIMScheduler(thresholding=True, sample_max_value=1.5),
+                                  lambda: EulerDiscreteScheduler(), lambda: DPMSolverMultistepScheduler()],
+                         ids=["ddim-threshold", "euler", "dpm2"])
+def test_half_precision_inputs(make, dtype):
+    # fastguide computes in fp32 and stores in the input dtype; diffusers computes (partly) in the input
+    # dtype, so the two agree to half precision.
+    sched = make()
+    sched.set_timesteps(6)
+    x = initial_latents(sched).to(dtype)
+    for t in sched.timesteps:
+        x_in = sched.scale_model_input(x, t)
+        mo = fake_model(x_in.float(), t).to(dtype)
+        twin = copy.deepcopy(sched)
+        ref = sched.step(diffusers_cfg(mo, 3.0), t, x).prev_sample
+        got = step(mo, t, x, scheduler=twin, guidance_scale=3.0)
+        assert got.dtype == ref.dtype == dtype
+        assert rel_err(got, ref) <= 2e-2
+        x = ref
+
+
 # ---------------------------------------------------------------------------------------------------
 # Free-running loops, switching, plain steps, aliasing
 
@@ -249,7 +274,7 @@ def run_loop(make, steps, mode, *, scale=4.0, seed=99, step_kwargs=None, learned
     sched = make()
     sched.set_timesteps(steps)
     x = initial_latents(sched, seed=3)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
     for i, t in enumerate(sched.timesteps):
         x_in = sched.scale_model_input(x, t)
         mo = fake_model(x_in, t, learned)
@@ -334,6 +359,16 @@ def test_generator_list_per_sample():
         x_ref = ref_sched.step(diffusers_cfg(mo_ref, 2.5), t, x_ref, generator=ref_gens).prev_sample
         x = step(mo, t, x, scheduler=sched, guidance_scale=2.5, generator=gens)
     assert rel_err(x, x_ref) <= LOOP_TOL
+
+
+def test_global_rng_when_no_generator():
+    # generator=None: both draw from torch's global RNG, so reseeding it gives the same loop.
+    results = []
+    for use_fastguide in (False, True):
+        torch.manual_seed(123)
+        x, _ = run_loop(lambda: DDPMScheduler(), 8, lambda i: use_fastguide, seed=None)
+        results.append(x)
+    assert rel_err(results[1], results[0]) <= LOOP_TOL
 
 
 def test_new_set_timesteps_rebuilds_the_table():
@@ -486,8 +521,10 @@ BAD = [
     ("dpm-order-3", _make(DPMSolverMultistepScheduler, solver_order=3), {}, ValueError, "solver_order"),
     ("dpm-learned-variance", _make(DPMSolverMultistepScheduler, variance_type="learned_range"), {}, ValueError,
      "variance_type"),
-    ("dpm-flow", _make(DPMSolverMultistepScheduler, use_flow_sigmas=True, prediction_type="flow_prediction"),
-     {}, ValueError, "prediction_type"),
+    ("dpm-flow-prediction", _make(DPMSolverMultistepScheduler, use_flow_sigmas=True,
+                                  prediction_type="flow_prediction"), {}, ValueError, "prediction_type"),
+    ("dpm-flow-sigmas", _make(DPMSolverMultistepScheduler, use_flow_sigmas=True), {}, ValueError,
+     "use_flow_sigmas"),
     ("ddpm-learned", _make(DDPMScheduler, variance_type="learned"), {}, ValueError, "variance_type"),
     ("ddpm-fixed-large-log", _make(DDPMScheduler, variance_type="fixed_large_log"), {}, ValueError,
      "variance_type"),
