@@ -130,7 +130,8 @@ def _check_config(scheduler, kind: str) -> None:
             raise ValueError("scheduler.config.variance_type='fixed_large_log' is not supported: diffusers' "
                              "DDPMScheduler.step returns NaN for it (it takes the square root of log beta_t); "
                              "'fixed_large' is the intended variance")
-        _check_choice(scheduler, "variance_type", ("fixed_small", "fixed_small_log", "fixed_large",
+        # None behaves as fixed_small in DDPMScheduler.step.
+        _check_choice(scheduler, "variance_type", (None, "fixed_small", "fixed_small_log", "fixed_large",
                                                    "learned_range"))
     elif kind == _DDIM:
         _check_choice(scheduler, "prediction_type", ("epsilon", "v_prediction", "sample"))

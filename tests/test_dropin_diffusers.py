@@ -121,10 +121,11 @@ CONFIGS = [
           dynamic_thresholding_ratio=0.9, sample_max_value=1.5), dict(), 10),
     ("ddpm-eps-learned-range", DDPMScheduler,
      dict(variance_type="learned_range", clip_sample_range=2.0, beta_schedule="squaredcos_cap_v2"),
-     dict(learned=True), 12),
+     dict(learned=True, rescale=0.5), 12),
     ("ddpm-eps-offset-noise-at-last", DDPMScheduler,
      dict(steps_offset=1, clip_sample=False, beta_schedule="scaled_linear", beta_start=0.00085,
           beta_end=0.012), dict(scale="tensor"), 10),
+    ("ddpm-variance-none-is-fixed-small", DDPMScheduler, dict(variance_type=None), dict(), 6),
     ("ddpm-eps-linspace-rescale", DDPMScheduler, dict(timestep_spacing="linspace", clip_sample=False),
      dict(rescale=0.7), 10),
     # DDIM: eta, use_clipped_model_output, set_alpha_to_one, zero-SNR
@@ -339,7 +340,7 @@ def test_out_aliases_sample_and_return_types():
     sched.set_timesteps(5)
     x = initial_latents(sched)
     t = sched.timesteps[0]
-    assert isinstance(step(fake_model(x, t), t, x, scheduler=sched, guidance_scale=2.0), torch.Tensor)
+    assert isinstance(step(fake_model(x, t), int(t), x, scheduler=sched, guidance_scale=2.0), torch.Tensor)
     res = step(fake_model(x, t), t, x, scheduler=sched, guidance_scale=2.0, return_dict=True)
     ref = sched.step(diffusers_cfg(fake_model(x, t), 2.0), t, x)
     assert rel_err(res.prev_sample, ref.prev_sample) <= STEP_TOL
@@ -406,41 +407,62 @@ def test_begin_index_initialises_like_diffusers():
 # Guidance hooks (score correction and DDPM mean shift) used by classifier / discriminator guidance
 
 
-def test_score_and_mean_shift_hooks():
-    g = 0.05 * torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(11))
-    # Score correction on DDIM without clipping equals stepping on eps - sigma_t * g.
-    sched = DDIMScheduler(clip_sample=False)
+def guided_hook_step(mo, t, x, sched, generator=None, **hooks):
+    return dropin._scheduler_step(
+        mo, t, x, scheduler=sched, guidance_scale=2.0, guidance_rescale=0.0, generator=generator, eta=0.0,
+        use_clipped_model_output=False, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, out=None,
+        backend="auto", want_x0=True, **hooks)
+
+
+GRAD = 0.05 * torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(11))
+
+
+@pytest.mark.parametrize("make", [lambda: DDIMScheduler(clip_sample=False), lambda: EulerDiscreteScheduler(),
+                                  lambda: DPMSolverMultistepScheduler(), lambda: DDPMScheduler(clip_sample=False)],
+                         ids=["ddim", "euler", "dpm2", "ddpm"])
+def test_score_correction_hook(make):
+    # Without clipping, eps -= sigma g (sigma of the state x = alpha x0 + sigma eps, recorded in the plan)
+    # is the same as stepping the scheduler on the corrected eps-prediction.
+    sched = make()
     sched.set_timesteps(10)
     x = initial_latents(sched)
     for i, t in enumerate(sched.timesteps):
-        mo = fake_model(x, t)
-        s_t = math.sqrt(1 - sched.alphas_cumprod[int(t)].item())
-        ref = sched.step(diffusers_cfg(mo, 2.0) - s_t * g, t, x)
-        got, x0 = dropin._scheduler_step(
-            mo, t, x, scheduler=sched, guidance_scale=2.0, guidance_rescale=0.0, generator=None, eta=0.0,
-            use_clipped_model_output=False, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, out=None,
-            backend="auto", want_x0=True, g_score=g)
+        mo = fake_model(sched.scale_model_input(x, t), t)
+        sigma = float(dropin.plan_for(sched).sigma[i])
+        twin, gen = copy.deepcopy(sched), torch.Generator().manual_seed(i)
+        ref = sched.step(diffusers_cfg(mo, 2.0) - sigma * GRAD, t, x, generator=clone_gen(gen))
+        got, x0 = guided_hook_step(mo, t, x, twin, generator=gen, g_score=GRAD)
         assert rel_err(got, ref.prev_sample) <= STEP_TOL
-        assert rel_err(x0, ref.pred_original_sample) <= STEP_TOL
-        assert dropin.plan_for(sched).sigma[i] == pytest.approx(s_t, rel=1e-6)
+        if hasattr(ref, "pred_original_sample"):
+            assert rel_err(x0, ref.pred_original_sample) <= STEP_TOL
         x = ref.prev_sample
-    # Mean shift on DDPM: mu + Sigma g with the same noise.
-    for vtype in ("fixed_small", "fixed_large"):
-        sched = DDPMScheduler(variance_type=vtype)
-        sched.set_timesteps(8)
-        plan = dropin.plan_for(sched)
-        x = initial_latents(sched)
-        gen = torch.Generator().manual_seed(2)
-        for i, t in enumerate(sched.timesteps):
-            mo = fake_model(x, t)
-            twin = clone_gen(gen)
-            ref = sched.step(diffusers_cfg(mo, 2.0), t, x, generator=gen).prev_sample + plan.variance[i] * g
-            got, _ = dropin._scheduler_step(
-                mo, t, x, scheduler=sched, guidance_scale=2.0, guidance_rescale=0.0, generator=twin, eta=0.0,
-                use_clipped_model_output=False, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0,
-                out=None, backend="auto", want_x0=False, g_mean=g)
-            assert rel_err(got, ref.float()) <= STEP_TOL
-            x = ref.float()
+    if isinstance(sched, DDIMScheduler):
+        t = sched.timesteps[3]
+        assert dropin.plan_for(sched).sigma[3] == pytest.approx((1 - sched.alphas_cumprod[t]).sqrt().item())
+
+
+@pytest.mark.parametrize("vtype", ["fixed_small", "fixed_large", "learned_range"])
+def test_mean_shift_hook(vtype):
+    # DDPM mean shift mu += Sigma g (ADM / Ma et al.): the same noise, the step's variance Sigma.
+    learned = vtype == "learned_range"
+    sched = DDPMScheduler(variance_type=vtype)
+    sched.set_timesteps(8)
+    plan = dropin.plan_for(sched)
+    x = initial_latents(sched)
+    gen = torch.Generator().manual_seed(2)
+    for i, t in enumerate(sched.timesteps):
+        mo = fake_model(x, t, learned)
+        guided = diffusers_cfg(mo, 2.0, learned=learned)
+        if learned:
+            log_var = sched._get_variance(int(t), predicted_variance=guided[:, C:])
+            variance = log_var.exp()
+        else:
+            variance = float(plan.variance[i])
+        twin = clone_gen(gen)
+        ref = sched.step(guided, t, x, generator=gen).prev_sample + variance * GRAD
+        got, _ = guided_hook_step(mo, t, x, sched, generator=twin, g_mean=GRAD)
+        assert rel_err(got, ref.float()) <= STEP_TOL
+        x = ref.float()
 
 
 # ---------------------------------------------------------------------------------------------------
