@@ -219,7 +219,8 @@ def _ddpm_plan(scheduler) -> SchedulerPlan:
         draws[i] = t > 0
         if learned:
             # log Sigma = f log beta_t + (1 - f) log(posterior variance), f = (v + 1) / 2; noise sqrt(Sigma).
-            r[Col.LV_MAX], r[Col.LV_MIN] = math.log(beta), math.log(post_var)
+            with np.errstate(divide="ignore"):
+                r[Col.LV_MAX], r[Col.LV_MIN] = np.log(beta), np.log(post_var)
             r[Col.DV] = 1.0
             r[Col.EV] = 1.0 if draws[i] else 0.0
             variance[i] = np.nan

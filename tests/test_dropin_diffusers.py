@@ -307,18 +307,22 @@ def test_whole_loop_and_switching(name, make, kw, steps):
         assert_same_state(state_of(s), state_of(ref_sched), tol=LOOP_TOL)
 
 
-def test_plain_b_row_steps():
-    for make in (lambda: DDIMScheduler(), lambda: DPMSolverMultistepScheduler(), lambda: EulerDiscreteScheduler()):
-        ref_sched, sched = make(), make()
-        ref_sched.set_timesteps(8)
-        sched.set_timesteps(8)
-        x_ref = x = initial_latents(sched)
-        for t in sched.timesteps:
-            mo = fake_model(sched.scale_model_input(x, t), t)[B:]
-            mo_ref = fake_model(ref_sched.scale_model_input(x_ref, t), t)[B:]
-            x_ref = ref_sched.step(mo_ref, t, x_ref).prev_sample
-            x = step(mo, t, x, scheduler=sched)
-            assert rel_err(x, x_ref) <= LOOP_TOL
+@pytest.mark.parametrize("make,learned", [
+    (lambda: DDIMScheduler(), False), (lambda: DPMSolverMultistepScheduler(), False),
+    (lambda: EulerDiscreteScheduler(), False), (lambda: DDPMScheduler(variance_type="learned_range"), True)],
+    ids=["ddim", "dpm2", "euler", "ddpm-learned-range"])
+def test_plain_b_row_steps(make, learned):
+    ref_sched, sched = make(), make()
+    ref_sched.set_timesteps(8)
+    sched.set_timesteps(8)
+    gen, ref_gen = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    x_ref = x = initial_latents(sched)
+    for t in sched.timesteps:
+        mo = fake_model(sched.scale_model_input(x, t), t, learned)[B:]
+        mo_ref = fake_model(ref_sched.scale_model_input(x_ref, t), t, learned)[B:]
+        x_ref = ref_sched.step(mo_ref, t, x_ref, generator=ref_gen).prev_sample
+        x = step(mo, t, x, scheduler=sched, generator=gen)
+        assert rel_err(x, x_ref) <= LOOP_TOL
 
 
 def test_out_aliases_sample_and_return_types():
