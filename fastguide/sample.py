@@ -14,6 +14,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from . import dispatch as _dispatch
 from . import ops, samplers
 from .guidance import (CFG, ClassifierGuidance, DiscriminatorGuidance, classifier_grad, discriminator_grad,
                        edm_recipe_shift)
@@ -33,8 +34,10 @@ class GuidedPlan:
     classifiers: List[ClassifierGuidance]
     discriminators: List[DiscriminatorGuidance]
     rows: np.ndarray
-    # Per stage, the factor multiplying Ma et al.'s x0-gradient so it can share the mean-shift column.
+    # Per stage, the factor multiplying Ma et al.'s x0-gradient so it can share the mean-shift column, and
+    # the one spec (gamma > 0) it applies to.
     x0_factor: List[float]
+    x0_factor_spec: Optional[ClassifierGuidance] = None
 
     def uses_mean_shift_x0(self) -> bool:
         return self.plan.sampler in samplers.VP_SAMPLERS and any(c.input == "x0" for c in self.classifiers)
@@ -69,12 +72,17 @@ def build_guided_plan(plan: samplers.Plan, guidance) -> GuidedPlan:
     cfg, clfs, discs = _split_guidance(guidance)
     rows = plan.rows.copy()
     x0_factor = [1.0] * len(plan.stages)
-    ma = [c for c in clfs if c.input == "x0" and c.gamma > 0]
+    x0_specs = [c for c in clfs if c.input == "x0"]
+    ma = [c for c in x0_specs if c.gamma > 0]
     if len(ma) > 1:
         raise ValueError("at most one ClassifierGuidance(input='x0') with gamma > 0 per loop")
+    spec = None
     if ma and plan.sampler in samplers.VP_SAMPLERS:
         spec = ma[0]
-        others = plan.sampler == "ddpm" and (discs or any(c.input == "xt" for c in clfs))
+        # Other gradients sharing the mean-shift column must get Sigma_t only, not the extra variance: the
+        # other x0 classifiers, and on DDPM the x_t classifiers and discriminators.
+        others = len(x0_specs) > 1 or (plan.sampler == "ddpm" and bool(discs or any(c.input == "xt"
+                                                                                     for c in clfs)))
         n = plan.steps
         for k, st in enumerate(plan.stages):
             i = n - 1 - st.step  # EluCD counts the respaced step down: N-1 .. 0
@@ -86,7 +94,7 @@ def build_guided_plan(plan: samplers.Plan, guidance) -> GuidedPlan:
                                  "other mean-shift guidance under a learned variance; use gamma=0 or one method")
             elif extra > 0:
                 x0_factor[k] = (st.variance + extra) / st.variance
-    return GuidedPlan(plan, cfg, clfs, discs, rows, x0_factor)
+    return GuidedPlan(plan, cfg, clfs, discs, rows, x0_factor, spec)
 
 
 def _check_model_output(out, rows: int, x: torch.Tensor, learned: bool) -> torch.Tensor:
@@ -133,10 +141,16 @@ def sample(model: Callable[..., torch.Tensor], x_T: torch.Tensor, *, schedule: S
             raise ValueError(f"y must have {batch} rows on {x_T.device}, got {tuple(y.shape)} on {y.device}")
     check_generator(generator, batch, x_T.device)
     if clip_denoised is not None:
-        if len(clip_denoised) != 2 or not clip_denoised[0] < clip_denoised[1]:
-            raise ValueError(f"clip_denoised must be None or a (low, high) pair, got {clip_denoised!r}")
+        pair = tuple(clip_denoised) if isinstance(clip_denoised, (tuple, list)) else None
+        if pair is None or len(pair) != 2 or \
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair) or \
+                not pair[0] < pair[1]:
+            raise ValueError(f"clip_denoised must be None or a (low, high) pair of numbers with low < high, "
+                             f"got {clip_denoised!r}")
+        clip_denoised = (float(pair[0]), float(pair[1]))
     if not isinstance(progress, bool):
         raise TypeError("progress must be a bool")
+    _dispatch.resolve(backend, x_T.device)  # an unknown or unusable backend is reported before any model call
     options = dict(sampler_options)
     if eta is not None:
         if sampler not in ("ddim", "euler_ancestral"):
@@ -148,9 +162,12 @@ def sample(model: Callable[..., torch.Tensor], x_T: torch.Tensor, *, schedule: S
     gp = build_guided_plan(plan, guidance)
     if (gp.classifiers or (gp.cfg is not None and gp.cfg.null_label is not None)) and y is None:
         raise ValueError("y (labels) is required by classifier guidance and by CFG with a null_label")
+    if gp.classifiers and (y.dim() != 1 or y.dtype not in (torch.int32, torch.int64)):
+        raise TypeError(f"y must be a [{batch}] integer tensor of class labels for classifier guidance, got "
+                        f"{y.dtype} {tuple(y.shape)}")
     cfg_scale = None
     if gp.cfg is not None:
-        cfg_scale = ops.check_scale("CFG scale", gp.cfg.scale, batch, x_T.device)
+        cfg_scale = ops.check_scale("CFG scale", gp.cfg.scale, batch, x_T.device, sync_ok=True)
     return _run(model, x_T, gp, y, generator, clip_denoised, cfg_scale, progress, backend)
 
 
@@ -208,7 +225,9 @@ def _run(model, x_T, gp: GuidedPlan, y, generator, clip, cfg_scale, progress, ba
             ops.guided_step(x, out, table, k, write_out=False, x0_out=x0_hat, **step_kwargs)
             for spec in gp.classifiers:
                 if spec.input == "x0":
-                    g = classifier_grad(spec, x0_hat, st.guide_t, y, backend=backend) * gp.x0_factor[k]
+                    g = classifier_grad(spec, x0_hat, st.guide_t, y, backend=backend)
+                    if spec is gp.x0_factor_spec and gp.x0_factor[k] != 1.0:
+                        g = g * gp.x0_factor[k]
                     g_mean = g if g_mean is None else g_mean + g
         needs_x0 = k + 1 < len(stages) and stages[k + 1].uses_x0_prev
         x0_next = torch.empty_like(x) if needs_x0 else None
