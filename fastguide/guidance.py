@@ -189,6 +189,12 @@ def classifier_grad(spec: ClassifierGuidance, inp: torch.Tensor, t: float, y: to
     with torch.enable_grad():
         leaf = inp.detach().requires_grad_(True)
         logits = spec.classifier(leaf * input_scale if input_scale != 1.0 else leaf, _timesteps(t, inp))
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != inp.shape[0]:
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"classifier must return logits of shape [{inp.shape[0]}, K], got {got}")
+        if logits.shape[1] and y.numel() and not torch.compiler.is_compiling() and y.device.type == "cpu" \
+                and not bool(((y >= 0) & (y < logits.shape[1])).all()):
+            raise ValueError(f"y holds labels outside the classifier's {logits.shape[1]} classes: {y.tolist()}")
         dlogits = ops.temperature_lse_grad(logits.detach(), y, spec.tau1, spec.tau2, spec.scale,
                                            backend=backend)
         (grad,) = torch.autograd.grad(logits, leaf, grad_outputs=dlogits.to(logits.dtype))
