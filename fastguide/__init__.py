@@ -7,6 +7,7 @@
 
 from . import samplers
 from .dispatch import backends
+from .dropin import StepOutput, step
 from .guidance import CFG, ClassifierGuidance, DiscriminatorGuidance, smooth
 from .ops import guided_step, per_sample_rms, temperature_lse_grad
 from .sample import sample
@@ -15,4 +16,4 @@ from .schedule import Schedule
 __version__ = "0.1.0"
 
 __all__ = ["CFG", "ClassifierGuidance", "DiscriminatorGuidance", "Schedule", "backends", "guided_step",
-           "per_sample_rms", "sample", "samplers", "smooth", "temperature_lse_grad"]
+           "per_sample_rms", "sample", "samplers", "smooth", "step", "StepOutput", "temperature_lse_grad"]

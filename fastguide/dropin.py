@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import dispatch as _dispatch
+from . import dropin_guidance as _dropin_guidance
 from . import noise as _noise
 from . import ops as _ops
 from .layout import NUM_COLS, Col
@@ -541,11 +542,14 @@ def _scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
                     eta: float, use_clipped_model_output: bool, s_churn: float, s_tmin: float, s_tmax: float,
                     s_noise: float, out: Optional[torch.Tensor], backend: str, want_x0: bool,
                     g_score: Optional[torch.Tensor] = None,
-                    g_mean: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                    g_mean: Optional[torch.Tensor] = None, guide=None,
+                    check_finite: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One scheduler step; returns (prev_sample, x0 or None).
 
     ``g_score`` (added to the score: ``eps -= sigma g``) and ``g_mean`` (DDPM mean shift ``mu += Sigma g``)
     are the hooks for classifier / discriminator guidance; callers pass gradients already scaled.
+    ``guide(plan, index, predicted_x0) -> (g_score, g_mean, table or None)`` computes guidance terms once the
+    row is known (``predicted_x0()`` runs the x0-only pass); see ``dropin_guidance``.
     Everything is checked before the generator, ``out`` or the scheduler is touched.
     """
     state = _scheduler_state(scheduler)
@@ -632,25 +636,42 @@ def _scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
     table = plan.table(sample.device)
     thresholding = state.threshold is not None
 
+    thresh = None
+    if thresholding:
+        # The threshold is a quantile of the raw x0, which needs the whole tensor first: one x0-only pass.
+        # x0 never depends on the noise for the schedulers that threshold (DDPM, DDIM, DPM).
+        raw = torch.empty_like(sample, memory_format=torch.contiguous_format)
+        _ops.guided_step(sample, model_output, table, row, scale=guidance_scale, rescale=guidance_rescale,
+                         learned_variance=plan.learned_variance, x0_out=raw, write_out=False, backend=backend)
+        thresh = _threshold(raw, *state.threshold)
+    if guide is not None:
+        # Guidance networks run before anything of the caller's changes, so a failing network leaves the
+        # generator, out and the scheduler untouched.
+        def predicted_x0() -> torch.Tensor:
+            buf = torch.empty_like(sample, memory_format=torch.contiguous_format)
+            _ops.guided_step(sample, model_output, table, row, scale=guidance_scale, rescale=guidance_rescale,
+                             clip=state.clip, threshold=thresh, learned_variance=plan.learned_variance,
+                             x0_out=buf, write_out=False, backend=backend)
+            return buf
+        extra_score, extra_mean, guided_table = guide(plan, index, predicted_x0)
+        g_score = extra_score if g_score is None else (g_score if extra_score is None else g_score + extra_score)
+        g_mean = extra_mean if g_mean is None else (g_mean if extra_mean is None else g_mean + extra_mean)
+        if guided_table is not None:
+            table = guided_table
+
     # Checks are done: from here on the generator, out and the scheduler may change. The scale goes on
     # as the caller gave it (a float scale stays a cached constant inside guided_step).
     z = None
     if plan.draws_noise[index]:
         z = _noise.randn(sample.shape, generator, model_output.device, model_output.dtype)
     need_x0 = want_x0 or kind == _DPM
-    x0 = torch.empty_like(sample, memory_format=torch.contiguous_format) if need_x0 or thresholding else None
-    threshold = None
-    if thresholding:
-        # The threshold is a quantile of the raw x0, which needs the whole tensor first: one x0-only pass.
-        _ops.guided_step(sample, model_output, table, row, scale=guidance_scale, rescale=guidance_rescale,
-                         noise=z, learned_variance=plan.learned_variance, x0_out=x0, write_out=False,
-                         backend=backend)
-        threshold = _threshold(x0, *state.threshold)
+    x0 = torch.empty_like(sample, memory_format=torch.contiguous_format) if need_x0 else None
+    threshold = thresh
     prev = _ops.guided_step(sample, model_output, table, row, scale=guidance_scale, rescale=guidance_rescale,
                             g_score=g_score, g_mean=g_mean, noise=z, x0_prev=x0_prev, clip=state.clip,
                             threshold=threshold,
                             learned_variance=plan.learned_variance, out=out,
-                            x0_out=x0 if need_x0 else None, backend=backend)
+                            x0_out=x0 if need_x0 else None, check_outputs_finite=check_finite, backend=backend)
 
     # Advance the scheduler exactly as its step() does.
     if kind in _INDEX_BASED:
@@ -671,7 +692,8 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
          scheduler, guidance_scale: Optional[Scale] = None, guidance_rescale: float = 0.0,
          generator: GeneratorArg = None, eta: float = 0.0, use_clipped_model_output: bool = False,
          s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
-         out: Optional[torch.Tensor] = None, backend: str = "auto",
+         out: Optional[torch.Tensor] = None, guidance: Sequence = (), y: Optional[torch.Tensor] = None,
+         check_finite: bool = False, backend: str = "auto",
          return_dict: bool = False) -> Union[torch.Tensor, StepOutput]:
     """CFG combine + ``scheduler.step`` of a diffusers scheduler in one fused op.
 
@@ -683,6 +705,11 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
     outputs) advances as its own ``step`` would, and noise is drawn from ``generator`` exactly as it draws
     it. ``out`` receives the result (it may be ``sample``). ``return_dict=True`` returns a ``StepOutput``
     with ``prev_sample`` and ``pred_original_sample``.
+
+    ``guidance=[ClassifierGuidance(...), DiscriminatorGuidance(...)]`` with target labels ``y`` adds those
+    methods to the loop: DDPMScheduler shifts the mean by ``Sigma g`` (ADM ``condition_mean``; Ma et al.'s
+    x0-input recipe, the only one here that needs DDPM), the others correct the score (``eps -= sigma g``).
+    ``check_finite=True`` raises on NaN/Inf in ``model_output`` (a host sync on GPU).
 
     ``model_output`` and ``sample`` must share dtype and device. For DDPMScheduler with
     ``variance_type="learned_range"`` each half carries 2C channels (noise, then variance); the variance
@@ -697,10 +724,21 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
     """
     if not isinstance(return_dict, bool):
         raise TypeError(f"return_dict must be a bool, got {type(return_dict).__name__}")
+    guide = None
+    if guidance or y is not None:
+        classifiers, discriminators = _dropin_guidance.split_specs(guidance)
+        state = _scheduler_state(scheduler)
+        _dropin_guidance.check(classifiers, discriminators, y, sample, state.kind == _DDPM,
+                               type(scheduler).__name__)
+        if classifiers or discriminators:
+            guide = _dropin_guidance.make_guide(classifiers, discriminators, y, sample,
+                                                _scalar_timestep(timestep),
+                                                int(_cfg(scheduler, "num_train_timesteps")), backend)
     prev, x0 = _scheduler_step(model_output, timestep, sample, scheduler=scheduler, guidance_scale=guidance_scale,
                                guidance_rescale=guidance_rescale, generator=generator, eta=eta,
                                use_clipped_model_output=use_clipped_model_output, s_churn=s_churn, s_tmin=s_tmin,
-                               s_tmax=s_tmax, s_noise=s_noise, out=out, backend=backend, want_x0=return_dict)
+                               s_tmax=s_tmax, s_noise=s_noise, out=out, backend=backend, want_x0=return_dict,
+                               guide=guide, check_finite=check_finite)
     if return_dict:
         return StepOutput(prev_sample=prev, pred_original_sample=x0)
     return prev
