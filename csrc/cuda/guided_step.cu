@@ -85,17 +85,6 @@ __global__ void __launch_bounds__(kStepThreads)
   using Bits = typename IO::Bits;
   using P = Pack<IO, VEC>;
 
-  // The step index lives on the device so a CUDA-graph replay reads the current one.
-  const int64_t step = p.step_ptr != nullptr ? __ldg(p.step_ptr) : p.step;
-  // Coefficients are uniform over the grid (cached after the first warp); plain loads through a restrict
-  // pointer, so those of absent terms are dropped by the compiler.
-  const float* __restrict__ coef = p.table + step * kNumCols;
-  const float px = coef[P_X], pm = coef[P_M], pg = coef[P_G], pz = coef[P_Z];
-  const float qx = coef[Q_X], qm = coef[Q_M], qg = coef[Q_G], qz = coef[Q_Z];
-  const float ca = coef[A], cb = coef[B], cc = coef[C], cd = coef[D];
-  const float ce = coef[E], cf = coef[F], cdv = coef[DV], cev = coef[EV];
-  const float lv_max = coef[LV_MAX], lv_min = coef[LV_MIN];
-
   const bool write_out = p.out != nullptr;
   const bool write_x0 = p.x0_out != nullptr;
   const int64_t nvec = p.n / VEC;
@@ -113,21 +102,6 @@ __global__ void __launch_bounds__(kStepThreads)
     Bits* out_row = p.out + b * p.out_stride;
     Bits* x0_row = p.x0_out + b * p.x0_out_stride;
 
-    const float w = feat.has(kCfg) ? __ldg(p.scale + b * p.scale_stride) : 0.f;
-    // Multiplying by exactly 1 is an identity (NaN and Inf included), so an absent factor changes nothing.
-    const float mfac = p.mfactor != nullptr ? __ldg(p.mfactor + b) : 1.f;
-    // Clipping as clamp(x0, lo, hi) * clip_mul: none is (-inf, inf, 1), a range is (lo, hi, 1) and a
-    // per-sample threshold s is (-s, s, 1/s), so the element loop has no branch on the mode.
-    float lo = -INFINITY, hi = INFINITY, clip_mul = 1.f;
-    if (p.clip_mode == kClipRange) {
-      lo = p.clip_lo;
-      hi = p.clip_hi;
-    } else if (p.clip_mode == kClipThreshold) {
-      hi = __ldg(p.threshold + b);
-      lo = -hi;
-      clip_mul = 1.f / hi;
-    }
-
     P x[ITEMS], c[ITEMS], u[ITEMS], v[ITEMS], gs[ITEMS], gm[ITEMS], z[ITEMS], xp[ITEMS];
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
@@ -143,6 +117,34 @@ __global__ void __launch_bounds__(kStepThreads)
       if (feat.has(kX0Prev)) xp[i] = load_pack<IO, VEC>(xp_row + e);
       if (feat.has(kLearnedVar)) v[i] = load_pack<IO, VEC>(v_row + e);
     }
+
+    // Per-row scalars and the coefficient row are read after the data loads are issued, so their
+    // latency (the step index, then the row it selects) overlaps the loads instead of preceding them.
+    const float w = feat.has(kCfg) ? __ldg(p.scale + b * p.scale_stride) : 0.f;
+    // Multiplying by exactly 1 is an identity (NaN and Inf included), so an absent factor changes nothing.
+    const float mfac = p.mfactor != nullptr ? __ldg(p.mfactor + b) : 1.f;
+    // Clipping as clamp(x0, lo, hi) * clip_mul: none is (-inf, inf, 1), a range is (lo, hi, 1) and a
+    // per-sample threshold s is (-s, s, 1/s), so the element loop has no branch on the mode.
+    float lo = -INFINITY, hi = INFINITY, clip_mul = 1.f;
+    if (p.clip_mode == kClipRange) {
+      lo = p.clip_lo;
+      hi = p.clip_hi;
+    } else if (p.clip_mode == kClipThreshold) {
+      hi = __ldg(p.threshold + b);
+      lo = -hi;
+      clip_mul = 1.f / hi;
+    }
+
+    // The step index lives on the device so a CUDA-graph replay reads the current one.
+    const int64_t step = p.step_ptr != nullptr ? __ldg(p.step_ptr) : p.step;
+    // Coefficients are uniform over the grid (cached after the first warp); plain loads through a restrict
+    // pointer, so those of absent terms are dropped by the compiler.
+    const float* __restrict__ coef = p.table + step * kNumCols;
+    const float px = coef[P_X], pm = coef[P_M], pg = coef[P_G], pz = coef[P_Z];
+    const float qx = coef[Q_X], qm = coef[Q_M], qg = coef[Q_G], qz = coef[Q_Z];
+    const float ca = coef[A], cb = coef[B], cc = coef[C], cd = coef[D];
+    const float ce = coef[E], cf = coef[F], cdv = coef[DV], cev = coef[EV];
+    const float lv_max = coef[LV_MAX], lv_min = coef[LV_MIN];
 
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {

@@ -108,8 +108,9 @@ __global__ void __launch_bounds__(kLseThreads) temperature_lse_grad_kernel(const
 
   // Pass 2: packs only when the output row has the same alignment as the logits row.
   const bool same_alignment = head_elements<IO>(out_row, p.k) == head;
+  auto write_one = [&](int64_t e) { out_row[e] = IO::from_float(grad(IO::to_float(row[e]), e)); };
   if (VEC > 1 && same_alignment) {
-    for (int64_t e = tid; e < head; e += kLseThreads) out_row[e] = IO::from_float(grad(IO::to_float(row[e]), e));
+    for (int64_t e = tid; e < head; e += kLseThreads) write_one(e);
 #pragma unroll 4
     for (int64_t v = tid; v < body; v += kLseThreads) {
       const int64_t e0 = head + v * VEC;
@@ -119,10 +120,10 @@ __global__ void __launch_bounds__(kLseThreads) temperature_lse_grad_kernel(const
       for (int j = 0; j < VEC; ++j) vals[j] = grad(pack_get(pack, j), e0 + j);
       store_pack<IO, VEC>(out_row + e0, make_pack<IO, VEC>(vals));
     }
-    for (int64_t e = tail + tid; e < p.k; e += kLseThreads) out_row[e] = IO::from_float(grad(IO::to_float(row[e]), e));
+    for (int64_t e = tail + tid; e < p.k; e += kLseThreads) write_one(e);
   } else {
 #pragma unroll 4
-    for (int64_t e = tid; e < p.k; e += kLseThreads) out_row[e] = IO::from_float(grad(IO::to_float(row[e]), e));
+    for (int64_t e = tid; e < p.k; e += kLseThreads) write_one(e);
   }
 }
 
@@ -147,7 +148,8 @@ void temperature_lse_grad(const LseGradArgs& args, void* stream) {
     if (args.rows > int64_t(0x7fffffff)) {
       throw std::runtime_error("fastguide.cuda.temperature_lse_grad: more than 2^31-1 rows");
     }
-    temperature_lse_grad_kernel<IO, kVec16<IO>><<<unsigned(args.rows), kLseThreads, 0, as_stream(stream)>>>(p);
+    const unsigned rows = unsigned(args.rows);
+    temperature_lse_grad_kernel<IO, kVec16<IO>><<<rows, kLseThreads, 0, as_stream(stream)>>>(p);
   });
   check_launch("temperature_lse_grad");
 }

@@ -65,7 +65,9 @@ __device__ State cluster_reduce(State s, Merge merge) {
   cluster.sync();
   if (cluster.block_rank() == 0 && threadIdx.x == 0) {
     const unsigned blocks = cluster.num_blocks();
-    for (unsigned rank = 1; rank < blocks; ++rank) s = merge(s, *cluster.map_shared_rank(&block_state, rank));
+    for (unsigned rank = 1; rank < blocks; ++rank) {
+      s = merge(s, *cluster.map_shared_rank(&block_state, rank));
+    }
   }
   // A block's shared memory must outlive the reads of the other blocks (and its reuse for the next row).
   cluster.sync();
@@ -116,8 +118,8 @@ inline int blocks_per_row(int64_t rows, int64_t n, int64_t min_elems_per_block, 
 
 // Launches `kernel` over grid (cluster_blocks, rows) as clusters of cluster_blocks x 1 blocks.
 template <class... KernelArgs, class... Args>
-void launch_row_reduction(void (*kernel)(KernelArgs...), int cluster_blocks, int64_t rows, cudaStream_t stream,
-                          const char* op, Args&&... args) {
+void launch_row_reduction(void (*kernel)(KernelArgs...), int cluster_blocks, int64_t rows,
+                          cudaStream_t stream, const char* op, Args&&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(unsigned(cluster_blocks), grid_rows(rows), 1);
   config.blockDim = dim3(kReduceThreads, 1, 1);
