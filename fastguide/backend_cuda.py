@@ -31,12 +31,13 @@ def unavailable_reason() -> str:
         return (f"fastguide._C is not built or cannot be loaded ({exc}); reinstall without "
                 f"FASTGUIDE_BUILD_EXT=0 to build it")
     if not getattr(module, "has_cuda", lambda: False)():
-        return ("fastguide._C was built without the CUDA kernels (no nvcc at build time, or FASTGUIDE_CUDA=0); "
-                "reinstall with FASTGUIDE_CUDA=1 and nvcc on PATH")
+        return ("fastguide._C was built without the CUDA kernels (no nvcc at build time, or "
+                "FASTGUIDE_CUDA=0); reinstall with FASTGUIDE_CUDA=1 and nvcc on PATH")
     capability = torch.cuda.get_device_capability()
     if capability < MIN_COMPUTE_CAPABILITY:
-        return (f"the CUDA kernels need compute capability >= {MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]}, "
-                f"the current device has {capability[0]}.{capability[1]}")
+        need = ".".join(map(str, MIN_COMPUTE_CAPABILITY))
+        return (f"the CUDA kernels need compute capability >= {need}, the current device has "
+                f"{capability[0]}.{capability[1]}")
     return ""
 
 

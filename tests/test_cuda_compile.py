@@ -42,7 +42,8 @@ def find_nvcc():
 
 
 NVCC = find_nvcc()
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDA sources are compiled only where it is)")
+pytestmark = pytest.mark.skipif(
+    NVCC is None, reason="nvcc not found: the CUDA sources are compiled only with it")
 
 
 class KernelUsage(NamedTuple):
@@ -91,7 +92,8 @@ def compile_one(source: Path, arch: str, out_dir: Path) -> Compiled:
            "-Xptxas", "-v", "-keep", f"-keep-dir={work}", "-c", str(source), "-o", str(obj)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
-    return Compiled(source.name, arch, proc.returncode, log, obj, sorted(work.glob("*.ptx")), parse_ptxas(log))
+    ptx = sorted(work.glob("*.ptx"))
+    return Compiled(source.name, arch, proc.returncode, log, obj, ptx, parse_ptxas(log))
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +198,7 @@ def test_public_header_is_plain_cpp():
     cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
         pytest.skip("no C++ compiler")
-    proc = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-x", "c++", str(CSRC / "cuda" / "fastguide_cuda.h")],
-                          capture_output=True, text=True)
+    header = CSRC / "cuda" / "fastguide_cuda.h"
+    proc = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-x", "c++", str(header)], capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stderr
