@@ -1,9 +1,9 @@
 // CFG-rescale factor (Lin et al. 2023, diffusers' rescale_noise_cfg) on the CPU:
 // r_b = phi * std(cond_b) / std(guided_b) + (1 - phi), unbiased std, guided = u + w_b (c - u).
 //
-// One pass over the data: each (row, chunk) item accumulates shifted sums and sums of squares in double
-// (shifted by the row's first value, so a large mean does not cancel the variance away); the partials of a
-// row are then added up and turned into the factor.
+// One pass over the data: each (row, chunk) item accumulates sums and sums of squares in double (exact
+// products of fp32 values, so sum of squares minus squared sum loses nothing that matters unless the mean
+// exceeds the spread by ~1e6); the partials of a row are then added up and turned into the factor.
 #include <cmath>
 #include <vector>
 
@@ -22,22 +22,17 @@ struct Moments {
   double sum_cond = 0, sq_cond = 0, sum_guided = 0, sq_guided = 0;
 };
 
-struct Shift {
-  float cond, guided;
-};
-
 FASTGUIDE_TARGET_CLONES
-void tile_moments(const float* u, const float* c, float w, Shift shift, int64_t len, Moments& acc) {
+void tile_moments(const float* u, const float* c, float w, int64_t len, Moments& acc) {
   double sc = 0, scc = 0, sg = 0, sgg = 0;
 #pragma omp simd reduction(+ : sc, scc, sg, sgg)
   for (int64_t i = 0; i < len; ++i) {
-    const float guided = u[i] + w * (c[i] - u[i]);  // fp32, as the reference combines
-    const double dc = double(c[i]) - shift.cond;
-    const double dg = double(guided) - shift.guided;
-    sc += dc;
-    scc += dc * dc;
-    sg += dg;
-    sgg += dg * dg;
+    const double cond = c[i];
+    const double guided = u[i] + w * (c[i] - u[i]);  // combined in fp32, as the reference does
+    sc += cond;
+    scc += cond * cond;
+    sg += guided;
+    sgg += guided * guided;
   }
   acc.sum_cond += sc;
   acc.sq_cond += scc;
@@ -54,20 +49,9 @@ double unbiased_variance(double sum, double sq, int64_t n) {
 void cfg_rescale_factor(const RescaleArgs& a) {
   const int64_t per_row = chunks_per_row(a.n, kChunk);
   std::vector<Moments> partial(size_t(a.batch * per_row));
-  auto element = [&](int64_t row, int64_t i) {
-    const int64_t at = row * a.model_output_stride + i;
-    if (a.dtype == kF32) return static_cast<const float*>(a.model_output)[at];
-    const uint16_t h = static_cast<const uint16_t*>(a.model_output)[at];
-    return a.dtype == kF16 ? half_to_float(h) : bf16_to_float(h);
-  };
   for_each_chunk(a.batch, a.n, kChunk, [&](int64_t item, int64_t row, int64_t begin, int64_t len) {
     const float w = a.scale[row * a.scale_stride];
     const int64_t cond_row = row + a.batch;
-    Shift shift{0.f, 0.f};
-    if (a.n > 0) {
-      const float u0 = element(row, 0), c0 = element(cond_row, 0);
-      shift = {c0, u0 + w * (c0 - u0)};
-    }
     alignas(64) float ubuf[kTile];
     alignas(64) float cbuf[kTile];
     Moments acc;
@@ -75,7 +59,7 @@ void cfg_rescale_factor(const RescaleArgs& a) {
       const int64_t tl = std::min(kTile, begin + len - t);
       const float* u = load_f32(a.dtype, a.model_output, row * a.model_output_stride + t, tl, ubuf);
       const float* c = load_f32(a.dtype, a.model_output, cond_row * a.model_output_stride + t, tl, cbuf);
-      tile_moments(u, c, w, shift, tl, acc);
+      tile_moments(u, c, w, tl, acc);
     }
     partial[size_t(item)] = acc;
   });
