@@ -116,10 +116,11 @@ inline int blocks_per_row(int64_t rows, int64_t n, int64_t min_elems_per_block, 
   return blocks < 1 ? 1 : int(blocks);
 }
 
-// Launches `kernel` over grid (cluster_blocks, rows) as clusters of cluster_blocks x 1 blocks.
+// Launches `kernel` over grid (cluster_blocks, rows) as clusters of cluster_blocks x 1 blocks. Should a
+// cluster not fit (a GPU partition with small GPCs), it falls back to one block per row.
 template <class... KernelArgs, class... Args>
 void launch_row_reduction(void (*kernel)(KernelArgs...), int cluster_blocks, int64_t rows,
-                          cudaStream_t stream, const char* op, Args&&... args) {
+                          cudaStream_t stream, const char* op, const Args&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(unsigned(cluster_blocks), grid_rows(rows), 1);
   config.blockDim = dim3(kReduceThreads, 1, 1);
@@ -134,7 +135,15 @@ void launch_row_reduction(void (*kernel)(KernelArgs...), int cluster_blocks, int
     config.attrs = attribute;
     config.numAttrs = 1;
   }
-  throw_on_error(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...), op);
+  cudaError_t err = cudaLaunchKernelEx(&config, kernel, args...);
+  if (err != cudaSuccess && cluster_blocks > 1) {
+    (void)cudaGetLastError();  // clear the (non-sticky) launch error before retrying
+    config.gridDim.x = 1;
+    config.attrs = nullptr;
+    config.numAttrs = 0;
+    err = cudaLaunchKernelEx(&config, kernel, args...);
+  }
+  throw_on_error(err, op);
   check_launch(op);
 }
 
