@@ -112,6 +112,10 @@ def _vp_chain(schedule: Schedule, steps: int):
     post_var_clipped = post_var.copy()
     if len(ts) > 1:
         post_var_clipped[-1] = post_var[-2]
+    else:
+        # A one-step chain has no next posterior variance (guided-diffusion would index past its end); its
+        # only step is the final one, whose posterior variance is 0 and whose log would be -inf. Use beta.
+        post_var_clipped[-1] = beta[-1]
     return ts, abar, abar_prev, beta, post_var, post_var_clipped
 
 
