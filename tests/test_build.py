@@ -1,0 +1,120 @@
+"""Build switches of setup.py and what a build without the extension looks like at run time.
+
+The wheel tests build from a copy of the source tree (no compiled files, no build directory) with pip,
+without build isolation, so they need no network; the editable install in the working tree is untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastguide
+from fastguide import dispatch
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ("setup.py", "pyproject.toml", "CMakeLists.txt", "fastguide", "kernels", "csrc")
+
+
+def _copy_sources(dst: Path) -> Path:
+    ignore = shutil.ignore_patterns("_C*", "__pycache__", "*.so", "*.egg-info", "build")
+    dst.mkdir(parents=True)
+    for name in SOURCES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=ignore)
+        else:
+            shutil.copy2(src, dst / name)
+    return dst
+
+
+def _pip_wheel(src: Path, out: Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w", str(out), str(src)],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+
+
+def test_pure_python_wheel_installs_and_runs_without_extension(tmp_path):
+    src = _copy_sources(tmp_path / "src")
+    built = _pip_wheel(src, tmp_path / "dist", FASTGUIDE_BUILD_EXT="0")
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "dist").glob("fastguide-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "fastguide/kernels/__init__.py" in names  # kernels/ installs as fastguide.kernels
+    assert not [n for n in names if "/_C" in n or n.endswith((".so", ".pyd"))]
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    script = (
+        "import torch, fastguide\n"
+        f"assert fastguide.__file__.startswith({str(site)!r}), fastguide.__file__\n"
+        "why = fastguide.backends(reasons=True)\n"
+        "assert why['torch'] == '' and 'fastguide._C' in why['cpp'], why\n"
+        "x = torch.randn(2, 3); m = torch.randn(4, 3); table = torch.rand(1, 18)\n"
+        "out = fastguide.guided_step(x, m, table, 0, scale=2.0)\n"
+        "ref = fastguide.guided_step(x, m, table, 0, scale=2.0, backend='torch')\n"
+        "assert torch.equal(out, ref)\n"
+        "print('ok')\n")
+    # -S: no .pth files, so the editable install of the working tree cannot serve fastguide._C; the
+    # installed wheel and the environment's packages (torch) come from PYTHONPATH.
+    packages = Path(torch.__file__).resolve().parents[1]
+    ran = subprocess.run([sys.executable, "-S", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(packages)])},
+                         timeout=300)
+    assert ran.returncode == 0 and ran.stdout.strip() == "ok", ran.stderr
+
+
+def test_failed_extension_build_fails_the_install(tmp_path):
+    """Without FASTGUIDE_BUILD_EXT=0 a broken toolchain or build must fail loudly, not fall back silently."""
+    src = _copy_sources(tmp_path / "src")
+    cmake = src / "CMakeLists.txt"
+    cmake.write_text(cmake.read_text() + "\nmessage(FATAL_ERROR \"simulated toolchain failure\")\n")
+    built = _pip_wheel(src, tmp_path / "dist", FASTGUIDE_CUDA="0")
+    assert built.returncode != 0
+    assert "simulated toolchain failure" in built.stdout + built.stderr
+    assert not list(tmp_path.glob("dist/*.whl"))
+
+
+@pytest.fixture
+def without_extension(monkeypatch):
+    """fastguide._C as if it had not been built: importing it raises ImportError."""
+    monkeypatch.setitem(sys.modules, "fastguide._C", None)
+    monkeypatch.setattr(dispatch, "_cache", {})
+    from fastguide import abi
+    monkeypatch.setattr(abi, "_extension", None)
+
+
+def test_missing_extension_is_reported_with_a_reason(without_extension):
+    assert fastguide.backends()["cpp"] is False
+    reason = fastguide.backends(reasons=True)["cpp"]
+    assert "fastguide._C" in reason and "FASTGUIDE_BUILD_EXT" in reason
+    with pytest.raises(RuntimeError, match="cpp"):
+        fastguide.per_sample_rms(torch.ones(2, 3), backend="cpp")
+
+
+def test_missing_extension_falls_back_to_the_reference_on_cpu(without_extension):
+    x = torch.randn(2, 3, 4)
+    assert dispatch.resolve("auto", x.device).__name__ == "fastguide.reference"
+    torch.testing.assert_close(fastguide.per_sample_rms(x), x.square().mean(dim=(1, 2)).sqrt())
+
+
+def test_built_extension_reports_its_parts():
+    """When the extension is built it carries the CPU kernels and says whether CUDA kernels are in it."""
+    why = fastguide.backends(reasons=True)["cpp"]
+    if why:
+        pytest.skip(f"extension not built: {why}")
+    import fastguide._C as ext
+    assert isinstance(ext.has_cuda(), bool)
+    for kernel in ("cpu_guided_step", "cpu_cfg_rescale_factor", "cpu_temperature_lse_grad", "cpu_per_sample_rms"):
+        assert callable(getattr(ext, kernel))
+    for kernel in ("cuda_guided_step", "cuda_cfg_rescale_factor", "cuda_temperature_lse_grad", "cuda_per_sample_rms"):
+        assert hasattr(ext, kernel) == ext.has_cuda()
+    args = ext.StepArgs()
+    args.sample, args.step_ptr, args.out = 4096, 0, 2 ** 47  # pointer fields are plain Python ints
+    assert (args.sample, args.step_ptr, args.out) == (4096, 0, 2 ** 47)
