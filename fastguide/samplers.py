@@ -216,6 +216,21 @@ def _model_t(schedule: Schedule, sigma: float, t_default: float) -> float:
     return t_default
 
 
+def _check_churn(s_churn, s_tmin, s_tmax, s_noise) -> None:
+    """EDM's stochasticity options: S_churn, S_noise finite >= 0; 0 <= S_tmin <= S_tmax (S_tmax may be inf)."""
+    def number(name, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            raise ValueError(f"{name} must be a number, got {v!r}")
+    for name, v in (("s_churn", s_churn), ("s_noise", s_noise)):
+        number(name, v)
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
+    number("s_tmin", s_tmin)
+    number("s_tmax", s_tmax)
+    if not 0 <= s_tmin <= s_tmax:
+        raise ValueError(f"need 0 <= s_tmin <= s_tmax, got s_tmin={s_tmin!r}, s_tmax={s_tmax!r}")
+
+
 def _churn(sigma: float, steps: int, s_churn: float, s_tmin: float, s_tmax: float) -> float:
     """EDM Algorithm 2's gamma: temporarily raise the noise level by (1 + gamma)."""
     if s_churn > 0 and s_tmin <= sigma <= s_tmax:
@@ -231,6 +246,7 @@ def euler(schedule: Schedule, steps: int, s_churn: float = 0.0, s_tmin: float = 
           s_tmax: float = float("inf"), s_noise: float = 1.0) -> Plan:
     """Euler on the probability-flow ODE (Karras et al. 2022 Alg. 2 without the Heun correction):
     ``x_next = x + (sigma_next - sigma_hat) (x - x0^) / sigma_hat``, with optional churn."""
+    _check_churn(s_churn, s_tmin, s_tmax, s_noise)
     sigmas, ts = sigma_schedule(schedule, steps)
     rows, stages = [], []
     for i in range(steps):
@@ -252,6 +268,9 @@ def euler_ancestral(schedule: Schedule, steps: int, eta: float = 1.0, s_noise: f
     ``sigma_up = min(sigma_next, eta sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2))``."""
     if not math.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be finite and >= 0, got {eta}")
+    if isinstance(s_noise, bool) or not isinstance(s_noise, (int, float)) or not math.isfinite(s_noise) \
+            or s_noise < 0:
+        raise ValueError(f"s_noise must be finite and >= 0, got {s_noise!r}")
     sigmas, ts = sigma_schedule(schedule, steps)
     rows, stages = [], []
     for i in range(steps):
@@ -274,6 +293,7 @@ def heun(schedule: Schedule, steps: int, s_churn: float = 0.0, s_tmin: float = 0
     ``x_next = x_hat + h (d1 + d2) / 2``. Stage 2's kernel sees x = the Euler result and x0_prev = D1,
     from which x_hat is recovered exactly: ``x_hat = (t_hat x_e + h D1) / t_next``.
     """
+    _check_churn(s_churn, s_tmin, s_tmax, s_noise)
     sigmas, ts = sigma_schedule(schedule, steps)
     rows, stages = [], []
     for i in range(steps):

@@ -271,6 +271,20 @@ def test_bad_eta_value(eta):
     _raises_before_model(ValueError, "eta", sampler="euler_ancestral", schedule=EDM, eta=eta)
 
 
+@pytest.mark.parametrize("sampler", ["heun", "euler"])
+@pytest.mark.parametrize("kw,name", [(dict(s_churn=-1.0), "s_churn"), (dict(s_churn=float("nan")), "s_churn"),
+                                     (dict(s_churn=float("inf")), "s_churn"), (dict(s_churn="a"), "s_churn"),
+                                     (dict(s_noise=float("nan")), "s_noise"), (dict(s_noise=-1.0), "s_noise"),
+                                     (dict(s_tmin=5.0, s_tmax=1.0), "s_tmin"), (dict(s_tmin=-1.0), "s_tmin"),
+                                     (dict(s_tmax=float("nan")), "s_tmax")])
+def test_bad_churn_options(sampler, kw, name):
+    _raises_before_model(ValueError, name, sampler=sampler, schedule=EDM, **kw)
+
+
+def test_bad_s_noise_euler_ancestral():
+    _raises_before_model(ValueError, "s_noise", sampler="euler_ancestral", schedule=EDM, s_noise=float("nan"))
+
+
 def test_generator_list_of_wrong_length():
     gens = [torch.Generator().manual_seed(i) for i in range(B + 1)]
     _raises_before_model(ValueError, "generator", generator=gens, eta=1.0)
