@@ -155,6 +155,8 @@ def sample(model: Callable[..., torch.Tensor], x_T: torch.Tensor, *, schedule: S
     if eta is not None:
         if sampler not in ("ddim", "euler_ancestral"):
             raise ValueError(f"eta applies to 'ddim' and 'euler_ancestral', not {sampler!r}")
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
         options["eta"] = eta
     if sampler == "ddim" and clip_denoised is not None:
         options["clipped"] = True

@@ -265,7 +265,7 @@ def test_eta_on_sampler_without_eta(sampler, schedule):
     _raises_before_model(ValueError, "eta", sampler=sampler, schedule=schedule, eta=0.5)
 
 
-@pytest.mark.parametrize("eta", [-0.5, float("nan"), float("inf")])
+@pytest.mark.parametrize("eta", [-0.5, float("nan"), float("inf"), "0.5", True])
 def test_bad_eta_value(eta):
     _raises_before_model(ValueError, "eta", sampler="ddim", eta=eta)
     _raises_before_model(ValueError, "eta", sampler="euler_ancestral", schedule=EDM, eta=eta)
