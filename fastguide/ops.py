@@ -110,8 +110,6 @@ def check_table(table, step, device: torch.device) -> None:
         raise TypeError(f"step must be an int or a one-element integer tensor, got {type(step).__name__}")
     elif not 0 <= step < table.shape[0]:
         raise ValueError(f"step must be in [0, {table.shape[0]}), got {step}")
-    if not table.is_contiguous():
-        raise ValueError("table must be contiguous (the kernels read rows of NUM_COLS floats)")
 
 
 def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table: torch.Tensor,
@@ -154,6 +152,7 @@ def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table: torch.T
         raise ValueError(f"model_output must have per-sample shape {tuple(expected)}{extra}, "
                          f"got {tuple(model_output.shape[1:])}")
     check_table(table, step, sample.device)
+    table = table.contiguous()  # the C++/CUDA kernels read rows of NUM_COLS floats (a no-op when it is)
     w = check_scale("guidance_scale", scale, batch, sample.device) if scale is not None else None
     if not isinstance(rescale, (int, float)) or isinstance(rescale, bool) or not math.isfinite(rescale) \
             or not 0.0 <= rescale <= 1.0:
