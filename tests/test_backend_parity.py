@@ -105,10 +105,11 @@ TARGETED = [
     StepCase("nan_in_unused_coefficients", nan_unused=True, terms=frozenset({"noise"}), outputs="poisoned"),
     StepCase("nan_in_unused_coefficients_x0", nan_unused=True, outputs="x0_only"),
     StepCase("single_sample", shape=(1, 3, 11, 13), terms=ALL),
-    # Larger than one tile per row and than the threads' start threshold; two rescale chunks per row.
-    StepCase("many_tiles_threads", shape=(2, 4, 67, 67), terms=frozenset({"noise"}), outputs="poisoned",
+    # Many tiles and reduction chunks per row, and more elements than the C++ kernels' threshold for
+    # starting threads (2^18): rows split between threads, one large row too.
+    StepCase("many_tiles_threads", shape=(2, 4, 183, 181), terms=frozenset({"noise"}), outputs="poisoned",
              rescale=0.7, learned_variance=True),
-    StepCase("one_large_row", shape=(1, 40001), terms=frozenset({"g_score", "x0_prev"}), outputs="alias"),
+    StepCase("one_large_row", shape=(1, 270001), terms=frozenset({"g_score", "x0_prev"}), outputs="alias"),
 ]
 
 
@@ -289,8 +290,8 @@ def test_cfg_rescale_factor_matches_reference(backend, device, layout, dtype):
     gen = torch.Generator().manual_seed(seed_of("rescale", layout, str(dtype)))
     batch = 3
     shape = (2 * batch, 2 * 4 if layout == "learned_variance" else 4, 5, 7)
-    if layout == "long_rows":
-        shape = (2 * batch, 40000)
+    if layout == "long_rows":  # several chunks per row, split between threads
+        shape = (2 * batch, 100001)
     model_output = torch.randn(shape, generator=gen)
     if layout == "large_mean":  # a mean far above the spread must not cancel the variance away
         model_output = model_output + 100.0
@@ -370,8 +371,8 @@ def test_temperature_lse_grad_views(backend, device, view):
 def test_per_sample_rms_matches_reference(backend, device, layout, dtype):
     skip_unless_runs(backend, device, dtype)
     gen = torch.Generator().manual_seed(seed_of("rms", layout, str(dtype)))
-    shape = {"odd": (3, 5, 7), "one_element": (4, 1), "single_long_row": (1, 70001),
-             "threads": (2, 3, 100, 100), "row_strided": (3, 5, 7), "transposed": (3, 5, 7),
+    shape = {"odd": (3, 5, 7), "one_element": (4, 1), "single_long_row": (1, 300001),
+             "threads": (2, 3, 150, 301), "row_strided": (3, 5, 7), "transposed": (3, 5, 7),
              "large_values": (3, 5, 7)}[layout]
     x = _tensor(shape, layout if layout in ("row_strided", "transposed") else "contiguous", gen, "cpu",
                 torch.float32)

@@ -29,7 +29,6 @@ struct Scratch {
   alignas(64) float noise[kTile];
   alignas(64) float x0_prev[kTile];
   // Intermediates and results.
-  alignas(64) float m[kTile];
   alignas(64) float x0[kTile];
   alignas(64) float eps[kTile];
   alignas(64) float sigma[kTile];
@@ -41,44 +40,48 @@ const float* load_row(const StepArgs& a, const void* base, int64_t stride, int64
   return base ? load_f32(a.dtype, base, row * stride + begin, len, buf) : nullptr;
 }
 
+// x0_raw = P_X x + P_M m + P_Z z and eps = Q_X x + Q_M m + Q_Z z, with m = (u + w (c - u)) * mf (CFG) or
+// c * mf. Specialised on which inputs exist so the loop has no branches.
+template <bool kCfg, bool kNoise>
+inline void predict(const float* k, const float* x, const float* u, const float* c, const float* z, float w,
+                    float mf, float* __restrict x0, float* __restrict eps, int64_t len) {
+  const float px = k[P_X], pm = k[P_M], pz = k[P_Z], qx = k[Q_X], qm = k[Q_M], qz = k[Q_Z];
+  for (int64_t i = 0; i < len; ++i) {
+    const float m = kCfg ? (u[i] + w * (c[i] - u[i])) * mf : c[i] * mf;
+    float x0_raw = px * x[i] + pm * m;
+    float e = qx * x[i] + qm * m;
+    if (kNoise) {
+      x0_raw += pz * z[i];
+      e += qz * z[i];
+    }
+    x0[i] = x0_raw;
+    eps[i] = e;
+  }
+}
+
 FASTGUIDE_TARGET_CLONES
 void step_tile(const StepArgs& a, const float* k, int64_t row, int64_t begin, int64_t len, Scratch& s) {
   const float* x = load_row(a, a.sample, a.sample_stride, row, begin, len, s.x);
   const int64_t cond_row = a.has_cfg ? row + a.batch : row;
   const float* cond = load_row(a, a.model_output, a.model_output_stride, cond_row, begin, len, s.cond);
 
-  // Guided model output m = (u + w (c - u)) * mfactor; a missing mfactor is an exact factor of 1.
-  const float mf = a.mfactor ? a.mfactor[row] : 1.f;
-  const float* m = cond;
-  if (a.has_cfg) {
-    const float* u = load_row(a, a.model_output, a.model_output_stride, row, begin, len, s.uncond);
-    const float w = a.scale[row * a.scale_stride];
-    float* __restrict guided = s.m;
-    for (int64_t i = 0; i < len; ++i) guided[i] = (u[i] + w * (cond[i] - u[i])) * mf;
-    m = s.m;
-  } else if (a.mfactor) {
-    float* __restrict guided = s.m;
-    for (int64_t i = 0; i < len; ++i) guided[i] = cond[i] * mf;
-    m = s.m;
-  }
-
-  // x0_raw = P_X x + P_M m + P_Z z and eps = Q_X x + Q_M m + Q_Z z.
+  // One pass: the guided model output m = (u + w (c - u)) * mfactor, then x0_raw and eps from x, m, z.
+  const float* u = a.has_cfg ? load_row(a, a.model_output, a.model_output_stride, row, begin, len, s.uncond)
+                             : nullptr;
+  const float w = a.has_cfg ? a.scale[row * a.scale_stride] : 0.f;
+  const float mf = a.mfactor ? a.mfactor[row] : 1.f;  // a missing mfactor is an exact factor of 1
   const float* z = load_row(a, a.noise, a.noise_stride, row, begin, len, s.noise);
+  if (u && z) {
+    predict<true, true>(k, x, u, cond, z, w, mf, s.x0, s.eps, len);
+  } else if (u) {
+    predict<true, false>(k, x, u, cond, z, w, mf, s.x0, s.eps, len);
+  } else if (z) {
+    predict<false, true>(k, x, u, cond, z, w, mf, s.x0, s.eps, len);
+  } else {
+    predict<false, false>(k, x, u, cond, z, w, mf, s.x0, s.eps, len);
+  }
   float* __restrict x0 = s.x0;
   float* __restrict eps = s.eps;
-  const float px = k[P_X], pm = k[P_M], qx = k[Q_X], qm = k[Q_M];
-  if (z) {
-    const float pz = k[P_Z], qz = k[Q_Z];
-    for (int64_t i = 0; i < len; ++i) {
-      x0[i] = (px * x[i] + pm * m[i]) + pz * z[i];
-      eps[i] = (qx * x[i] + qm * m[i]) + qz * z[i];
-    }
-  } else {
-    for (int64_t i = 0; i < len; ++i) {
-      x0[i] = px * x[i] + pm * m[i];
-      eps[i] = qx * x[i] + qm * m[i];
-    }
-  }
 
   if (a.clip_mode == kClipRange) {
     const float lo = a.clip_lo, hi = a.clip_hi;

@@ -8,9 +8,10 @@
 
 namespace fastguide::cpu {
 
-// Below this many elements in total a call runs on the calling thread: starting the team costs more
-// than it saves.
-constexpr int64_t kParallelMinElements = int64_t(1) << 15;
+// Below this many elements in total (1 MiB of fp32 per tensor) a call runs on the calling thread: waking
+// the team costs a few microseconds on an idle machine and can cost milliseconds when the cores are shared
+// (OpenMP workers that were descheduled), while the whole job takes only tens of microseconds.
+constexpr int64_t kParallelMinElements = int64_t(1) << 18;
 
 inline int64_t chunks_per_row(int64_t n, int64_t chunk) { return n > 0 ? (n + chunk - 1) / chunk : 1; }
 
