@@ -1,10 +1,16 @@
 // Fused guided sampler step on the CPU: the row formula of fastguide/layout.py, one tile at a time.
 //
-// A work item is one tile of one sample row. Its inputs are read as fp32 (converted into scratch when
-// stored as fp16/bf16), the step runs as a few short loops over the tile that stay in L1 and vectorise,
-// and the outputs are stored only after every input of the tile has been read: that is what lets an
-// output alias an input exactly (out=sample). Optional terms are branches around whole loops, never
-// multiplications by zero, so an absent tensor cannot inject NaN.
+// A work item is one tile of one sample row; inputs are read as fp32 (converted into scratch when stored
+// as fp16/bf16). Terms that only add to the output (mean shift, noise, x0_prev) are first summed into an
+// L1 buffer. In the common case (no clipping, no score term, no x0 output) one loop then computes the
+// guided model output, x0 and eps in registers and writes `out`; otherwise x0 and eps go through L1
+// buffers so that clipping and the score term can change them. Optional terms are branches around whole
+// loops, never multiplications by zero, so an absent tensor cannot inject NaN.
+//
+// Aliasing: an output may be one of the inputs exactly (out=sample). The loop that writes `out` reads every
+// input of element i before writing element i (hence `omp simd` rather than the compiler's overlap
+// checks), no input is read after it, and x0_out is written last; when out and x0_out are the same tensor
+// it holds out, as in the reference.
 #include <cmath>
 
 #include "fast_exp.h"
@@ -28,61 +34,131 @@ struct Scratch {
   alignas(64) float g_mean[kTile];
   alignas(64) float noise[kTile];
   alignas(64) float x0_prev[kTile];
-  // Intermediates and results.
+  // Intermediates; `res` holds the output before conversion when it is not stored as fp32.
   alignas(64) float x0[kTile];
   alignas(64) float eps[kTile];
   alignas(64) float sigma[kTile];
+  alignas(64) float extra[kTile];
   alignas(64) float res[kTile];
 };
 
-const float* load_row(const StepArgs& a, const void* base, int64_t stride, int64_t row, int64_t begin,
-                      int64_t len, float* buf) {
-  return base ? load_f32(a.dtype, base, row * stride + begin, len, buf) : nullptr;
+// The tile's model-side inputs: sample x, uncond u (CFG only), cond c, noise z, scale w, rescale factor mf.
+struct Model {
+  const float* x;
+  const float* u;
+  const float* c;
+  const float* z;
+  float w, mf;
+};
+
+// Guided model output (u + w (c - u)) * mf with CFG, else c * mf; a missing mfactor is an exact 1.
+template <bool kCfg>
+inline float guided(const Model& in, int64_t i) {
+  return kCfg ? (in.u[i] + in.w * (in.c[i] - in.u[i])) * in.mf : in.c[i] * in.mf;
 }
 
-// x0_raw = P_X x + P_M m + P_Z z and eps = Q_X x + Q_M m + Q_Z z, with m = (u + w (c - u)) * mf (CFG) or
-// c * mf. Specialised on which inputs exist so the loop has no branches.
+// x0_raw = P_X x + P_M m + P_Z z and eps = Q_X x + Q_M m + Q_Z z into L1 buffers.
 template <bool kCfg, bool kNoise>
-inline void predict(const float* k, const float* x, const float* u, const float* c, const float* z, float w,
-                    float mf, float* __restrict x0, float* __restrict eps, int64_t len) {
+inline void predict(const float* k, const Model& in, float* __restrict x0, float* __restrict eps, int64_t len) {
   const float px = k[P_X], pm = k[P_M], pz = k[P_Z], qx = k[Q_X], qm = k[Q_M], qz = k[Q_Z];
   for (int64_t i = 0; i < len; ++i) {
-    const float m = kCfg ? (u[i] + w * (c[i] - u[i])) * mf : c[i] * mf;
-    float x0_raw = px * x[i] + pm * m;
-    float e = qx * x[i] + qm * m;
+    const float m = guided<kCfg>(in, i);
+    float x0_raw = px * in.x[i] + pm * m;
+    float e = qx * in.x[i] + qm * m;
     if (kNoise) {
-      x0_raw += pz * z[i];
-      e += qz * z[i];
+      x0_raw += pz * in.z[i];
+      e += qz * in.z[i];
     }
     x0[i] = x0_raw;
     eps[i] = e;
   }
 }
 
-FASTGUIDE_TARGET_CLONES
-void step_tile(const StepArgs& a, const float* k, int64_t row, int64_t begin, int64_t len, Scratch& s) {
-  const float* x = load_row(a, a.sample, a.sample_stride, row, begin, len, s.x);
-  const int64_t cond_row = a.has_cfg ? row + a.batch : row;
-  const float* cond = load_row(a, a.model_output, a.model_output_stride, cond_row, begin, len, s.cond);
-
-  // One pass: the guided model output m = (u + w (c - u)) * mfactor, then x0_raw and eps from x, m, z.
-  const float* u = a.has_cfg ? load_row(a, a.model_output, a.model_output_stride, row, begin, len, s.uncond)
-                             : nullptr;
-  const float w = a.has_cfg ? a.scale[row * a.scale_stride] : 0.f;
-  const float mf = a.mfactor ? a.mfactor[row] : 1.f;  // a missing mfactor is an exact factor of 1
-  const float* z = load_row(a, a.noise, a.noise_stride, row, begin, len, s.noise);
-  if (u && z) {
-    predict<true, true>(k, x, u, cond, z, w, mf, s.x0, s.eps, len);
-  } else if (u) {
-    predict<true, false>(k, x, u, cond, z, w, mf, s.x0, s.eps, len);
-  } else if (z) {
-    predict<false, true>(k, x, u, cond, z, w, mf, s.x0, s.eps, len);
-  } else {
-    predict<false, false>(k, x, u, cond, z, w, mf, s.x0, s.eps, len);
+// out = A x + B x0 + C eps (+ extra) with x0 and eps computed in registers: the whole step in one loop.
+template <bool kCfg, bool kNoise, bool kExtra>
+inline void predict_and_combine(const float* k, const Model& in, const float* extra, float* out, int64_t len) {
+  const float px = k[P_X], pm = k[P_M], pz = k[P_Z], qx = k[Q_X], qm = k[Q_M], qz = k[Q_Z];
+  const float ca = k[A], cb = k[B], cc = k[C];
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const float m = guided<kCfg>(in, i);
+    float x0 = px * in.x[i] + pm * m;
+    float e = qx * in.x[i] + qm * m;
+    if (kNoise) {
+      x0 += pz * in.z[i];
+      e += qz * in.z[i];
+    }
+    float r = ca * in.x[i] + cb * x0 + cc * e;
+    if (kExtra) r += extra[i];
+    out[i] = r;
   }
-  float* __restrict x0 = s.x0;
-  float* __restrict eps = s.eps;
+}
 
+// out = A x + B x0 + C eps (+ extra) from the x0 and eps buffers.
+template <bool kExtra>
+inline void combine(const float* k, const float* x, const float* x0, const float* eps, const float* extra,
+                    float* out, int64_t len) {
+  const float ca = k[A], cb = k[B], cc = k[C];
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    float r = ca * x[i] + cb * x0[i] + cc * eps[i];
+    if (kExtra) r += extra[i];
+    out[i] = r;
+  }
+}
+
+const float* load_row(const StepArgs& a, const void* base, int64_t stride, int64_t row, int64_t begin,
+                      int64_t len, float* buf) {
+  return base ? load_f32(a.dtype, base, row * stride + begin, len, buf) : nullptr;
+}
+
+// Sum of the terms that only add to the output, (D + DV Sigma) gm + (E + EV sqrt(Sigma)) z + F x0_prev,
+// into s.extra; null when there are none. Sigma = exp(f LV_MAX + (1 - f) LV_MIN), f = (v + 1) / 2, from the
+// cond half's learned-range variance channels v.
+const float* added_terms(const StepArgs& a, const float* k, const Model& in, int64_t row, int64_t cond_row,
+                         int64_t begin, int64_t len, Scratch& s) {
+  const float* gm = load_row(a, a.g_mean, a.g_mean_stride, row, begin, len, s.g_mean);
+  const float* xp = load_row(a, a.x0_prev, a.x0_prev_stride, row, begin, len, s.x0_prev);
+  const float* z = in.z;
+  if (!gm && !z && !xp) return nullptr;
+  float* __restrict extra = s.extra;
+  for (int64_t i = 0; i < len; ++i) extra[i] = 0.f;
+  const float* sigma = nullptr;
+  if (a.learned_variance && (gm || z)) {
+    const float* v =
+        load_f32(a.dtype, a.model_output, cond_row * a.model_output_stride + a.n + begin, len, s.variance);
+    const float lv_max = k[LV_MAX], lv_min = k[LV_MIN];
+    float* __restrict var = s.sigma;
+    for (int64_t i = 0; i < len; ++i) {
+      const float f = (v[i] + 1.f) * 0.5f;
+      var[i] = exp_f32(f * lv_max + (1.f - f) * lv_min);
+    }
+    sigma = s.sigma;
+  }
+  if (gm) {
+    const float d = k[D], dv = k[DV];
+    if (sigma) {
+      for (int64_t i = 0; i < len; ++i) extra[i] += (d + dv * sigma[i]) * gm[i];
+    } else {
+      for (int64_t i = 0; i < len; ++i) extra[i] += d * gm[i];
+    }
+  }
+  if (z) {
+    const float e = k[E], ev = k[EV];
+    if (sigma) {
+      for (int64_t i = 0; i < len; ++i) extra[i] += (e + ev * std::sqrt(sigma[i])) * z[i];
+    } else {
+      for (int64_t i = 0; i < len; ++i) extra[i] += e * z[i];
+    }
+  }
+  if (xp) {
+    const float f = k[F];
+    for (int64_t i = 0; i < len; ++i) extra[i] += f * xp[i];
+  }
+  return s.extra;
+}
+
+void clip_x0(const StepArgs& a, int64_t row, float* __restrict x0, int64_t len) {
   if (a.clip_mode == kClipRange) {
     const float lo = a.clip_lo, hi = a.clip_hi;
     for (int64_t i = 0; i < len; ++i) {
@@ -90,67 +166,70 @@ void step_tile(const StepArgs& a, const float* k, int64_t row, int64_t begin, in
       x0[i] = v > hi ? hi : v;
     }
   } else if (a.clip_mode == kClipThreshold) {
-    // Dynamic thresholding with a precomputed per-sample threshold s: clamp(x0, -s, s) / s.
+    // Dynamic thresholding with a precomputed per-sample threshold t: clamp(x0, -t, t) / t.
     const float t = a.threshold[row];
     for (int64_t i = 0; i < len; ++i) {
       const float v = x0[i] > t ? t : x0[i];
       x0[i] = (v < -t ? -t : v) / t;
     }
   }
+}
 
-  // The score correction enters after clipping (guided-diffusion's condition_score).
-  if (const float* g = load_row(a, a.g_score, a.g_score_stride, row, begin, len, s.g_score)) {
-    const float pg = k[P_G], qg = k[Q_G];
-    for (int64_t i = 0; i < len; ++i) {
-      x0[i] += pg * g[i];
-      eps[i] += qg * g[i];
+FASTGUIDE_TARGET_CLONES
+void step_tile(const StepArgs& a, const float* k, int64_t row, int64_t begin, int64_t len, Scratch& s) {
+  const int64_t cond_row = a.has_cfg ? row + a.batch : row;
+  Model in;
+  in.x = load_row(a, a.sample, a.sample_stride, row, begin, len, s.x);
+  in.c = load_row(a, a.model_output, a.model_output_stride, cond_row, begin, len, s.cond);
+  in.u = a.has_cfg ? load_row(a, a.model_output, a.model_output_stride, row, begin, len, s.uncond) : nullptr;
+  in.z = load_row(a, a.noise, a.noise_stride, row, begin, len, s.noise);
+  in.w = a.has_cfg ? a.scale[row * a.scale_stride] : 0.f;
+  in.mf = a.mfactor ? a.mfactor[row] : 1.f;
+  const int variant = (a.has_cfg ? 2 : 0) | (in.z ? 1 : 0);
+
+  const float* extra = a.out ? added_terms(a, k, in, row, cond_row, begin, len, s) : nullptr;
+  // fp32 outputs are written in place; others go through s.res and are converted.
+  float* out = a.dtype == kF32 && a.out ? static_cast<float*>(a.out) + row * a.out_stride + begin : s.res;
+
+  if (a.out && a.clip_mode == kClipNone && !a.g_score && !a.x0_out) {
+    switch (variant * 2 + (extra ? 1 : 0)) {
+      case 0: predict_and_combine<false, false, false>(k, in, extra, out, len); break;
+      case 1: predict_and_combine<false, false, true>(k, in, extra, out, len); break;
+      case 2: predict_and_combine<false, true, false>(k, in, extra, out, len); break;
+      case 3: predict_and_combine<false, true, true>(k, in, extra, out, len); break;
+      case 4: predict_and_combine<true, false, false>(k, in, extra, out, len); break;
+      case 5: predict_and_combine<true, false, true>(k, in, extra, out, len); break;
+      case 6: predict_and_combine<true, true, false>(k, in, extra, out, len); break;
+      default: predict_and_combine<true, true, true>(k, in, extra, out, len); break;
     }
-  }
-
-  if (a.out) {
-    float* __restrict res = s.res;
-    const float ca = k[A], cb = k[B], cc = k[C];
-    for (int64_t i = 0; i < len; ++i) res[i] = ca * x[i] + cb * x0[i] + cc * eps[i];
-
-    const float* gm = load_row(a, a.g_mean, a.g_mean_stride, row, begin, len, s.g_mean);
-    // Learned-range variance from the cond half: Sigma = exp(f LV_MAX + (1 - f) LV_MIN), f = (v + 1) / 2.
-    const float* sigma = nullptr;
-    if (a.learned_variance && (gm || z)) {
-      const float* v = load_f32(a.dtype, a.model_output, cond_row * a.model_output_stride + a.n + begin, len,
-                                s.variance);
-      const float lv_max = k[LV_MAX], lv_min = k[LV_MIN];
-      float* __restrict var = s.sigma;
+  } else {
+    switch (variant) {
+      case 0: predict<false, false>(k, in, s.x0, s.eps, len); break;
+      case 1: predict<false, true>(k, in, s.x0, s.eps, len); break;
+      case 2: predict<true, false>(k, in, s.x0, s.eps, len); break;
+      default: predict<true, true>(k, in, s.x0, s.eps, len); break;
+    }
+    clip_x0(a, row, s.x0, len);
+    // The score correction enters after clipping (guided-diffusion's condition_score).
+    if (const float* g = load_row(a, a.g_score, a.g_score_stride, row, begin, len, s.g_score)) {
+      const float pg = k[P_G], qg = k[Q_G];
+      float* __restrict x0 = s.x0;
+      float* __restrict eps = s.eps;
       for (int64_t i = 0; i < len; ++i) {
-        const float f = (v[i] + 1.f) * 0.5f;
-        var[i] = exp_f32(f * lv_max + (1.f - f) * lv_min);
+        x0[i] += pg * g[i];
+        eps[i] += qg * g[i];
       }
-      sigma = s.sigma;
     }
-    if (gm) {
-      const float d = k[D], dv = k[DV];
-      if (sigma) {
-        for (int64_t i = 0; i < len; ++i) res[i] += (d + dv * sigma[i]) * gm[i];
+    if (a.out) {
+      if (extra) {
+        combine<true>(k, in.x, s.x0, s.eps, extra, out, len);
       } else {
-        for (int64_t i = 0; i < len; ++i) res[i] += d * gm[i];
+        combine<false>(k, in.x, s.x0, s.eps, extra, out, len);
       }
-    }
-    if (z) {
-      const float e = k[E], ev = k[EV];
-      if (sigma) {
-        for (int64_t i = 0; i < len; ++i) res[i] += (e + ev * std::sqrt(sigma[i])) * z[i];
-      } else {
-        for (int64_t i = 0; i < len; ++i) res[i] += e * z[i];
-      }
-    }
-    if (const float* xp = load_row(a, a.x0_prev, a.x0_prev_stride, row, begin, len, s.x0_prev)) {
-      const float f = k[F];
-      for (int64_t i = 0; i < len; ++i) res[i] += f * xp[i];
     }
   }
-
-  // Every input of this tile has been read; x0_out first so that out wins if both are the same tensor.
-  if (a.x0_out) store_f32(a.dtype, a.x0_out, row * a.x0_out_stride + begin, s.x0, len);
-  if (a.out) store_f32(a.dtype, a.out, row * a.out_stride + begin, s.res, len);
+  if (a.out && a.dtype != kF32) store_f32(a.dtype, a.out, row * a.out_stride + begin, s.res, len);
+  if (a.x0_out && a.x0_out != a.out) store_f32(a.dtype, a.x0_out, row * a.x0_out_stride + begin, s.x0, len);
 }
 
 }  // namespace
