@@ -57,6 +57,8 @@ class Launch:
         """(address, row stride) of ``t`` as ``[rows, N]`` in ``dtype``; (0, 0) when absent."""
         if t is None:
             return 0, 0
+        if t.dtype == dtype and t.is_contiguous():  # the common case needs no view: rows are back to back
+            return t.data_ptr(), row_length(t)
         rows = as_rows(t, dtype)
         self._alive.append(rows)
         return rows.data_ptr(), rows.stride(0)
@@ -66,12 +68,10 @@ class Launch:
         ``dtype``, else a temporary copied into ``t`` by ``finish``."""
         if t is None:
             return 0, 0
-        shape = (t.shape[0], row_length(t))
         if t.is_contiguous() and t.dtype == dtype:
-            rows = t.view(shape)
-        else:
-            rows = torch.empty(shape, dtype=dtype, device=t.device)
-            self._copy_back.append((t, rows))
+            return t.data_ptr(), row_length(t)
+        rows = torch.empty((t.shape[0], row_length(t)), dtype=dtype, device=t.device)
+        self._copy_back.append((t, rows))
         self._alive.append(rows)
         return rows.data_ptr(), rows.stride(0)
 
@@ -94,7 +94,8 @@ class Launch:
             return 0, 0
         if not isinstance(v, torch.Tensor):
             v = torch.full((1,), float(v), dtype=torch.float32, device=device)
-        v = v.to(torch.float32)
+        if v.dtype != torch.float32:
+            v = v.to(torch.float32)
         if v.numel() == 1:
             v = v.reshape(1)
             self._alive.append(v)
@@ -140,7 +141,9 @@ def step_args(sample: torch.Tensor, model_output: torch.Tensor, table: torch.Ten
     a.clip_mode = int(clip_mode)
     a.clip_lo, a.clip_hi = float(clip_lo), float(clip_hi)
     a.threshold = launch.vector(threshold, batch, device)
-    a.table = launch.keep(table.to(torch.float32).contiguous())
+    if table.dtype != torch.float32 or not table.is_contiguous():
+        table = table.to(torch.float32).contiguous()
+    a.table = launch.keep(table)
     if isinstance(step, torch.Tensor):
         a.step_ptr = launch.keep(step.reshape(1).to(torch.int64).contiguous())
     else:
