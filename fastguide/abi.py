@@ -145,7 +145,10 @@ def step_args(sample: torch.Tensor, model_output: torch.Tensor, table: torch.Ten
         table = table.to(torch.float32).contiguous()
     a.table = launch.keep(table)
     if isinstance(step, torch.Tensor):
-        a.step_ptr = launch.keep(step.reshape(1).to(torch.int64).contiguous())
+        # A loop's int64 step counter is read where it lies (no view dispatched per step); other index
+        # tensors become one contiguous int64 element.
+        a.step_ptr = launch.keep(step if step.dtype == torch.int64 and step.numel() == 1
+                                 else step.reshape(1).to(torch.int64).contiguous())
     else:
         a.step = int(step)
     a.out, a.out_stride = launch.output(out, dtype)
