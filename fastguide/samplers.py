@@ -238,6 +238,18 @@ def _churn(sigma: float, steps: int, s_churn: float, s_tmin: float, s_tmax: floa
     return 0.0
 
 
+def _churned_stage(schedule: Schedule, i: int, steps: int, sigmas: np.ndarray, ts: np.ndarray, churn: tuple):
+    """Stage 1 of an EDM step: the noise level raised to sigma_hat = sigma (1 + gamma), with the churn noise
+    ``sqrt(sigma_hat^2 - sigma^2) S_noise z`` added to the state before the model sees it."""
+    s_churn, s_tmin, s_tmax, s_noise = churn
+    sig = sigmas[i]
+    gamma = _churn(sig, steps, s_churn, s_tmin, s_tmax)
+    sig_hat = sig * (1 + gamma)
+    t_model = schedule.t_of_sigma(np.array(sig_hat)).item() if gamma and schedule.kind == "vp" else ts[i]
+    return _sigma_stage(schedule, i, sig_hat, _model_t(schedule, sig_hat, t_model),
+                        pre_noise=math.sqrt(sig_hat ** 2 - sig ** 2) * s_noise if gamma else 0.0)
+
+
 def _pred(schedule: Schedule, stage: Stage) -> dict:
     return prediction_coeffs(schedule.prediction_type, stage.alpha, stage.sigma, stage.c_in)
 
@@ -249,13 +261,10 @@ def euler(schedule: Schedule, steps: int, s_churn: float = 0.0, s_tmin: float = 
     _check_churn(s_churn, s_tmin, s_tmax, s_noise)
     sigmas, ts = sigma_schedule(schedule, steps)
     rows, stages = [], []
+    churn = (s_churn, s_tmin, s_tmax, s_noise)
     for i in range(steps):
-        sig, nxt = sigmas[i], sigmas[i + 1]
-        gamma = _churn(sig, steps, s_churn, s_tmin, s_tmax)
-        sig_hat = sig * (1 + gamma)
-        t_model = schedule.t_of_sigma(np.array(sig_hat)).item() if gamma and schedule.kind == "vp" else ts[i]
-        st = _sigma_stage(schedule, i, sig_hat, _model_t(schedule, sig_hat, t_model),
-                          pre_noise=math.sqrt(sig_hat ** 2 - sig ** 2) * s_noise if gamma else 0.0)
+        st = _churned_stage(schedule, i, steps, sigmas, ts, churn)
+        sig_hat, nxt = st.sigma, sigmas[i + 1]
         dt = nxt - sig_hat
         rows.append(_row(_pred(schedule, st), 1.0, sig_hat, A=1 + dt / sig_hat, B=-dt / sig_hat))
         stages.append(st)
@@ -296,13 +305,10 @@ def heun(schedule: Schedule, steps: int, s_churn: float = 0.0, s_tmin: float = 0
     _check_churn(s_churn, s_tmin, s_tmax, s_noise)
     sigmas, ts = sigma_schedule(schedule, steps)
     rows, stages = [], []
+    churn = (s_churn, s_tmin, s_tmax, s_noise)
     for i in range(steps):
-        sig, nxt = sigmas[i], sigmas[i + 1]
-        gamma = _churn(sig, steps, s_churn, s_tmin, s_tmax)
-        t_hat = sig * (1 + gamma)
-        t_model = schedule.t_of_sigma(np.array(t_hat)).item() if gamma and schedule.kind == "vp" else ts[i]
-        st = _sigma_stage(schedule, i, t_hat, _model_t(schedule, t_hat, t_model),
-                          pre_noise=math.sqrt(t_hat ** 2 - sig ** 2) * s_noise if gamma else 0.0)
+        st = _churned_stage(schedule, i, steps, sigmas, ts, churn)
+        t_hat, nxt = st.sigma, sigmas[i + 1]
         h = nxt - t_hat
         rows.append(_row(_pred(schedule, st), 1.0, t_hat, A=1 + h / t_hat, B=-h / t_hat))
         stages.append(st)
