@@ -483,11 +483,16 @@ def _check_real(name: str, value, *, minimum: Optional[float] = None, allow_inf:
 
 
 def _scalar_timestep(timestep) -> float:
-    """The timestep as a host number (one sync for a CUDA tensor, as diffusers' own indexing does)."""
+    """The timestep as a host number (one sync for a CUDA tensor, as diffusers' own indexing does).
+
+    ``tolist`` reads a CPU tensor's memory directly, where ``item`` would dispatch an op on every step."""
     if isinstance(timestep, torch.Tensor):
         if timestep.numel() != 1:
             raise ValueError(f"timestep must be a scalar, got a tensor of shape {tuple(timestep.shape)}")
-        return timestep.item()
+        value = timestep.tolist()
+        while isinstance(value, list):
+            value = value[0]
+        return value
     if isinstance(timestep, bool) or not isinstance(timestep, numbers.Real):
         raise TypeError(f"timestep must be an int, a float or a one-element tensor, got {type(timestep).__name__}")
     return timestep

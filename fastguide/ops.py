@@ -8,7 +8,7 @@ and leaves the caller's tensors untouched. Results go to a temporary and are cop
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -182,12 +182,33 @@ def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table: torch.T
         raise ValueError("write_out=False computes only x0; pass x0_out")
     if check_outputs_finite:
         check_finite("model_output", model_output)
+    return run_step(sample, model_output, table, step, w, float(rescale), g_score, g_mean, noise, x0_prev,
+                    clip_mode, lo, hi, threshold, learned_variance, out, x0_out, write_out, backend)
 
+
+# Set by ``fastguide.opcount.OpCounter`` while it counts: kernels called directly (not through the torch
+# dispatcher) are invisible to a TorchDispatchMode, so each direct call reports its name here.
+kernel_observer: Optional[Callable[[str], None]] = None
+
+
+def run_step(sample: torch.Tensor, model_output: torch.Tensor, table: torch.Tensor,
+             step: Union[int, torch.Tensor], w: Optional[torch.Tensor], rescale: float,
+             g_score: Optional[torch.Tensor], g_mean: Optional[torch.Tensor], noise: Optional[torch.Tensor],
+             x0_prev: Optional[torch.Tensor], clip_mode: int, lo: float, hi: float,
+             threshold: Optional[torch.Tensor], learned_variance: bool, out: Optional[torch.Tensor],
+             x0_out: Optional[torch.Tensor], write_out: bool, backend: str) -> Optional[torch.Tensor]:
+    """The fused step on arguments already checked by ``guided_step`` (or once, up front, by a sampling
+    loop): ``w`` is the [B] fp32 CFG scale or None, ``table`` contiguous fp32. Eager calls run the backend
+    kernel directly; traced calls go through the ``torch.ops.fastguide`` custom ops."""
     if _is_compiling():
-        return _traced_step(sample, model_output, table, step, w, float(rescale), g_score, g_mean, noise,
+        return _traced_step(sample, model_output, table, step, w, rescale, g_score, g_mean, noise,
                             x0_prev, clip_mode, lo, hi, threshold, learned_variance, out, x0_out, write_out,
                             backend)
     impl = _dispatch.resolve(backend, sample.device)
+    if kernel_observer is not None:
+        kernel_observer("fastguide.guided_step")
+        if rescale:
+            kernel_observer("fastguide.cfg_rescale_factor")
     mfactor = impl.cfg_rescale_factor(model_output, w, float(rescale), learned_variance) if rescale else None
     # Kernels read every input of an element before writing it, so an output may be one of the inputs
     # exactly (out=sample); any other overlap, or a strided output, goes through a temporary.
@@ -269,11 +290,20 @@ def temperature_lse_grad(logits: torch.Tensor, labels: torch.Tensor, tau1: float
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
             raise ValueError(f"{name} must be a finite float, got {tau!r}")
     w = check_scale("scale", scale, logits.shape[0], logits.device) if scale is not None else None
+    return run_lse_grad(logits, labels, float(tau1), float(tau2), w, backend)
+
+
+def run_lse_grad(logits: torch.Tensor, labels: torch.Tensor, tau1: float, tau2: float,
+                 w: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    """``temperature_lse_grad`` on arguments already checked (labels in range, ``w`` a [B] fp32 tensor or
+    None); a sampling loop checks its labels once instead of on every step."""
     if _is_compiling():
-        return torch.ops.fastguide.temperature_lse_grad(logits, labels, float(tau1), float(tau2), w, backend)
+        return torch.ops.fastguide.temperature_lse_grad(logits, labels, tau1, tau2, w, backend)
     impl = _dispatch.resolve(backend, logits.device)
     out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    impl.temperature_lse_grad(logits, labels, float(tau1), float(tau2), w, out)
+    if kernel_observer is not None:
+        kernel_observer("fastguide.temperature_lse_grad")
+    impl.temperature_lse_grad(logits, labels, tau1, tau2, w, out)
     return out
 
 
@@ -284,4 +314,6 @@ def per_sample_rms(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         raise ValueError(f"x must have a non-empty batch dimension, got {tuple(x.shape)}")
     if _is_compiling():
         return torch.ops.fastguide.per_sample_rms(x, backend)
+    if kernel_observer is not None:
+        kernel_observer("fastguide.per_sample_rms")
     return _dispatch.resolve(backend, x.device).per_sample_rms(x)

@@ -2,7 +2,9 @@
 
 Everything that could make the loop branch on device values is decided when the loop is built: which
 stages draw noise, where CFG and each guidance method are active, the coefficient table itself. The loop
-only indexes that static plan, so it never syncs with the host.
+reads per-stage numbers from device tables at a device step counter (``fastguide.loop``), so it never
+syncs with the host and can be compiled (``compile="inductor"``) or captured as one CUDA graph
+(``compile="graph"``, ``fastguide.cudagraph``).
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from . import cudagraph as _cudagraph
 from . import dispatch as _dispatch
+from . import loop as _loop
 from . import ops, samplers
-from .guidance import (CFG, ClassifierGuidance, DiscriminatorGuidance, classifier_grad, discriminator_grad,
-                       edm_recipe_shift)
+from .guidance import CFG, ClassifierGuidance, DiscriminatorGuidance
 from .layout import Col
-from .noise import Generator, check_generator, randn
+from .noise import Generator, check_generator
 from .schedule import Schedule
 
 MEAN_SHIFT_SAMPLERS = ("ddpm",)
@@ -97,20 +100,11 @@ def build_guided_plan(plan: samplers.Plan, guidance) -> GuidedPlan:
     return GuidedPlan(plan, cfg, clfs, discs, rows, x0_factor, spec)
 
 
-def _check_model_output(out, rows: int, x: torch.Tensor, learned: bool) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"model must return a tensor, got {type(out).__name__}")
-    expected = (rows, x.shape[1] * (2 if learned else 1)) + tuple(x.shape[2:])
-    if tuple(out.shape) != expected:
-        raise ValueError(f"model returned shape {tuple(out.shape)}, expected {expected}")
-    return out
-
-
 def sample(model: Callable[..., torch.Tensor], x_T: torch.Tensor, *, schedule: Schedule, sampler: str,
            steps: int, y: Optional[torch.Tensor] = None, guidance: Sequence = (), generator: Generator = None,
            eta: Optional[float] = None, clip_denoised: Optional[Tuple[float, float]] = None,
-           compile: Optional[str] = None, progress: bool = False, backend: str = "auto",
-           **sampler_options) -> torch.Tensor:
+           compile: Optional[str] = None, compile_options: Optional[dict] = None, progress: bool = False,
+           backend: str = "auto", **sampler_options) -> torch.Tensor:
     """Run a whole guided sampling loop and return the samples.
 
     ``model(x, t, y)`` returns the schedule's prediction type (2C channels for a learned-range DDPM
@@ -120,20 +114,41 @@ def sample(model: Callable[..., torch.Tensor], x_T: torch.Tensor, *, schedule: S
     ``euler_ancestral``; other sampler keywords (``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``) pass
     through to ``fastguide.samplers``.
 
+    ``compile`` runs the same loop three ways, with the same samples for the same seed (to rounding):
+
+    * ``None``: eagerly, stage by stage, without a host sync; ``progress=True`` shows a tqdm bar.
+    * ``"inductor"``: each kind of stage (network, guidance gradients and fused step) compiled once with
+      ``torch.compile(fullgraph=True)`` (``fullgraph=False`` with a warning if the network breaks the
+      graph); ``compile_options`` go to ``torch.compile``, e.g. ``{"mode": "reduce-overhead"}``. The noise
+      is drawn outside the compiled code, exactly as eager draws it.
+    * ``"graph"``: the whole loop captured once as one CUDA graph and replayed on later calls with the same
+      configuration (``x_T`` on a CUDA device; see ``fastguide.cudagraph`` for the cache and how seeded
+      generators are honoured).
+
+    Noise is drawn at the start of each stage, before the stage's networks run; with a list of one
+    generator per sample, a sample's noise does not depend on how the batch is split, in every mode.
+
     >>> x = fastguide.sample(model, torch.randn(8, 1, 16, 16), schedule=fastguide.Schedule.ddpm(),
     ...                      sampler="ddim", steps=50, y=labels,
     ...                      guidance=[fastguide.CFG(3.0, null_label=10)])
     """
-    if compile is not None:
-        if compile in ("graph", "inductor"):
-            raise NotImplementedError(f"compile={compile!r} is not available yet; use compile=None")
+    if compile not in (None, "graph", "inductor"):
         raise ValueError(f"compile must be None, 'graph' or 'inductor', got {compile!r}")
+    if compile_options is not None:
+        if not isinstance(compile_options, dict):
+            raise TypeError(f"compile_options must be a dict of torch.compile keywords, got "
+                            f"{type(compile_options).__name__}")
+        if compile != "inductor":
+            raise ValueError(f"compile_options apply to compile='inductor' (torch.compile), not compile={compile!r}")
     if not callable(model):
         raise TypeError("model must be callable as model(x, t, y)")
     ops.check_tensor("x_T", x_T)
     if x_T.dim() < 2:
         raise ValueError(f"x_T must be [B, C, ...], got shape {tuple(x_T.shape)}")
     batch = x_T.shape[0]
+    if compile == "graph" and x_T.device.type != "cuda":
+        raise ValueError(f"compile='graph' captures a CUDA graph and needs x_T on a CUDA device, got "
+                         f"{x_T.device}; use compile='inductor' or None on {x_T.device.type}")
     if y is not None:
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"y must be a tensor of labels, got {type(y).__name__}")
@@ -170,87 +185,37 @@ def sample(model: Callable[..., torch.Tensor], x_T: torch.Tensor, *, schedule: S
     cfg_scale = None
     if gp.cfg is not None:
         cfg_scale = ops.check_scale("CFG scale", gp.cfg.scale, batch, x_T.device, sync_ok=True)
-    return _run(model, x_T, gp, y, generator, clip_denoised, cfg_scale, progress, backend)
+    if gp.classifiers and y.device.type == "cpu" and y.numel() and int(y.detach().numpy().min()) < 0:
+        raise ValueError(f"y holds negative labels: {y.tolist()}")
+    return _run(model, x_T, gp, y, generator, clip_denoised, cfg_scale, progress, backend, compile,
+                compile_options)
 
 
-def _run(model, x_T, gp: GuidedPlan, y, generator, clip, cfg_scale, progress, backend) -> torch.Tensor:
-    plan = gp.plan
-    device, dtype = x_T.device, x_T.dtype
-    table = torch.from_numpy(gp.rows).float().to(device)
-    learned_model = plan.schedule.kind == "vp" and plan.schedule.variance_type == "learned_range"
-    learned_step = learned_model and plan.sampler == "ddpm"
-    cfg, n = gp.cfg, plan.steps
-    null_y = None
-    if cfg is not None and cfg.null_label is not None:
-        null_y = torch.full_like(y, cfg.null_label) if not isinstance(cfg.null_label, torch.Tensor) \
-            else cfg.null_label.to(device).expand_as(y)
-    mean_shift = plan.sampler in MEAN_SHIFT_SAMPLERS
-    x = x_T * plan.init_scale
-    x0_prev: Optional[torch.Tensor] = None
-    stages = plan.stages
-    it = range(len(stages))
+def _run(model, x_T, gp: GuidedPlan, y, generator, clip, cfg_scale, progress, backend, compile,
+         compile_options) -> torch.Tensor:
+    """Build the loop (``fastguide.loop``) and run it in the asked mode."""
+    batch, device = x_T.shape[0], x_T.device
+    spec = _loop.build_spec(gp, batch, clip)
+    classifiers, discriminators = tuple(gp.classifiers), tuple(gp.discriminators)
+    if compile == "graph":
+        return _cudagraph.run(model, spec, classifiers, discriminators, backend, x_T, y, cfg_scale, generator)
+    if compile == "inductor":
+        key = (_loop._identity(model), _loop.guidance_key(classifiers, discriminators), _loop.stage_key(spec),
+               backend, device, repr(sorted((compile_options or {}).items())))
+        bodies = _loop.compiled_stages(key, spec, model, classifiers, discriminators, backend, compile_options)
+        if device.type == "cuda":
+            # CUDA graphs of mode="reduce-overhead" start a new generation per loop (a no-op otherwise).
+            torch.compiler.cudagraph_mark_step_begin()
+    else:
+        bodies = {kind: _loop.make_stage(spec, kind, model, classifiers, discriminators, backend)
+                  for kind in set(spec.kinds)}
+    stages = [bodies[kind] for kind in spec.kinds]
+    tables = _loop.cached_tables(spec, batch, device)
+    inputs = _loop.make_inputs(spec, classifiers, y, cfg_scale, batch, device)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(it, total=len(stages), desc=f"fastguide {plan.sampler}")
-    for k in it:
-        st = stages[k]
-        # Ma et al.'s EDM recipe moves the state before the denoiser (first stage of each step only).
-        if gp.uses_edm_recipe() and not st.second_stage:
-            for spec in gp.classifiers:
-                if spec.input == "x0":
-                    x = x + edm_recipe_shift(spec, x, st.step, n, st.guide_t, y, backend=backend)
-        if st.pre_noise:
-            x = x + st.pre_noise * randn(x.shape, generator, device, dtype)
 
-        x_in = x * st.c_in if st.c_in != 1.0 else x
-        t = torch.full((x.shape[0],), st.t_model, device=device, dtype=torch.float32)
-        with_cfg = cfg is not None and cfg.active(st.step, n)
-        if with_cfg:
-            if null_y is not None:
-                out = model(torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([null_y, y]))
-            else:
-                out = torch.cat([model(x_in, t, None), model(x_in, t, y)])
-        else:
-            out = model(x_in, t, y)
-        out = _check_model_output(out, x.shape[0] * (2 if with_cfg else 1), x, learned_model)
-        if learned_model and not learned_step:
-            out = out[:, : x.shape[1]]  # only DDPM uses the learned variance channels
-        noise = randn(x.shape, generator, device, dtype) if st.noise else None
-
-        g_score, g_mean = _state_gradients(gp, x, st, y, mean_shift, backend)
-        step_kwargs = dict(scale=cfg_scale if with_cfg else None, rescale=cfg.rescale if with_cfg else 0.0,
-                           noise=noise, x0_prev=x0_prev if st.uses_x0_prev else None, clip=clip,
-                           learned_variance=learned_step, backend=backend)
-        if gp.uses_mean_shift_x0():
-            # Ma et al.: the classifier sees x0^ (clipped like the step clips it); no backprop into the model.
-            x0_hat = torch.empty_like(x)
-            ops.guided_step(x, out, table, k, write_out=False, x0_out=x0_hat, **step_kwargs)
-            for spec in gp.classifiers:
-                if spec.input == "x0":
-                    g = classifier_grad(spec, x0_hat, st.guide_t, y, backend=backend)
-                    if spec is gp.x0_factor_spec and gp.x0_factor[k] != 1.0:
-                        g = g * gp.x0_factor[k]
-                    g_mean = g if g_mean is None else g_mean + g
-        needs_x0 = k + 1 < len(stages) and stages[k + 1].uses_x0_prev
-        x0_next = torch.empty_like(x) if needs_x0 else None
-        x = ops.guided_step(x, out, table, k, g_score=g_score, g_mean=g_mean, x0_out=x0_next, **step_kwargs)
-        x0_prev = x0_next
-    return x
-
-
-def _state_gradients(gp: GuidedPlan, x: torch.Tensor, st: samplers.Stage, y, mean_shift: bool, backend: str):
-    """Gradients w.r.t. the state: ADM classifiers on x_t and discriminators. On DDPM they shift the mean,
-    elsewhere they correct the score."""
-    total = None
-    for spec in gp.classifiers:
-        if spec.input == "xt" and not st.second_stage:
-            g = classifier_grad(spec, x, st.guide_t, y, input_scale=st.guide_in, backend=backend)
-            total = g if total is None else total + g
-    for spec in gp.discriminators:
-        w = spec.weight_at(st)
-        if w:
-            g = discriminator_grad(spec, x, st, y, w)
-            total = g if total is None else total + g
-    if total is None:
-        return None, None
-    return (None, total) if mean_shift else (total, None)
+        def bar(order):
+            return tqdm(order, total=len(stages), desc=f"fastguide {gp.plan.sampler}")
+    return _loop.run_loop(stages, spec, x_T, tables, inputs, _loop.NoiseSource(generator), progress=bar)
