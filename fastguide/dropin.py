@@ -34,7 +34,7 @@ from . import noise as _noise
 from . import ops as _ops
 from .layout import NUM_COLS, Col
 
-__all__ = ["step", "StepOutput", "SchedulerPlan", "plan_for"]
+__all__ = ["step", "StepOutput", "SchedulerPlan", "plan_for", "prepare"]
 
 Scale = Union[float, int, torch.Tensor]
 GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]
@@ -84,6 +84,11 @@ class SchedulerPlan:
     timestep_rows: Dict[int, int] = field(default_factory=dict)  # DDPM/DDIM: timestep value -> step
     _tables: Dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self):
+        # Python bools for compiled code (dynamo turns numpy reads into tensor ops it cannot branch on).
+        self.noise_steps: Tuple[bool, ...] = tuple(bool(v) for v in self.draws_noise)
+        self.any_noise: bool = any(self.noise_steps)
+
     @property
     def supports_mean_shift(self) -> bool:
         return self.kind == _DDPM
@@ -92,9 +97,32 @@ class SchedulerPlan:
         """The fp32 table on ``device``, copied there once."""
         t = self._tables.get(device)
         if t is None:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(_PREPARE_HELP)
             t = torch.from_numpy(self.rows).to(device=device, dtype=torch.float32)
             self._tables[device] = t
         return t
+
+    def timestep_values(self, device: torch.device) -> torch.Tensor:
+        """DDPM/DDIM: int64 ``[num_steps]`` of the timestep each row belongs to, on ``device`` (copied once);
+        compiled code finds a timestep's row on the device with it instead of reading the timestep."""
+        key = ("timesteps", device)
+        t = self._tables.get(key)
+        if t is None:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(_PREPARE_HELP)
+            ts = np.zeros(self.num_steps, dtype=np.int64)
+            for value, row in self.timestep_rows.items():
+                ts[row] = value
+            t = self._tables[key] = torch.from_numpy(ts).to(device)
+        return t
+
+    def row_of_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
+        """The row of a timestep tensor as a 0-dim int64 tensor on the timestep's device, found without a
+        host read (the first position holding it, as the host lookup takes). A timestep that is not in the
+        schedule is not detected here: that would need a sync."""
+        values = self.timestep_values(timestep.device)
+        return (values == timestep.reshape(())).to(torch.int64).argmax()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -398,6 +426,11 @@ class _SchedulerState:
 
 
 _CACHE: "weakref.WeakKeyDictionary[object, _SchedulerState]" = weakref.WeakKeyDictionary()
+
+# Compiled code cannot build coefficient tables (numpy) or read the scheduler's timestep tensors on the host.
+_PREPARE_HELP = ("fastguide.step inside torch.compile needs the scheduler's tables built beforehand: call "
+                 "fastguide.dropin.prepare(scheduler, device, **step_options) after scheduler.set_timesteps(...) "
+                 "and outside the compiled function (or run one fastguide.step eagerly first)")
 _KIND_OF_TYPE: Dict[type, str] = {}
 
 
@@ -417,6 +450,8 @@ def _scheduler_state(scheduler) -> _SchedulerState:
     state = _CACHE.get(scheduler)
     if state is not None and len(state.refs) == len(refs) and all(a is b for a, b in zip(state.refs, refs)):
         return state
+    if torch.compiler.is_compiling():
+        raise RuntimeError(_PREPARE_HELP)
     _check_config(scheduler, kind)
     clip = threshold = None
     if kind in (_DDPM, _DDIM, _DPM) and _cfg(scheduler, "thresholding", False):
@@ -442,6 +477,29 @@ def plan_for(scheduler, *, eta: float = 0.0, use_clipped_model_output: bool = Fa
                                             s_noise))
 
 
+def prepare(scheduler, device: Union[None, str, torch.device] = None, **step_options) -> SchedulerPlan:
+    """Build and cache everything ``fastguide.step`` needs for ``scheduler``'s current schedule on ``device``
+    (default: where ``scheduler.timesteps`` lives), so that ``fastguide.step`` runs inside
+    ``torch.compile(fullgraph=True)`` without graph breaks. ``step_options`` are the step's scheduler options
+    (``eta``, ``use_clipped_model_output``, ``s_churn``, ...). Call it after ``set_timesteps`` and outside the
+    compiled function; an eager ``fastguide.step`` call prepares the same way.
+
+    >>> scheduler.set_timesteps(50)
+    >>> fastguide.dropin.prepare(scheduler, "cuda")
+    >>> denoise = torch.compile(lambda x, t: fastguide.step(unet(torch.cat([x] * 2), t), t, x,
+    ...                                                      scheduler=scheduler, guidance_scale=7.5),
+    ...                         fullgraph=True)
+    """
+    plan = plan_for(scheduler, **step_options)
+    devices = {torch.device(device) if device is not None else scheduler.timesteps.device,
+               scheduler.timesteps.device}
+    for d in devices:
+        plan.table(d)
+        if plan.kind in (_DDPM, _DDIM):
+            plan.timestep_values(d)
+    return plan
+
+
 def _variant(kind: str, eta, use_clipped, s_churn, s_tmin, s_tmax, s_noise) -> tuple:
     if kind == _DDIM:
         return (float(eta), bool(use_clipped))
@@ -453,6 +511,8 @@ def _variant(kind: str, eta, use_clipped, s_churn, s_tmin, s_tmax, s_noise) -> t
 def _plan(scheduler, state: _SchedulerState, variant: tuple) -> SchedulerPlan:
     plan = state.plans.get(variant)
     if plan is None:
+        if torch.compiler.is_compiling():
+            raise RuntimeError(_PREPARE_HELP)
         kind = state.kind
         if kind == _DDPM:
             plan = _ddpm_plan(scheduler)
@@ -519,6 +579,10 @@ def _indexed_step(scheduler, kind: str, timestep) -> Tuple[int, bool]:
         index, init = int(scheduler.step_index), False
     elif scheduler.begin_index is not None:
         index, init = int(scheduler.begin_index), True
+    elif torch.compiler.is_compiling():
+        raise RuntimeError(f"fastguide.step inside torch.compile: {type(scheduler).__name__} has no step index "
+                           "yet and finding the timestep's position would read it on the host; call "
+                           "scheduler.set_begin_index(0) before the loop")
     else:
         _scalar_timestep(timestep)
         ts = timestep.to(scheduler.timesteps.device) if isinstance(timestep, torch.Tensor) else timestep
@@ -548,7 +612,8 @@ def _scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
                     s_noise: float, out: Optional[torch.Tensor], backend: str, want_x0: bool,
                     g_score: Optional[torch.Tensor] = None,
                     g_mean: Optional[torch.Tensor] = None, guide=None,
-                    check_finite: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                    check_finite: bool = False,
+                    noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One scheduler step; returns (prev_sample, x0 or None).
 
     ``g_score`` (added to the score: ``eps -= sigma g``) and ``g_mean`` (DDPM mean shift ``mu += Sigma g``)
@@ -614,7 +679,11 @@ def _scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
         raise TypeError(f"out must have the sample's dtype {sample.dtype}, got {out.dtype}")
     for name, g in (("g_score", g_score), ("g_mean", g_mean)):
         _ops.check_tensor(name, g, like=sample, allow_none=True)
+    _ops.check_tensor("noise", noise, like=sample, allow_none=True)
+    if noise is not None and noise.dtype != sample.dtype:
+        raise TypeError(f"noise must have the sample's dtype {sample.dtype}, got {noise.dtype}")
     _noise.check_generator(generator, batch, sample.device)
+    compiling = torch.compiler.is_compiling()
     _dispatch.resolve(backend, sample.device)
 
     # Which row, from the scheduler's state (read only).
@@ -625,9 +694,11 @@ def _scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
     x0_prev = None
     if kind in _INDEX_BASED:
         index, init_index = _indexed_step(scheduler, kind, timestep)
+    elif compiling and isinstance(timestep, torch.Tensor):
+        index = None  # found on the device: reading the timestep on the host would break the graph
     else:
         index = _vp_row(plan, timestep)
-    row = index
+    row = index if index is not None else plan.row_of_timestep(timestep).to(sample.device)
     if state.solver_order == 2 and scheduler.lower_order_nums >= 1 and \
             not _dpm_lower_order_final(scheduler, index, plan.num_steps):
         row = plan.num_steps + index
@@ -667,8 +738,16 @@ def _scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
     # Checks are done: from here on the generator, out and the scheduler may change. The scale goes on
     # as the caller gave it (a float scale stays a cached constant inside guided_step).
     z = None
-    if plan.draws_noise[index]:
-        z = _noise.randn(sample.shape, generator, model_output.device, model_output.dtype)
+    # With a device row, every row's noise column is applied to one draw (the rows that draw none hold 0).
+    if plan.noise_steps[index] if index is not None else plan.any_noise:
+        if noise is not None:
+            z = noise
+        elif compiling and generator is not None:
+            raise RuntimeError("fastguide.step inside torch.compile cannot draw from a torch.Generator (dynamo "
+                               "cannot trace generators); draw the noise outside the compiled function and "
+                               "pass noise=..., or pass generator=None")
+        else:
+            z = _noise.randn(sample.shape, generator, model_output.device, model_output.dtype)
     need_x0 = want_x0 or kind == _DPM
     x0 = torch.empty_like(sample, memory_format=torch.contiguous_format) if need_x0 else None
     threshold = thresh
@@ -680,7 +759,7 @@ def _scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
 
     # Advance the scheduler exactly as its step() does.
     if kind in _INDEX_BASED:
-        if init_index:
+        if init_index and not compiling:  # (it sets the index that the next line overwrites)
             scheduler._init_step_index(timestep)
         if kind == _DPM:
             order = state.solver_order
@@ -698,7 +777,7 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
          generator: GeneratorArg = None, eta: float = 0.0, use_clipped_model_output: bool = False,
          s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
          out: Optional[torch.Tensor] = None, guidance: Sequence = (), y: Optional[torch.Tensor] = None,
-         check_finite: bool = False, backend: str = "auto",
+         check_finite: bool = False, backend: str = "auto", noise: Optional[torch.Tensor] = None,
          return_dict: bool = False) -> Union[torch.Tensor, StepOutput]:
     """CFG combine + ``scheduler.step`` of a diffusers scheduler in one fused op.
 
@@ -714,7 +793,15 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
     ``guidance=[ClassifierGuidance(...), DiscriminatorGuidance(...)]`` with target labels ``y`` adds those
     methods to the loop: DDPMScheduler shifts the mean by ``Sigma g`` (ADM ``condition_mean``; Ma et al.'s
     x0-input recipe, the only one here that needs DDPM), the others correct the score (``eps -= sigma g``).
-    ``check_finite=True`` raises on NaN/Inf in ``model_output`` (a host sync on GPU).
+    ``check_finite=True`` raises on NaN/Inf in ``model_output`` (a host sync on GPU). ``noise`` (the
+    sample's shape and dtype) is used instead of drawing from ``generator`` on steps that draw noise.
+
+    Inside ``torch.compile(fullgraph=True)`` the step traces without graph breaks once the scheduler's
+    tables exist (``fastguide.dropin.prepare(scheduler, device)``, or one eager call): DDPM/DDIM find a
+    timestep tensor's row on the device (the timestep is then trusted to be in the schedule), index-based
+    schedulers (Euler, Euler ancestral, DPM-Solver++) read their Python step counter, on which dynamo
+    specialises (one graph per step; ``scheduler.set_begin_index(0)`` first). Noise must come as ``noise=``
+    (or ``generator=None``, drawn by the compiled code's own RNG); ``guidance=`` is not traced.
 
     ``model_output`` and ``sample`` must share dtype and device. For DDPMScheduler with
     ``variance_type="learned_range"`` each half carries 2C channels (noise, then variance); the variance
@@ -730,6 +817,9 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
     if not isinstance(return_dict, bool):
         raise TypeError(f"return_dict must be a bool, got {type(return_dict).__name__}")
     guide = None
+    if (guidance or y is not None) and torch.compiler.is_compiling():
+        raise RuntimeError("fastguide.step(guidance=...) does not run inside torch.compile; compile the network "
+                           "alone, or use fastguide.sample(..., compile='inductor') for guided loops")
     if guidance or y is not None:
         classifiers, discriminators = _dropin_guidance.split_specs(guidance)
         state = _scheduler_state(scheduler)
@@ -743,7 +833,7 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
                                guidance_rescale=guidance_rescale, generator=generator, eta=eta,
                                use_clipped_model_output=use_clipped_model_output, s_churn=s_churn, s_tmin=s_tmin,
                                s_tmax=s_tmax, s_noise=s_noise, out=out, backend=backend, want_x0=return_dict,
-                               guide=guide, check_finite=check_finite)
+                               guide=guide, check_finite=check_finite, noise=noise)
     if return_dict:
         return StepOutput(prev_sample=prev, pred_original_sample=x0)
     return prev
