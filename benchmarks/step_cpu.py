@@ -1,0 +1,181 @@
+"""CPU benchmark of the fused CFG + DDIM step (DESIGN §6), every figure a ratio measured in the same run.
+
+For a large tensor (2^24 elements per CFG half) and the Stable Diffusion latent (2x4x64x64) it times, side by
+side and interleaved (so machine noise hits all methods alike):
+
+  copy       torch ``dst.copy_(src)``: the bandwidth floor (bytes read + written per second)
+  fused      ``fastguide.guided_step(..., out=buf, backend="cpp")``: CFG combine + DDIM in one kernel
+  compiled   ``torch.compile`` of the same math writing into a buffer (inductor, compile time excluded)
+  diffusers  the eager diffusers path: chunk, CFG combine, ``DDIMScheduler.step`` (eta = 0)
+
+A step reads x, uncond and cond and writes out once, so its bandwidth is 4 * N * itemsize / time; copy's is
+2 * N * itemsize / time. The 10th percentile is recorded next to the median: on a shared machine a method
+whose OpenMP team was descheduled can lose milliseconds on a call. Results are appended to benchmarks/results/step_cpu.csv with the CPU model, versions
+and date; a table of ratios is printed.
+
+    python benchmarks/step_cpu.py [--repeats 15] [--small-repeats 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import fastguide
+from fastguide.layout import NUM_COLS, Col
+
+RESULTS = Path(__file__).resolve().parent / "results" / "step_cpu.csv"
+GUIDANCE = 7.5
+STEPS = 50
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception:  # not installed, or broken: recorded, not fatal
+        return "none"
+
+
+def stable_diffusion_ddim():
+    from diffusers import DDIMScheduler
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scheduler.set_timesteps(STEPS)
+    return scheduler
+
+
+def ddim_row(scheduler, t: int):
+    """The DDIM (eta = 0, epsilon prediction) coefficient row of timestep t, by hand from alphas_cumprod:
+    x0 = (x - s eps) / a,  out = a_prev x0 + sqrt(1 - a_prev^2) eps."""
+    abar = scheduler.alphas_cumprod.double()
+    prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    abar_prev = abar[prev] if prev >= 0 else torch.tensor(float(scheduler.final_alpha_cumprod))
+    a, s, a_prev = abar[t].sqrt(), (1 - abar[t]).sqrt(), abar_prev.sqrt()
+    row = torch.zeros(1, NUM_COLS, dtype=torch.float64)
+    row[0, Col.P_X], row[0, Col.P_M] = 1 / a, -s / a
+    row[0, Col.Q_M] = 1.0
+    row[0, Col.B], row[0, Col.C] = a_prev, (1 - a_prev ** 2).sqrt()
+    return row.float(), (float(a), float(s), float(a_prev), float((1 - a_prev ** 2).sqrt()))
+
+
+def ddim_math(x, noise_pred, w: float, a: float, s: float, a_prev: float, c_prev: float, out):
+    uncond, cond = noise_pred.chunk(2)
+    eps = uncond + w * (cond - uncond)
+    x0 = (x - s * eps) / a
+    out.copy_(a_prev * x0 + c_prev * eps)
+
+
+def measure(fns: dict, repeats: int, block: int) -> dict:
+    """(median, 10th percentile) seconds per call of each function. Methods take turns in blocks of ``block`` calls (after a
+    warm-up block each), so slow drifts of a shared machine hit all of them alike, while a tiny call is
+    still timed after calls of its own kind (not right after another method's threads or allocations)."""
+    times = {name: [] for name in fns}
+    rounds = max(1, repeats // block)
+    for r in range(rounds + 1):
+        for name, fn in fns.items():
+            for _ in range(block):
+                start = time.perf_counter()
+                fn()
+                if r:  # round 0 warms caches, the allocator and thread pools
+                    times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(ts), sorted(ts)[len(ts) // 10]) for name, ts in times.items()}
+
+
+def run_size(label: str, shape, repeats: int, block: int, scheduler) -> list:
+    gen = torch.Generator().manual_seed(0)
+    batch = shape[0]
+    x = torch.randn(shape, generator=gen)
+    noise_pred = torch.randn((2 * batch,) + tuple(shape[1:]), generator=gen)
+    t = int(scheduler.timesteps[STEPS // 2])
+    table, (a, s, a_prev, c_prev) = ddim_row(scheduler, t)
+    fused_out, compiled_out = torch.empty_like(x), torch.empty_like(x)
+    copy_src, copy_dst = torch.randn(x.numel()), torch.empty(x.numel())
+    compiled = torch.compile(ddim_math, fullgraph=True, dynamic=False)
+
+    def diffusers_step():
+        uncond, cond = noise_pred.chunk(2)
+        return scheduler.step(uncond + GUIDANCE * (cond - uncond), t, x).prev_sample
+
+    fns = {
+        "copy": lambda: copy_dst.copy_(copy_src),
+        "fused": lambda: fastguide.guided_step(x, noise_pred, table, 0, scale=GUIDANCE, out=fused_out, backend="cpp"),
+        "compiled": lambda: compiled(x, noise_pred, GUIDANCE, a, s, a_prev, c_prev, compiled_out),
+        "diffusers": diffusers_step,
+    }
+    start = time.perf_counter()
+    compiled(x, noise_pred, GUIDANCE, a, s, a_prev, c_prev, compiled_out)
+    compile_s = time.perf_counter() - start
+    # Same math, same answer: otherwise the timings compare different work.
+    expected = diffusers_step()
+    fns["fused"]()
+    torch.testing.assert_close(fused_out, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled_out, expected, rtol=1e-4, atol=1e-4)
+
+    timings = measure(fns, repeats, block)
+    nbytes = x.numel() * x.element_size()
+    moved = {"copy": 2 * nbytes, "fused": 4 * nbytes, "compiled": 4 * nbytes, "diffusers": 4 * nbytes}
+    copy_bw = moved["copy"] / timings["copy"][0]
+    rows = []
+    for name, (sec, p10) in timings.items():
+        bw = moved[name] / sec
+        rows.append(dict(size=label, shape="x".join(map(str, shape)), method=name, median_us=sec * 1e6,
+                         p10_us=p10 * 1e6, gbytes_per_s=bw / 1e9, bw_vs_copy=bw / copy_bw,
+                         fused_speedup=sec / timings["fused"][0], repeats=repeats,
+                         compile_s=compile_s if name == "compiled" else ""))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=15, help="repeats of the 2^24-element case")
+    parser.add_argument("--small-repeats", type=int, default=300, help="repeats of the SD-latent case")
+    args = parser.parse_args()
+    why = fastguide.backends(reasons=True)["cpp"]
+    if why:
+        raise SystemExit(f"the cpp backend is not available: {why}")
+    scheduler = stable_diffusion_ddim()
+    rows = run_size("2^24 per half", (4, 4, 1024, 1024), args.repeats, 1, scheduler)
+    rows += run_size("SD latent", (2, 4, 64, 64), args.small_repeats, 20, scheduler)
+
+    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device=cpu_model(),
+                cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                triton=version("triton"), diffusers=version("diffusers"), fastguide=fastguide.__version__)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(meta) + list(rows[0])
+    new_file = not RESULTS.exists()
+    with RESULTS.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new_file:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({**meta, **{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}})
+
+    print(f"{meta['device']}, {meta['cores']} cores, torch {meta['torch']}, triton {meta['triton']}, "
+          f"diffusers {meta['diffusers']}, {meta['date']}")
+    print(f"{'size':<14} {'method':<10} {'median':>11} {'p10':>11} {'GB/s':>7} {'bw/copy':>8} {'time/fused':>11}")
+    for r in rows:
+        print(f"{r['size']:<14} {r['method']:<10} {r['median_us']:>9.1f}us {r['p10_us']:>9.1f}us "
+              f"{r['gbytes_per_s']:>7.2f} {r['bw_vs_copy']:>8.3f} {r['fused_speedup']:>10.2f}x")
+    print(f"appended to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
