@@ -10,6 +10,7 @@ syncs with the host and can be compiled (``compile="inductor"``) or captured as 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -175,27 +176,63 @@ def sample(model: Callable[..., torch.Tensor], x_T: torch.Tensor, *, schedule: S
         options["eta"] = eta
     if sampler == "ddim" and clip_denoised is not None:
         options["clipped"] = True
-    plan = samplers.build(sampler, schedule, steps, **options)
-    gp = build_guided_plan(plan, guidance)
+    gp, spec = _built_loop(sampler, schedule, steps, options, guidance, batch, clip_denoised)
     if (gp.classifiers or (gp.cfg is not None and gp.cfg.null_label is not None)) and y is None:
         raise ValueError("y (labels) is required by classifier guidance and by CFG with a null_label")
     if gp.classifiers and (y.dim() != 1 or y.dtype not in (torch.int32, torch.int64)):
         raise TypeError(f"y must be a [{batch}] integer tensor of class labels for classifier guidance, got "
                         f"{y.dtype} {tuple(y.shape)}")
     cfg_scale = None
-    if gp.cfg is not None:
-        cfg_scale = ops.check_scale("CFG scale", gp.cfg.scale, batch, x_T.device, sync_ok=True)
+    if gp.cfg is not None:  # this call's scale: a cached plan may hold an equal spec with another scale
+        cfg = _split_guidance(guidance)[0]
+        cfg_scale = ops.check_scale("CFG scale", cfg.scale, batch, x_T.device, sync_ok=True)
     if gp.classifiers and y.device.type == "cpu" and y.numel() and int(y.detach().numpy().min()) < 0:
         raise ValueError(f"y holds negative labels: {y.tolist()}")
-    return _run(model, x_T, gp, y, generator, clip_denoised, cfg_scale, progress, backend, compile,
-                compile_options)
+    return _run(model, x_T, gp, spec, y, generator, cfg_scale, progress, backend, compile, compile_options)
 
 
-def _run(model, x_T, gp: GuidedPlan, y, generator, clip, cfg_scale, progress, backend, compile,
-         compile_options) -> torch.Tensor:
-    """Build the loop (``fastguide.loop``) and run it in the asked mode."""
-    batch, device = x_T.shape[0], x_T.device
+_BUILT: "OrderedDict[tuple, tuple]" = OrderedDict()
+BUILT_CACHE_SIZE = 32
+
+
+def _guidance_static_key(guidance) -> tuple:
+    """The guidance settings a loop's tables and stage kinds depend on (CFG's scale is not one of them: it is
+    read at run time), networks by identity."""
+    cfg, classifiers, discriminators = _split_guidance(guidance)
+    ident = _loop._identity
+    return (None if cfg is None else (cfg.rescale, ident(cfg.null_label), cfg.start, cfg.stop),
+            tuple((ident(c.classifier), c.scale, c.input, c.tau1, c.tau2, c.gamma, c.g_max, c.add)
+                  for c in classifiers),
+            tuple((ident(d.discriminator), d.weight, d.weight2, d.t_min, d.t_max) for d in discriminators))
+
+
+def _built_loop(sampler, schedule, steps, options, guidance, batch, clip) -> Tuple[GuidedPlan, "_loop.LoopSpec"]:
+    """The guided plan and loop spec of a configuration, built once: a repeated call (same schedule object,
+    sampler, options and guidance settings) skips rebuilding the coefficient rows in Python."""
+    try:
+        key = (id(schedule), sampler, steps, tuple(sorted(options.items())), _guidance_static_key(guidance),
+               batch, clip)
+        hash(key)
+    except TypeError:  # an unhashable option or bad guidance: build, and let the builders report it
+        key = None
+    hit = _BUILT.get(key) if key is not None else None
+    if hit is not None and hit[0] is schedule:
+        _BUILT.move_to_end(key)
+        return hit[1], hit[2]
+    plan = samplers.build(sampler, schedule, steps, **options)
+    gp = build_guided_plan(plan, guidance)
     spec = _loop.build_spec(gp, batch, clip)
+    if key is not None:
+        _BUILT[key] = (schedule, gp, spec)  # holds the schedule, so its id stays unique while cached
+        while len(_BUILT) > BUILT_CACHE_SIZE:
+            _BUILT.popitem(last=False)
+    return gp, spec
+
+
+def _run(model, x_T, gp: GuidedPlan, spec, y, generator, cfg_scale, progress, backend, compile,
+         compile_options) -> torch.Tensor:
+    """Run the built loop (``fastguide.loop``) in the asked mode."""
+    batch, device = x_T.shape[0], x_T.device
     classifiers, discriminators = tuple(gp.classifiers), tuple(gp.discriminators)
     if compile == "graph":
         return _cudagraph.run(model, spec, classifiers, discriminators, backend, x_T, y, cfg_scale, generator)
