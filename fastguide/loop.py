@@ -321,6 +321,12 @@ def make_stage(spec: LoopSpec, kind: StageKind, model: Callable, classifiers: Se
     null_pair = kind.cfg and spec.null_label is not None
 
     def stage(x, x0_prev, z_pre, z_step, counter, tables, inputs):
+        # Nothing flows back into the denoiser (the guidance gradients enable grad for their own networks):
+        # no autograd graph is kept for the model, and compiled stages return plain tensors.
+        with torch.no_grad():
+            return stage_body(x, x0_prev, z_pre, z_step, counter, tables, inputs)
+
+    def stage_body(x, x0_prev, z_pre, z_step, counter, tables, inputs):
         coeffs, t_model, t_model2, guide_t, scalars = tables
         y, y_pair, cfg_scale, classifier_scales, unit = inputs
         if kind.edm_recipe or kind.xt_classifiers or kind.x0_classifiers or kind.discriminators:
