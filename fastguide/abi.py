@@ -81,6 +81,8 @@ class Launch:
             return 0
         if not isinstance(v, torch.Tensor):
             v = torch.full((length,), float(v), dtype=torch.float32, device=device)
+        elif v.dtype == torch.float32 and v.is_contiguous() and v.numel() == length:
+            return v.data_ptr()  # the caller's tensor, alive for the whole call
         v = v.to(torch.float32).reshape(-1)
         if v.numel() == 1 and length != 1:
             v = v.expand(length)
