@@ -126,6 +126,10 @@ def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table: torch.T
     diffusers' ``guidance_rescale``. Returns ``out`` (allocated when None) or None when ``write_out`` is
     False (x0-only "predict" call, which then needs ``x0_out``).
 
+    Computation is fp32; the result has the sample's dtype. The compiled backends store every large input
+    in the sample's dtype, so a fp32 ``model_output`` with a fp16 ``sample`` is rounded to fp16 first (the
+    torch reference reads the fp32 values): results agree to fp16 tolerance.
+
     ``step`` is a host int (checked against the table) or a one-element integer tensor on the sample's
     device, e.g. a loop's step counter; a device index is trusted, since checking it would sync.
 
