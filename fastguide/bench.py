@@ -429,7 +429,8 @@ def _fmt(v, digits=3) -> str:
     return str(v)
 
 
-def print_table(rows: List[dict], out=sys.stdout) -> None:
+def print_table(rows: List[dict], out=None) -> None:
+    out = out or sys.stdout
     header = ("section", "network", "batch", "guidance", "contender", "samples/s", "ms/step", "net ms/step",
               "overhead ms/step", "speedup", "ops/step")
     keys = ("section", "network", "batch", "guidance", "contender", "samples_per_s", "ms_per_step",
