@@ -1,4 +1,10 @@
-"""The ``fastguide`` command line: ``fastguide demo`` and ``fastguide backends``."""
+"""The ``fastguide`` command line.
+
+  fastguide demo [--out DIR] [--quick]   every guidance method on the shipped digits networks (real data)
+  fastguide demo --mixture               every guidance method on an exact Gaussian mixture (known answers)
+  fastguide train-digits [--out DIR]     retrain the digits networks (seeded, CPU minutes)
+  fastguide backends                     which kernel backends can run here
+"""
 
 from __future__ import annotations
 
@@ -13,14 +19,14 @@ import fastguide
 from fastguide.examples.mixture import GaussianMixture
 
 
-def _demo(args) -> int:
+def _mixture_demo(args) -> int:
     """Every guidance method on an exact Gaussian mixture, where the right answer is known."""
     torch.manual_seed(args.seed)
     classes = 4
     true_weights = torch.tensor([0.55, 0.25, 0.15, 0.05])
     mix = GaussianMixture.ring(classes=classes, weights=true_weights)
     schedule = fastguide.Schedule.ddpm()
-    n = args.samples
+    n, steps = args.samples, args.steps or 50
     y = torch.arange(n) % classes
     null = -1
     model = mix.eps_model(schedule, null_label=null)
@@ -31,7 +37,7 @@ def _demo(args) -> int:
         gen = torch.Generator().manual_seed(args.seed)
         x_T = torch.randn(n, 2, 1, 1, generator=gen)
         t0 = time.perf_counter()
-        x = fastguide.sample(net, x_T, schedule=schedule, sampler=args.sampler, steps=args.steps, y=labels,
+        x = fastguide.sample(net, x_T, schedule=schedule, sampler=args.sampler, steps=steps, y=labels,
                              guidance=guidance, generator=gen)
         seconds = time.perf_counter() - t0
         comp = mix.nearest_component(x)
@@ -56,7 +62,7 @@ def _demo(args) -> int:
         [fastguide.DiscriminatorGuidance(mix.density_ratio_logit(schedule, wrong), weight=1.0)], False)
 
     print(f"fastguide demo: exact 2-D Gaussian mixture ({classes} classes, weights {[round(w, 2) for w in true_weights.tolist()]}), "
-          f"{n} samples, {args.sampler} {args.steps} steps, backends {fastguide.backends()}")
+          f"{n} samples, {args.sampler} {steps} steps, backends {fastguide.backends()}")
     print(f"{'method':30s} {'class acc':>9s} {'TV to true weights':>18s} {'spread':>7s} {'ms/sample':>9s}")
     for name, acc, tv, spread, ms in rows:
         acc_s = "-" if acc != acc else f"{acc:9.3f}"
@@ -65,6 +71,36 @@ def _demo(args) -> int:
           "conditional model (acc ~1); discriminator guidance moves the mis-specified model's mode weights\n"
           "back to the true ones (TV shrinks). spread: RMS distance to the nearest mean (component std "
           f"{2 ** 0.5 * mix.var ** 0.5:.3f}).")
+    return 0
+
+
+def _set_threads(threads: int) -> None:
+    # The digits networks run tiny convolutions on 8x8 images: intra-op threads barely help, and on a busy
+    # machine their spin-waiting makes a run several times slower, so the default is one thread.
+    if threads < 1:
+        raise SystemExit("--threads must be >= 1")
+    torch.set_num_threads(threads)
+
+
+def _demo(args) -> int:
+    if args.mixture:
+        return _mixture_demo(args)
+    from fastguide.examples.digits.demo import run_demo
+
+    _set_threads(args.threads)
+    start = time.perf_counter()
+    run_demo(args.out, quick=args.quick, per_class=args.per_class, steps=args.steps, seed=args.seed,
+             weights_dir=args.weights)
+    print(f"total {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _train_digits(args) -> int:
+    from fastguide.examples.digits import WEIGHTS_DIR
+    from fastguide.examples.digits.train import TrainConfig, train_all
+
+    _set_threads(args.threads)
+    train_all(args.out or WEIGHTS_DIR, TrainConfig(seed=args.seed))
     return 0
 
 
@@ -77,12 +113,27 @@ def _backends(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fastguide", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run every guidance method on an exact Gaussian mixture")
-    demo.add_argument("--samples", type=int, default=2000)
-    demo.add_argument("--steps", type=int, default=50)
-    demo.add_argument("--sampler", default="ddim", choices=fastguide.samplers.SAMPLERS[:2])
+    demo = sub.add_parser("demo", help="run every guidance method on real digits (or --mixture: an exact "
+                                       "Gaussian mixture) and print the scores")
+    demo.add_argument("--out", default="fastguide_demo", help="where the digits demo writes its PNG grid and table "
+                      "(default: ./fastguide_demo)")
+    demo.add_argument("--quick", action="store_true", help="a few samples and steps: seconds, for CI")
+    demo.add_argument("--per-class", type=int, default=None, help="digits samples per class and method (default 50)")
+    demo.add_argument("--steps", type=int, default=None, help="sampling steps (digits default 25, mixture 50)")
+    demo.add_argument("--weights", default=None, help="digits weights directory (default: the shipped ones)")
+    demo.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--mixture", action="store_true", help="the exact Gaussian-mixture demo instead")
+    demo.add_argument("--samples", type=int, default=2000, help="mixture demo: samples per method")
+    demo.add_argument("--sampler", default="ddim", choices=fastguide.samplers.SAMPLERS[:2],
+                      help="mixture demo: sampler")
     demo.set_defaults(func=_demo)
+    train = sub.add_parser("train-digits", help="train the digits networks (seeded, CPU minutes) and save them "
+                                                "as safetensors")
+    train.add_argument("--out", default=None, help="output directory (default: the package's shipped weights)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    train.set_defaults(func=_train_digits)
     sub.add_parser("backends", help="which kernel backends can run here").set_defaults(func=_backends)
     args = parser.parse_args(argv)
     return args.func(args)
