@@ -76,13 +76,18 @@ setup(
     version="0.1.0",
     description="Fused, sync-free guided diffusion sampling for PyTorch",
     python_requires=">=3.9",
-    packages=["fastguide", "fastguide.kernels"],
+    packages=["fastguide", "fastguide.examples", "fastguide.examples.digits", "fastguide.kernels"],
     package_dir={"fastguide": "fastguide", "fastguide.kernels": "kernels"},
+    package_data={"fastguide.examples.digits": ["weights/*.safetensors"]},
+    entry_points={"console_scripts": ["fastguide = fastguide.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "hypothesis", "diffusers>=0.30", "scikit-learn", "safetensors", "triton", "tqdm"],
+        # `fastguide demo` and `fastguide train-digits`: the scikit-learn digits, shipped weights, PNG grids.
+        "demo": ["scikit-learn", "safetensors", "pillow", "tqdm"],
+        "test": ["pytest", "hypothesis", "diffusers>=0.30", "scikit-learn", "safetensors", "pillow", "triton",
+                 "tqdm"],
     },
 )
