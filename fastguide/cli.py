@@ -61,7 +61,8 @@ def _mixture_demo(args) -> int:
     run("  + discriminator guidance", lambda x, t, _y: wrong_model(x, t, None), None,
         [fastguide.DiscriminatorGuidance(mix.density_ratio_logit(schedule, wrong), weight=1.0)], False)
 
-    print(f"fastguide demo: exact 2-D Gaussian mixture ({classes} classes, weights {[round(w, 2) for w in true_weights.tolist()]}), "
+    weights = [round(w, 2) for w in true_weights.tolist()]
+    print(f"fastguide demo: exact 2-D Gaussian mixture ({classes} classes, weights {weights}), "
           f"{n} samples, {args.sampler} {steps} steps, backends {fastguide.backends()}")
     print(f"{'method':30s} {'class acc':>9s} {'TV to true weights':>18s} {'spread':>7s} {'ms/sample':>9s}")
     for name, acc, tv, spread, ms in rows:

@@ -18,7 +18,6 @@ classifier alone). Then an ablation of Ma et al.'s choices on the off-the-shelf 
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field, replace
