@@ -83,9 +83,21 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _require_digits_extras() -> None:
+    """The digits demo and training need scikit-learn (the data, the judge) and safetensors (the weights)."""
+    import importlib.util
+
+    missing = [m for m, mod in (("scikit-learn", "sklearn"), ("safetensors", "safetensors"))
+               if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise SystemExit(f"the digits demo needs {' and '.join(missing)}: pip install {' '.join(missing)} "
+                         f"(or run `fastguide demo --mixture`, which needs neither)")
+
+
 def _demo(args) -> int:
     if args.mixture:
         return _mixture_demo(args)
+    _require_digits_extras()
     from fastguide.examples.digits.demo import run_demo
 
     _set_threads(args.threads)
@@ -97,6 +109,7 @@ def _demo(args) -> int:
 
 
 def _train_digits(args) -> int:
+    _require_digits_extras()
     from fastguide.examples.digits import WEIGHTS_DIR
     from fastguide.examples.digits.train import TrainConfig, train_all
 
