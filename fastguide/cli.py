@@ -125,7 +125,8 @@ def _backends(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastguide", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fastguide", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run every guidance method on real digits (or --mixture: an exact "
                                        "Gaussian mixture) and print the scores")
