@@ -87,7 +87,8 @@ setup(
         "triton": ["triton"],
         # `fastguide demo` and `fastguide train-digits`: the scikit-learn digits, shipped weights, PNG grids.
         "demo": ["scikit-learn", "safetensors", "pillow", "tqdm"],
+        # tests/test_build.py builds wheels without build isolation, so the build tools are test needs too.
         "test": ["pytest", "hypothesis", "diffusers>=0.30", "scikit-learn", "safetensors", "pillow", "triton",
-                 "tqdm"],
+                 "tqdm", "pybind11>=2.12", "cmake>=3.18", "ninja", "wheel"],
     },
 )
