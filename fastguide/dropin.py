@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -425,7 +424,10 @@ class _SchedulerState:
     plans: Dict[tuple, SchedulerPlan] = field(default_factory=dict)
 
 
-_CACHE: "weakref.WeakKeyDictionary[object, _SchedulerState]" = weakref.WeakKeyDictionary()
+# The cached state lives on the scheduler object itself: it dies with it, copies carry it along, and
+# torch.compile guards on a plain attribute (a module-level WeakKeyDictionary made dynamo guard on the
+# position of entries that garbage collection may remove, which broke guard building).
+_STATE_ATTR = "_fastguide_state"
 
 # Compiled code cannot build coefficient tables (numpy) or read the scheduler's timestep tensors on the host.
 _PREPARE_HELP = ("fastguide.step inside torch.compile needs the scheduler's tables built beforehand: call "
@@ -447,7 +449,7 @@ def _scheduler_state(scheduler) -> _SchedulerState:
     if kind is None:
         kind = _KIND_OF_TYPE[type(scheduler)] = _kind_of(scheduler)
     refs = _state_refs(scheduler, kind)
-    state = _CACHE.get(scheduler)
+    state = getattr(scheduler, _STATE_ATTR, None)
     if state is not None and len(state.refs) == len(refs) and all(a is b for a, b in zip(state.refs, refs)):
         return state
     if torch.compiler.is_compiling():
@@ -461,7 +463,7 @@ def _scheduler_state(scheduler) -> _SchedulerState:
         clip = (-r, r)
     order = int(_cfg(scheduler, "solver_order")) if kind == _DPM else 1
     state = _SchedulerState(refs, kind, clip, threshold, order)
-    _CACHE[scheduler] = state
+    setattr(scheduler, _STATE_ATTR, state)
     return state
 
 
