@@ -42,8 +42,8 @@ CASES = [
     ("clip reversed", dict(clip=(1.0, -1.0)), ValueError, "clip"),
     ("clip and threshold", dict(clip=(-1.0, 1.0), threshold=torch.ones(2)), ValueError, "clip"),
     ("threshold wrong shape", dict(threshold=torch.ones(3)), ValueError, "threshold"),
-    ("out of another dtype", dict(out=torch.empty(2, 3, 4, 4, dtype=torch.float16)), TypeError, "out"),
-    ("out of another shape", dict(out=torch.empty(2, 3, 4, 5)), ValueError, "out"),
+    ("out of another dtype", dict(out=torch.zeros(2, 3, 4, 4, dtype=torch.float16)), TypeError, "out"),
+    ("out of another shape", dict(out=torch.zeros(2, 3, 4, 5)), ValueError, "out"),
     ("x0 only without x0_out", dict(write_out=False), ValueError, "x0_out"),
     ("unknown backend", dict(backend="metal"), ValueError, "backend"),
 ]
