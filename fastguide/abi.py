@@ -132,17 +132,28 @@ def step_args(sample: torch.Tensor, model_output: torch.Tensor, table: torch.Ten
     a.dtype = DTYPE_CODES[dtype]
     a.sample, a.sample_stride = launch.input(sample, dtype)
     a.model_output, a.model_output_stride = launch.input(model_output, dtype)
-    a.has_cfg = int(scale is not None)
-    a.learned_variance = int(bool(learned_variance))
-    a.scale, a.scale_stride = launch.scale(scale, device)
-    a.mfactor = launch.vector(mfactor, batch, device)
-    a.g_score, a.g_score_stride = launch.input(g_score, dtype)
-    a.g_mean, a.g_mean_stride = launch.input(g_mean, dtype)
-    a.noise, a.noise_stride = launch.input(noise, dtype)
-    a.x0_prev, a.x0_prev_stride = launch.input(x0_prev, dtype)
-    a.clip_mode = int(clip_mode)
-    a.clip_lo, a.clip_hi = float(clip_lo), float(clip_hi)
-    a.threshold = launch.vector(threshold, batch, device)
+    # Absent inputs keep the struct's null/zero defaults: every skipped pybind assignment saves ~0.4 us of a
+    # loop step's host time.
+    if scale is not None:
+        a.has_cfg = 1
+        a.scale, a.scale_stride = launch.scale(scale, device)
+    if learned_variance:
+        a.learned_variance = 1
+    if mfactor is not None:
+        a.mfactor = launch.vector(mfactor, batch, device)
+    if g_score is not None:
+        a.g_score, a.g_score_stride = launch.input(g_score, dtype)
+    if g_mean is not None:
+        a.g_mean, a.g_mean_stride = launch.input(g_mean, dtype)
+    if noise is not None:
+        a.noise, a.noise_stride = launch.input(noise, dtype)
+    if x0_prev is not None:
+        a.x0_prev, a.x0_prev_stride = launch.input(x0_prev, dtype)
+    if clip_mode:
+        a.clip_mode = int(clip_mode)
+        a.clip_lo, a.clip_hi = float(clip_lo), float(clip_hi)
+    if threshold is not None:
+        a.threshold = launch.vector(threshold, batch, device)
     if table.dtype != torch.float32 or not table.is_contiguous():
         table = table.to(torch.float32).contiguous()
     a.table = launch.keep(table)
@@ -153,8 +164,10 @@ def step_args(sample: torch.Tensor, model_output: torch.Tensor, table: torch.Ten
                                  else step.reshape(1).to(torch.int64).contiguous())
     else:
         a.step = int(step)
-    a.out, a.out_stride = launch.output(out, dtype)
-    a.x0_out, a.x0_out_stride = launch.output(x0_out, dtype)
+    if out is not None:
+        a.out, a.out_stride = launch.output(out, dtype)
+    if x0_out is not None:
+        a.x0_out, a.x0_out_stride = launch.output(x0_out, dtype)
     return launch
 
 

@@ -231,9 +231,12 @@ def fastguide_classifier(net, clf, x_T, y, steps: int, method: str, compile: Opt
         fastguide.ClassifierGuidance(clf, 1.0, input="x0", tau1=1.0, tau2=0.5, gamma=0.3)
     clip = None if method == "adm" else (-1.0, 1.0)
 
+    def unconditional(x, t, _y):  # built once: compiled loops are cached per model object
+        return net(x, t, None)
+
     def run():
         g = torch.Generator(device=x_T.device).manual_seed(0)
-        return fastguide.sample(lambda x, t, _y: net(x, t, None), x_T, schedule=schedule, sampler="ddpm",
+        return fastguide.sample(unconditional, x_T, schedule=schedule, sampler="ddpm",
                                 steps=steps, y=y, guidance=[spec], generator=g, clip_denoised=clip,
                                 compile=compile)
 

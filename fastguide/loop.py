@@ -322,7 +322,10 @@ def make_stage(spec: LoopSpec, kind: StageKind, model: Callable, classifiers: Se
 
     def stage(x, x0_prev, z_pre, z_step, counter, tables, inputs):
         # Nothing flows back into the denoiser (the guidance gradients enable grad for their own networks):
-        # no autograd graph is kept for the model, and compiled stages return plain tensors.
+        # no autograd graph is kept for the model, and compiled stages return plain tensors. (An eager
+        # ``run_loop`` already runs under no_grad.)
+        if not torch.is_grad_enabled():
+            return stage_body(x, x0_prev, z_pre, z_step, counter, tables, inputs)
         with torch.no_grad():
             return stage_body(x, x0_prev, z_pre, z_step, counter, tables, inputs)
 
@@ -431,12 +434,14 @@ def run_loop(stages: Sequence[StageFn], spec: LoopSpec, x_T: torch.Tensor, table
     order = range(spec.num_stages)
     if progress is not None:
         order = progress(order)
-    for k in order:
-        kind = spec.kinds[k]
-        z_pre = noise.draw(x) if kind.pre_noise else None
-        z_step = noise.draw(x) if kind.noise else None
-        x, x0_prev = stages[k](x, x0_prev, z_pre, z_step, counter, table_args, input_args)
-        counter.add_(1)
+    kinds = spec.kinds
+    with torch.no_grad():
+        for k in order:
+            kind = kinds[k]
+            z_pre = noise.draw(x) if kind.pre_noise else None
+            z_step = noise.draw(x) if kind.noise else None
+            x, x0_prev = stages[k](x, x0_prev, z_pre, z_step, counter, table_args, input_args)
+            counter.add_(1)
     return x
 
 

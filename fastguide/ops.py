@@ -218,9 +218,10 @@ def run_step(sample: torch.Tensor, model_output: torch.Tensor, table: torch.Tens
     # exactly (out=sample); any other overlap, or a strided output, goes through a temporary.
     inputs = (sample, model_output, g_score, g_mean, noise, x0_prev)
     if write_out and out is None:
-        out = torch.empty_like(sample, memory_format=torch.contiguous_format)
-    out_buf = out if out is None or _writable_in_place(out, inputs) else torch.empty_like(
-        sample, memory_format=torch.contiguous_format)
+        out = out_buf = torch.empty_like(sample, memory_format=torch.contiguous_format)  # fresh: no overlap
+    else:
+        out_buf = out if out is None or _writable_in_place(out, inputs) else torch.empty_like(
+            sample, memory_format=torch.contiguous_format)
     x0_buf = x0_out if x0_out is None or _writable_in_place(x0_out, inputs + (out,)) else torch.empty_like(
         sample, memory_format=torch.contiguous_format)
     impl.guided_step(sample, model_output, table, step, scale=w, mfactor=mfactor, g_score=g_score,

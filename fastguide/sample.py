@@ -126,6 +126,9 @@ def sample(model: Callable[..., torch.Tensor], x_T: torch.Tensor, *, schedule: S
       configuration (``x_T`` on a CUDA device; see ``fastguide.cudagraph`` for the cache and how seeded
       generators are honoured).
 
+    Compiled bodies and graphs are cached per model / guidance-network object: pass the same callable on
+    every call (a lambda created anew per call compiles anew).
+
     Noise is drawn at the start of each stage, before the stage's networks run; with a list of one
     generator per sample, a sample's noise does not depend on how the batch is split, in every mode.
 
