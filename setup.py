@@ -38,6 +38,21 @@ class CMakeExtension(Extension):
         self.source_dir = source_dir
 
 
+def _cache_names_missing_tools(build_dir: str) -> bool:
+    """True when the kept CMake cache points at a cmake or ninja that no longer exists: pip's isolated build
+    environments are deleted after each install, and the next install must not reuse their paths."""
+    cache = os.path.join(build_dir, "CMakeCache.txt")
+    if not os.path.exists(cache):
+        return False
+    with open(cache) as f:
+        for line in f:
+            if line.startswith(("CMAKE_MAKE_PROGRAM:", "CMAKE_COMMAND:")):
+                path = line.split("=", 1)[1].strip()
+                if path and not os.path.exists(path):
+                    return True
+    return False
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: CMakeExtension) -> None:
         import pybind11  # a build requirement (pyproject.toml)
@@ -47,6 +62,8 @@ class CMakeBuild(build_ext):
                                "(or install with FASTGUIDE_BUILD_EXT=0 for a pure-Python install)")
         target = os.path.abspath(self.get_ext_fullpath(ext.name))
         build_dir = os.path.join(ROOT, "build", f"cmake-{sys.implementation.cache_tag}")
+        if _cache_names_missing_tools(build_dir):
+            shutil.rmtree(build_dir)  # made by a pip build env that is gone: configure afresh
         configure = [
             "cmake", "-S", ext.source_dir, "-B", build_dir,
             f"-DCMAKE_BUILD_TYPE={os.environ.get('FASTGUIDE_BUILD_TYPE', 'Release')}",
