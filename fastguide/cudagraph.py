@@ -81,20 +81,20 @@ def cached_graph_count() -> int:
     return len(_GRAPHS)
 
 
-def generator_mode(generator: Generator) -> tuple:
-    """How a loop's noise is drawn under a graph: ('default',), ('cuda', n) for n CUDA generators (a list
-    of one counts as one), or ('host',) when any generator lives on the CPU."""
+def generator_mode(generator: Generator, device: torch.device) -> tuple:
+    """How a loop's noise is drawn under a graph: ('default',), ('device', n) for n generators on the
+    sample's device (a list of one counts as one), or ('host',) when any generator lives elsewhere (the CPU
+    generators of a CUDA sample)."""
     if generator is None:
         return ("default",)
     gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
-    if any(g.device.type != "cuda" for g in gens):
+    if any(g.device.type != device.type for g in gens):
         return ("host",)
-    return ("cuda", len(gens) if isinstance(generator, (list, tuple)) and len(gens) > 1 else 0)
+    return ("device", len(gens) if isinstance(generator, (list, tuple)) and len(gens) > 1 else 0)
 
 
-def _private_generators(generator: Generator, device: torch.device) -> List[torch.Generator]:
-    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
-    return [torch.Generator(device=g.device) for g in gens]
+def _private_generators(generator: Generator) -> List[torch.Generator]:
+    return [torch.Generator(device=g.device) for g in _caller_generators(generator)]
 
 
 def _noise_source(mode: tuple, privates: List[torch.Generator], noise: Optional[torch.Tensor]):
@@ -109,6 +109,41 @@ def _caller_generators(generator: Generator) -> List[torch.Generator]:
     return list(generator) if isinstance(generator, (list, tuple)) else [generator]
 
 
+class CudaGraphDriver:
+    """The CUDA runtime calls a capture makes, in one place. ``run`` drives real CUDA graphs through
+    ``driver``; the tests drive the same capture / cache / replay logic on the CPU by swapping in a stand-in
+    that records the captured ops and replays them (``tests/graph_replay_emu.py``)."""
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def warm_up(self, fn: Callable[[], Any], device: torch.device) -> None:
+        """Run ``fn`` once on a side stream (lazy initialisation of libraries, autograd's device threads and
+        kernels' first launches must not happen during capture), leaving the random state as it was."""
+        rng_state = torch.cuda.get_rng_state(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.set_rng_state(rng_state, device)
+
+    def new_graph(self, device: torch.device, generators: Sequence[torch.Generator]) -> Any:
+        """An empty graph whose replays draw from ``generators`` (advancing them) besides the default one."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(device):
+            for gen in generators:
+                graph.register_generator_state(gen)
+        return graph
+
+    def capture(self, graph: Any, device: torch.device):
+        """A context in which the current stream's work is captured into ``graph`` instead of running."""
+        return torch.cuda.graph(graph)
+
+
+driver = CudaGraphDriver()
+
+
 CAPTURE_HELP = (
     "fastguide.sample(compile='graph') could not capture the sampling loop as one CUDA graph: {error}\n"
     "Everything the loop calls is captured, so the model, classifier and discriminator must be capturable: "
@@ -121,7 +156,7 @@ def run(model: Callable, spec: _loop.LoopSpec, classifiers: Sequence, discrimina
         x_T: torch.Tensor, y: Optional[torch.Tensor], cfg_scale: Optional[torch.Tensor],
         generator: Generator) -> torch.Tensor:
     """Replay (capturing on first use) the graph of this loop; returns a fresh tensor with the samples."""
-    mode = generator_mode(generator)
+    mode = generator_mode(generator, x_T.device)
     key = (_loop._identity(model), _loop.guidance_key(classifiers, discriminators),
            tuple(float(c.scale) for c in classifiers), spec.content_key(), tuple(x_T.shape), x_T.dtype,
            x_T.device, backend, mode,
@@ -136,7 +171,7 @@ def run(model: Callable, spec: _loop.LoopSpec, classifiers: Sequence, discrimina
     else:
         _GRAPHS.move_to_end(key)
     _fill(entry, spec, x_T, y, cfg_scale, generator, mode)
-    callers = _caller_generators(generator) if mode[0] == "cuda" else []
+    callers = _caller_generators(generator) if mode[0] == "device" else []
     for private, caller in zip(entry.private_generators, callers):
         private.set_state(caller.get_state())
     entry.graph.replay()
@@ -169,7 +204,7 @@ def _capture(model, spec: _loop.LoopSpec, classifiers, discriminators, backend: 
     if mode[0] == "host" and draws:
         static_noise = torch.empty((draws,) + tuple(x_T.shape), dtype=x_T.dtype, device=device)
         static_noise.copy_(_loop.predraw(spec, generator, tuple(x_T.shape), torch.device("cpu"), x_T.dtype))
-    privates = _private_generators(generator, device) if mode[0] == "cuda" else []
+    privates = _private_generators(generator) if mode[0] == "device" else []
     for private, caller in zip(privates, _caller_generators(generator) if privates else []):
         private.set_state(caller.get_state())
     if isinstance(spec.null_label, torch.Tensor):  # moved once here: a copy from the host cannot be captured
@@ -185,22 +220,10 @@ def _capture(model, spec: _loop.LoopSpec, classifiers, discriminators, backend: 
         return _loop.run_loop(stages, spec, static_x, tables, inputs, _noise_source(mode, privates, static_noise),
                               counter)
 
-    # Warm up on a side stream (lazy initialisation of libraries, autograd's device threads, kernels' first
-    # launches must not happen during capture), leaving the random state as it was.
-    rng_state = torch.cuda.get_rng_state(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        whole_loop()
-    torch.cuda.current_stream(device).wait_stream(side)
-    torch.cuda.set_rng_state(rng_state, device)
-
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.device(device):
-        for private in privates:
-            graph.register_generator_state(private)
+    driver.warm_up(whole_loop, device)
+    graph = driver.new_graph(device, privates)
     try:
-        with torch.cuda.graph(graph):
+        with driver.capture(graph, device):
             output = whole_loop()
     except Exception as exc:  # the capture is abandoned; say why in terms of the model
         graph.reset()

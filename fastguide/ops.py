@@ -24,6 +24,17 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+# True: eager calls go through the ``torch.ops.fastguide`` custom ops as traced calls do, so a
+# ``TorchDispatchMode`` sees every kernel with its arguments (the CPU stand-in for CUDA graph capture in
+# ``tests/graph_replay_emu.py`` records and replays ops this way). False (default): kernels are called
+# directly, below the dispatcher, for the lowest per-call overhead.
+route_through_torch_ops = False
+
+
+def _via_torch_ops() -> bool:
+    return route_through_torch_ops or _is_compiling()
+
+
 def _host_checks_allowed(t: torch.Tensor) -> bool:
     """Value checks read tensors on the host: cheap on CPU, but a device sync on CUDA and impossible while
     tracing, so device tensors' values (per-sample scales, labels) are only checked on the CPU. The native
@@ -204,7 +215,7 @@ def run_step(sample: torch.Tensor, model_output: torch.Tensor, table: torch.Tens
     """The fused step on arguments already checked by ``guided_step`` (or once, up front, by a sampling
     loop): ``w`` is the [B] fp32 CFG scale or None, ``table`` contiguous fp32. Eager calls run the backend
     kernel directly; traced calls go through the ``torch.ops.fastguide`` custom ops."""
-    if _is_compiling():
+    if _via_torch_ops():
         return _traced_step(sample, model_output, table, step, w, rescale, g_score, g_mean, noise,
                             x0_prev, clip_mode, lo, hi, threshold, learned_variance, out, x0_out, write_out,
                             backend)
@@ -302,7 +313,7 @@ def run_lse_grad(logits: torch.Tensor, labels: torch.Tensor, tau1: float, tau2: 
                  w: Optional[torch.Tensor], backend: str) -> torch.Tensor:
     """``temperature_lse_grad`` on arguments already checked (labels in range, ``w`` a [B] fp32 tensor or
     None); a sampling loop checks its labels once instead of on every step."""
-    if _is_compiling():
+    if _via_torch_ops():
         return torch.ops.fastguide.temperature_lse_grad(logits, labels, tau1, tau2, w, backend)
     impl = _dispatch.resolve(backend, logits.device)
     out = torch.empty_like(logits, memory_format=torch.contiguous_format)
@@ -317,7 +328,7 @@ def per_sample_rms(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     check_tensor("x", x)
     if x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"x must have a non-empty batch dimension, got {tuple(x.shape)}")
-    if _is_compiling():
+    if _via_torch_ops():
         return torch.ops.fastguide.per_sample_rms(x, backend)
     if kernel_observer is not None:
         kernel_observer("fastguide.per_sample_rms")

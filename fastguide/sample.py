@@ -150,7 +150,7 @@ def sample(model: Callable[..., torch.Tensor], x_T: torch.Tensor, *, schedule: S
     if x_T.dim() < 2:
         raise ValueError(f"x_T must be [B, C, ...], got shape {tuple(x_T.shape)}")
     batch = x_T.shape[0]
-    if compile == "graph" and x_T.device.type != "cuda":
+    if compile == "graph" and not _cudagraph.driver.supports(x_T.device):
         raise ValueError(f"compile='graph' captures a CUDA graph and needs x_T on a CUDA device, got "
                          f"{x_T.device}; use compile='inductor' or None on {x_T.device.type}")
     if y is not None:
