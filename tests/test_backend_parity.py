@@ -362,6 +362,29 @@ def test_temperature_lse_grad_views(backend, device, view):
     assert_matches(actual, expected, 1e-5)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_temperature_lse_grad_kernel_skips_out_of_range_labels(backend, device):
+    """A label outside [0, K) adds no one-hot term and nothing is written outside the output. The public op
+    rejects such labels only where it can read them on the host (not for device or traced labels), so the
+    backend is called directly, below that check, with its output inside a NaN-poisoned buffer."""
+    skip_unless_runs(backend, device)
+    gen = torch.Generator().manual_seed(seed_of("lse-out-of-range"))
+    rows, k, pad, tau1, tau2 = 4, 37, 16, 1.25, 0.5
+    logits = torch.randn(rows, k, generator=gen).to(device)
+    labels = torch.tensor([-1, 3, k, 0], device=device)
+    scale = (0.5 + torch.rand(rows, generator=gen)).to(device)
+    buffer = torch.full((pad + rows * k + pad,), NAN, device=device)
+    out = buffer[pad:pad + rows * k].view(rows, k)
+    dispatch.resolve(backend, torch.device(device)).temperature_lse_grad(logits, labels, tau1, tau2, scale, out)
+    expected = -tau2 * torch.softmax(tau2 * logits.cpu(), dim=-1)
+    for row, label in enumerate(labels.tolist()):
+        if 0 <= label < k:
+            expected[row, label] += tau1
+    expected *= scale.cpu().reshape(-1, 1)
+    assert_matches(out.cpu(), expected, 1e-5)
+    assert buffer[:pad].isnan().all() and buffer[pad + rows * k:].isnan().all()
+
+
 # ----------------------------------------------------------------------------------------- per-sample RMS
 
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)

@@ -1,5 +1,7 @@
 // Temperature log-sum-exp gradient on the CPU (Ma et al. 2023, eq. 9):
 // dJ/dl = tau1 * onehot(y) - tau2 * softmax(tau2 * l), times a per-row scale.
+// A label outside [0, K) has no one-hot term (as in the CUDA and Triton kernels): labels on a device or
+// traced by torch.compile cannot be checked on the host, so the kernel must not write past the row.
 //
 // Stable for fp16/bf16 logits of any magnitude and K in the tens of thousands: each row is converted to
 // fp32, its maximum of tau2 * l is subtracted before exp, and the normaliser is summed in double.
@@ -40,7 +42,8 @@ void temperature_lse_grad(const LseGradArgs& a) {
     std::vector<float> grad(size_t(a.k));
     const float* l = load_f32(a.dtype, a.logits, row * a.logits_stride, a.k, grad.data());
     neg_scaled_softmax(l, grad.data(), a.k, a.tau2);
-    grad[size_t(a.labels[row])] += a.tau1;
+    const int64_t label = a.labels[row];
+    if (label >= 0 && label < a.k) grad[size_t(label)] += a.tau1;
     if (a.scale) {
       const float s = a.scale[row];
       for (float& g : grad) g *= s;
