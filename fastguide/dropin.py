@@ -422,6 +422,11 @@ class _SchedulerState:
     threshold: Optional[Tuple[float, float]]  # (dynamic_thresholding_ratio, sample_max_value)
     solver_order: int = 1                     # DPM-Solver++
     plans: Dict[tuple, SchedulerPlan] = field(default_factory=dict)
+    # Index-based schedulers: the step index of the next call. Compiled calls read it instead of the
+    # scheduler's ``_step_index`` (None before the first step, and an int that dynamo specialises on when the
+    # scheduler is a global: one graph per step, then a hard failure at the recompile limit with
+    # fullgraph=True). Dynamo traces this attribute as a symbolic integer (see _STEP_COUNTER_SOURCE).
+    next_index: int = 0
 
 
 # The cached state lives on the scheduler object itself: it dies with it, copies carry it along, and
@@ -434,6 +439,21 @@ _PREPARE_HELP = ("fastguide.step inside torch.compile needs the scheduler's tabl
                  "fastguide.dropin.prepare(scheduler, device, **step_options) after scheduler.set_timesteps(...) "
                  "and outside the compiled function (or run one fastguide.step eagerly first)")
 _KIND_OF_TYPE: Dict[type, str] = {}
+
+# Dynamo specialises on integers read from globals (and on a first trace, on every integer), so a step
+# counter would compile one graph per step. torch.compile's ``dynamic_sources`` marks sources by name as
+# symbolic; fastguide adds the name of its own counter (and nothing else) to it, keeping the user's entries.
+_STEP_COUNTER_SOURCE = rf".*\.{_STATE_ATTR}\.next_index$"
+
+
+def _mark_step_counter_dynamic() -> None:
+    current = torch.compiler.config.dynamic_sources
+    if _STEP_COUNTER_SOURCE not in current.split(","):
+        torch.compiler.config.dynamic_sources = f"{current},{_STEP_COUNTER_SOURCE}" if current else \
+            _STEP_COUNTER_SOURCE
+
+
+_mark_step_counter_dynamic()
 
 
 def _state_refs(scheduler, kind: str) -> tuple:
@@ -483,8 +503,10 @@ def prepare(scheduler, device: Union[None, str, torch.device] = None, **step_opt
     """Build and cache everything ``fastguide.step`` needs for ``scheduler``'s current schedule on ``device``
     (default: where ``scheduler.timesteps`` lives), so that ``fastguide.step`` runs inside
     ``torch.compile(fullgraph=True)`` without graph breaks. ``step_options`` are the step's scheduler options
-    (``eta``, ``use_clipped_model_output``, ``s_churn``, ...). Call it after ``set_timesteps`` and outside the
-    compiled function; an eager ``fastguide.step`` call prepares the same way.
+    (``eta``, ``use_clipped_model_output``, ``s_churn``, ...). Call it after ``set_timesteps`` (and
+    ``set_begin_index``, if any) and outside the compiled function, once per sampling loop: it also sets the
+    step counter that compiled calls of index-based schedulers read, and probes the kernel backends (an import
+    cannot be traced). An eager ``fastguide.step`` call prepares the same way.
 
     >>> scheduler.set_timesteps(50)
     >>> fastguide.dropin.prepare(scheduler, "cuda")
@@ -493,6 +515,10 @@ def prepare(scheduler, device: Union[None, str, torch.device] = None, **step_opt
     ...                         fullgraph=True)
     """
     plan = plan_for(scheduler, **step_options)
+    if plan.kind in _INDEX_BASED:
+        start = scheduler.step_index if scheduler.step_index is not None else scheduler.begin_index
+        _scheduler_state(scheduler).next_index = int(start or 0)
+    _dispatch.backends()  # probe the backends now: importing one is not traceable
     devices = {torch.device(device) if device is not None else scheduler.timesteps.device,
                scheduler.timesteps.device}
     for d in devices:
@@ -570,21 +596,19 @@ def _vp_row(plan: SchedulerPlan, timestep) -> int:
     return row
 
 
-def _indexed_step(scheduler, kind: str, timestep) -> Tuple[int, bool]:
+def _indexed_step(scheduler, state: _SchedulerState, timestep) -> Tuple[int, bool]:
     """(step index this call uses, whether the scheduler's counter must be initialised from ``timestep``)."""
-    if kind in (_EULER, _EULER_A) and (isinstance(timestep, int) and not isinstance(timestep, bool) or
+    if state.kind in (_EULER, _EULER_A) and (isinstance(timestep, int) and not isinstance(timestep, bool) or
                                        isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
         # As Euler*.step: integer indices (enumerate) are a common mistake; pass a value of scheduler.timesteps.
         raise ValueError("timestep must be a value of scheduler.timesteps, not an integer index")
     n = len(scheduler.timesteps)
-    if scheduler.step_index is not None:
+    if torch.compiler.is_compiling():
+        index, init = state.next_index, False   # see _SchedulerState.next_index
+    elif scheduler.step_index is not None:
         index, init = int(scheduler.step_index), False
     elif scheduler.begin_index is not None:
         index, init = int(scheduler.begin_index), True
-    elif torch.compiler.is_compiling():
-        raise RuntimeError(f"fastguide.step inside torch.compile: {type(scheduler).__name__} has no step index "
-                           "yet and finding the timestep's position would read it on the host; call "
-                           "scheduler.set_begin_index(0) before the loop")
     else:
         _scalar_timestep(timestep)
         ts = timestep.to(scheduler.timesteps.device) if isinstance(timestep, torch.Tensor) else timestep
@@ -695,7 +719,7 @@ def _scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
     init_index = False
     x0_prev = None
     if kind in _INDEX_BASED:
-        index, init_index = _indexed_step(scheduler, kind, timestep)
+        index, init_index = _indexed_step(scheduler, state, timestep)
     elif compiling and isinstance(timestep, torch.Tensor):
         index = None  # found on the device: reading the timestep on the host would break the graph
     else:
@@ -741,7 +765,7 @@ def _scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
     # as the caller gave it (a float scale stays a cached constant inside guided_step).
     z = None
     # With a device row, every row's noise column is applied to one draw (the rows that draw none hold 0).
-    if plan.noise_steps[index] if index is not None else plan.any_noise:
+    if plan.noise_steps[index] if index is not None and not compiling else plan.any_noise:
         if noise is not None:
             z = noise
         elif compiling and generator is not None:
@@ -771,6 +795,7 @@ def _scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
             if scheduler.lower_order_nums < order:
                 scheduler.lower_order_nums += 1
         scheduler._step_index = index + 1
+        state.next_index = index + 1
     return prev, x0 if want_x0 else None
 
 
@@ -800,9 +825,12 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
 
     Inside ``torch.compile(fullgraph=True)`` the step traces without graph breaks once the scheduler's
     tables exist (``fastguide.dropin.prepare(scheduler, device)``, or one eager call): DDPM/DDIM find a
-    timestep tensor's row on the device (the timestep is then trusted to be in the schedule), index-based
-    schedulers (Euler, Euler ancestral, DPM-Solver++) read their Python step counter, on which dynamo
-    specialises (one graph per step; ``scheduler.set_begin_index(0)`` first). Noise must come as ``noise=``
+    timestep tensor's row on the device (the timestep is then trusted to be in the schedule); index-based
+    schedulers (Euler, Euler ancestral, DPM-Solver++) take the step index from fastguide's own counter, which
+    ``prepare`` sets (from the scheduler's step or begin index, else 0) and each step advances together with
+    the scheduler's ``step_index``. Dynamo traces that counter as a symbolic integer (fastguide adds its name,
+    and only its name, to ``torch.compiler.config.dynamic_sources``), so one graph serves every step
+    (DPM-Solver++ 2M: four, for its first, second, middle and final steps). Noise must come as ``noise=``
     (or ``generator=None``, drawn by the compiled code's own RNG); ``guidance=`` is not traced.
 
     ``model_output`` and ``sample`` must share dtype and device. For DDPMScheduler with
