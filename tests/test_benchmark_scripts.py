@@ -1,0 +1,58 @@
+"""``benchmarks/step_gpu.py`` runs end to end, and what it times computes the diffusers step.
+
+The script is for a GPU; its ``run`` also takes a CPU device (host clock instead of CUDA events) so its
+plumbing and, above all, its correctness check can run here: every timed method's output is compared with
+the eager diffusers step (CFG combine + ``DDIMScheduler.step``) and the error lands in the CSV. Triton runs
+in its interpreter. The CPU times are meaningless and go to a temporary file.
+"""
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastguide
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_gpu.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("step_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_gpu_plumbing_and_parity_on_the_cpu(tmp_path, one_thread):
+    pytest.importorskip("diffusers")
+    if not fastguide.backends()["triton"]:
+        pytest.skip("triton cannot run here")
+    step_gpu = _load()
+    out = tmp_path / "step.csv"
+    args = step_gpu.parse_args(["--sizes", "1x2x3x5,2x4x8x8", "--dtypes", "float32,float16",
+                                "--methods", "copy,triton,triton_launcher,compile,diffusers", "--warmup", "0",
+                                "--repeats", "1", "--target-ms", "0.01", "--out", str(out)])
+    step_gpu.run(args, torch.device("cpu"))
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 2 * 2 * 5
+    for r in rows:
+        assert r["device"].startswith("cpu") and r["torch"] == torch.__version__ and r["date"]
+        assert float(r["median_us"]) > 0
+        if r["method"] != "copy" and r["method"] != "diffusers":
+            # fp16: diffusers rounds every op to fp16; the step's outputs reach ~20, where an fp16 ulp is 0.016.
+            tol = 1e-5 if r["dtype"] == "float32" else 4 * 0.016
+            assert float(r["max_abs_err_vs_diffusers"]) < tol, r
+    # The bytes a step must move: read x, u, c and write out.
+    first = rows[0]
+    assert int(first["bytes_moved"]) == 4 * 30 * 4
+
+
+def test_step_gpu_refuses_to_time_the_interpreter_or_a_missing_gpu(capsys, monkeypatch):
+    step_gpu = _load()
+    assert step_gpu.main(["--list", "--sizes", "2x4x64x64"]) == 0
+    assert "2x4x64x64" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert step_gpu.main(["--sizes", "2x4x64x64"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
