@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import ops
-from .guidance import DG_LOGIT_BOUND
+from .guidance import classifier_grad_core, discriminator_grad_core, edm_shift_core
 from .layout import CLIP_NONE, CLIP_RANGE
 from .noise import Generator, randn
 
@@ -250,61 +250,6 @@ def _check_model_output(out, rows: int, x: torch.Tensor, learned: bool) -> torch
     return out
 
 
-def _check_labels(y: torch.Tensor, classes: int) -> None:
-    """Labels must index the classifier's logits. CPU labels are read through numpy (a memory read, no
-    dispatched op); device labels would need a sync, so they are trusted, as ``fastguide.ops`` does."""
-    if y.device.type != "cpu" or not y.numel():
-        return
-    if torch.compiler.is_compiling():
-        # Traced code cannot raise on values; an async assert keeps the C++ kernel's indexing safe.
-        torch._assert_async(((y >= 0) & (y < classes)).all(), "y holds labels outside the classifier's classes")
-        return
-    values = y.detach().numpy()
-    if values.min() < 0 or values.max() >= classes:
-        raise ValueError(f"y holds labels outside the classifier's {classes} classes: {values.tolist()}")
-
-
-def _classifier_grad(spec, inp: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
-                     input_scale: Optional[torch.Tensor], backend: str) -> torch.Tensor:
-    """``w * grad_inp J``, ``J = tau1 l_y - logsumexp(tau2 l)`` of ``classifier(input_scale * inp, t)``
-    (``fastguide.guidance.classifier_grad`` with the timestep, scale and weights as device tensors)."""
-    with torch.enable_grad():
-        leaf = inp.detach().requires_grad_(True)
-        logits = spec.classifier(leaf * input_scale if input_scale is not None else leaf, t)
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != inp.shape[0]:
-            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ValueError(f"classifier must return logits of shape [{inp.shape[0]}, K], got {got}")
-        _check_labels(y, logits.shape[1])
-        dlogits = ops.run_lse_grad(logits.detach(), y, float(spec.tau1), float(spec.tau2), w, backend)
-        (grad,) = torch.autograd.grad(logits, leaf, grad_outputs=dlogits.to(logits.dtype))
-    return grad
-
-
-def _discriminator_grad(spec, x: torch.Tensor, t: torch.Tensor, input_scale: Optional[torch.Tensor],
-                        y: Optional[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
-    """``weight * grad_x log(d / (1 - d))`` (``fastguide.guidance.discriminator_grad`` with device values)."""
-    with torch.enable_grad():
-        leaf = x.detach().requires_grad_(True)
-        logit = spec.discriminator(leaf * input_scale if input_scale is not None else leaf, t, y)
-        if logit.dim() != 1 or logit.shape[0] != x.shape[0]:
-            raise ValueError(f"discriminator must return a logit of shape [{x.shape[0]}], got {tuple(logit.shape)}")
-        clipped = logit.float().clamp(-DG_LOGIT_BOUND, DG_LOGIT_BOUND)
-        (grad,) = torch.autograd.grad(clipped.sum() * weight, leaf)
-    return grad
-
-
-def _edm_shift(spec, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
-               unit: torch.Tensor, backend: str) -> torch.Tensor:
-    """Ma et al.'s EDM recipe (``fastguide.guidance.edm_recipe_shift``): the classifier sees
-    ``x / max(1, rms(x))``; its gradient is renormalised to ``rms(x) * weight`` (weight = w_i * scale)."""
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    rms_x = ops.per_sample_rms(x, backend=backend)
-    normalised = x / rms_x.clamp_min(1.0).reshape(shape).to(x.dtype)
-    g = _classifier_grad(spec, normalised, t, y, unit, None, backend)
-    factor = rms_x / ops.per_sample_rms(g, backend=backend).clamp_min(1e-30) * weight
-    return g * factor.reshape(shape).to(g.dtype)
-
-
 StageFn = Callable[..., Tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
@@ -336,7 +281,7 @@ def make_stage(spec: LoopSpec, kind: StageKind, model: Callable, classifiers: Se
             t_guide = _at(guide_t, counter)
             guide_in = _at(scalars[ROW_GUIDE_IN], counter) if kind.guide_scaled else None
         for i in kind.edm_recipe:
-            x = x + _edm_shift(classifiers[i], x, t_guide, y, _at(scalars[x0_rows[i]], counter), unit, backend)
+            x = x + edm_shift_core(classifiers[i], x, t_guide, y, _at(scalars[x0_rows[i]], counter), unit, backend)
         if kind.pre_noise:
             x = x + _at(scalars[ROW_PRE_NOISE], counter) * z_pre
         x_in = x * _at(scalars[ROW_C_IN], counter) if kind.scales_input else x
@@ -356,10 +301,11 @@ def make_stage(spec: LoopSpec, kind: StageKind, model: Callable, classifiers: Se
 
         state_grad = None
         for i in kind.xt_classifiers:
-            g = _classifier_grad(classifiers[i], x, t_guide, y, classifier_scales[i], guide_in, backend)
+            g = classifier_grad_core(classifiers[i], x, t_guide, y, classifier_scales[i], guide_in, backend)
             state_grad = g if state_grad is None else state_grad + g
         for j in kind.discriminators:
-            g = _discriminator_grad(discriminators[j], x, t_guide, guide_in, y, _at(scalars[disc_row + j], counter))
+            g = discriminator_grad_core(discriminators[j], x, t_guide, guide_in, y,
+                                        _at(scalars[disc_row + j], counter))
             state_grad = g if state_grad is None else state_grad + g
         g_score, g_mean = (None, state_grad) if spec.mean_shift else (state_grad, None)
         step_args = (cfg_scale if kind.cfg else None, rescale)
@@ -370,7 +316,7 @@ def make_stage(spec: LoopSpec, kind: StageKind, model: Callable, classifiers: Se
             ops.run_step(x, out, coeffs, counter, *step_args, None, None, z_step,
                          x0_prev if kind.uses_x0_prev else None, *tail, None, x0_hat, False, backend)
             for i in kind.x0_classifiers:
-                g = _classifier_grad(classifiers[i], x0_hat, t_guide, y, classifier_scales[i], None, backend)
+                g = classifier_grad_core(classifiers[i], x0_hat, t_guide, y, classifier_scales[i], None, backend)
                 if kind.x0_factor and i == spec.factor_spec:
                     g = g * _at(scalars[ROW_X0_FACTOR], counter)
                 g_mean = g if g_mean is None else g_mean + g
