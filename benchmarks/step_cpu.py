@@ -30,28 +30,12 @@ from pathlib import Path
 import torch
 
 import fastguide
+from fastguide.bench import cpu_model, version
 from fastguide.layout import NUM_COLS, Col
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_cpu.csv"
 GUIDANCE = 7.5
 STEPS = 50
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def version(module: str) -> str:
-    try:
-        return __import__(module).__version__
-    except Exception:  # not installed, or broken: recorded, not fatal
-        return "none"
 
 
 def stable_diffusion_ddim():
@@ -155,8 +139,8 @@ def main() -> None:
     rows = run_size("2^24 per half", (4, 4, 1024, 1024), args.repeats, 1, scheduler)
     rows += run_size("SD latent", (2, 4, 64, 64), args.small_repeats, 20, scheduler)
 
-    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device=cpu_model(),
-                cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
+                device=cpu_model() or platform.processor() or platform.machine(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
                 triton=version("triton"), diffusers=version("diffusers"), fastguide=fastguide.__version__)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     fields = list(meta) + list(rows[0])

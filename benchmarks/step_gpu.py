@@ -267,6 +267,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def run(args: argparse.Namespace, device: torch.device) -> None:
     """Time every case on ``device`` (a GPU; CPU only to check this script), print and append the CSV."""
     import fastguide
+    from fastguide import bench
     available = fastguide.backends()
     reasons = fastguide.backends(reasons=True)
     for backend in ("triton", "cuda"):
@@ -286,20 +287,11 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
                 setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
         compiled = compiled_step()
 
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = ""
-    try:
-        import diffusers
-        diffusers_version = diffusers.__version__
-    except ImportError:
-        diffusers_version = ""
+    triton_version, diffusers_version = bench.version("triton"), bench.version("diffusers")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     print(f"{device_name} | torch {torch.__version__} | triton {triton_version} | diffusers "
-          f"{diffusers_version or '-'} | {date}")
+          f"{diffusers_version} | {date}")
     print(f"CFG (w={GUIDANCE_SCALE}) + DDIM step {STEP_INDEX}/{NUM_INFERENCE_STEPS} (t={timestep}), eta=0, "
           f"out= preallocated; median us per call")
 

@@ -410,19 +410,28 @@ def measure(cases: List[Case], device: torch.device, repeats: int, sample_s: flo
 # Output
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, "" where it cannot be read."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return ""
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = cpu_model()
+    if model:
+        return model + f" ({os.cpu_count()} cores)"
     return platform.processor() or platform.machine()
 
 
-def _version(module: str) -> str:
+def version(module: str) -> str:
+    """``module.__version__``, or "none" where it is not installed."""
     try:
         return __import__(module).__version__
     except Exception:  # not installed: recorded as such
@@ -592,7 +601,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         torch.set_num_threads(previous_threads)
     meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device=device_name(device),
-                torch=torch.__version__, triton=_version("triton"), diffusers=_version("diffusers"),
+                torch=torch.__version__, triton=version("triton"), diffusers=version("diffusers"),
                 fastguide=fastguide.__version__, threads=threads, quick=int(args.quick), repeats=repeats)
     print(f"fastguide bench on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}, diffusers "
           f"{meta['diffusers']}, {threads} thread(s), median of {repeats}, {elapsed:.0f} s)")
