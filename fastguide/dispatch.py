@@ -56,7 +56,8 @@ def backends(reasons: bool = False) -> Union[Dict[str, bool], Dict[str, str]]:
     return {name: _status(name)[0] for name in BACKEND_NAMES}
 
 
-def _runs_on(name: str, device: torch.device) -> bool:
+def runs_on(name: str, device: torch.device) -> bool:
+    """Whether backend ``name`` can run on tensors of ``device`` (whether it is built is ``backends()``)."""
     if name == "torch":
         return True
     if name == "cpp":
@@ -80,7 +81,7 @@ def resolve(backend: str, device: torch.device) -> ModuleType:
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("torch",)):
             ok, _, module = _status(name)
-            if ok and _runs_on(name, device):
+            if ok and runs_on(name, device):
                 return module
         return _status("torch")[2]
     if backend not in BACKEND_NAMES:
@@ -88,6 +89,6 @@ def resolve(backend: str, device: torch.device) -> ModuleType:
     ok, why, module = _status(backend)
     if not ok:
         raise RuntimeError(f"backend {backend!r} is not available here: {why}")
-    if not _runs_on(backend, device):
+    if not runs_on(backend, device):
         raise ValueError(f"backend {backend!r} cannot run on {device.type} tensors")
     return module

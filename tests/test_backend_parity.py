@@ -37,9 +37,7 @@ def skip_unless_runs(name: str, device: str, dtype: torch.dtype = torch.float32)
     why = fastguide.backends(reasons=True)[name]
     if why:
         pytest.skip(f"{name} backend unavailable: {why}")
-    runs = {"cpp": device == "cpu", "cuda": device == "cuda",
-            "triton": device == "cuda" or dispatch._runs_on("triton", torch.device(device))}[name]
-    if not runs:
+    if not dispatch.runs_on(name, torch.device(device)):
         pytest.skip(f"{name} backend does not run on {device}")
     if name == "triton" and device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter has no bf16")

@@ -69,10 +69,10 @@ def cuda_emulated(emulator: Emulator, monkeypatch) -> Emulator:
     monkeypatch.setattr(abi, "_extension", emulator.module)
     monkeypatch.setattr(backend_cuda, "_run", emulator.run)
     monkeypatch.setitem(dispatch._cache, "cuda", (True, "", backend_cuda))
-    runs_on = dispatch._runs_on
-    monkeypatch.setattr(dispatch, "_runs_on",
+    runs_on = dispatch.runs_on
+    monkeypatch.setattr(dispatch, "runs_on",
                         lambda name, device: device.type == "cpu" if name == "cuda" else runs_on(name, device))
-    # test_backend_parity.skip_unless_runs skips "cuda" on anything but a CUDA device.
+    # Parity tests reused here must be asked for the emulated "cuda" on CPU only (the stand-in asserts it).
     monkeypatch.setattr(parity, "skip_unless_runs", _runs_emulated)
     emulator.configure(device=H100, schedule="forward")
     emulator.clear_log()
