@@ -244,15 +244,13 @@ def edm_shift_core(spec: ClassifierGuidance, x: torch.Tensor, t: torch.Tensor, y
     return g * factor.reshape(shape).to(g.dtype)
 
 
-def edm_recipe_shift(spec: ClassifierGuidance, x: torch.Tensor, step: int, steps: int, t: float,
-                     y: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Ma et al.'s EDM recipe: the displacement added to the state before the denoiser at ``step``.
-
-    The classifier sees ``x / max(1, rms(x))``; its gradient is renormalised to ``rms(x) * w_i * scale``.
-    """
+def edm_recipe_weight(spec: ClassifierGuidance, step: int, steps: int) -> float:
+    """Ma et al.'s EDM recipe weight of ``step`` of ``steps``, times the spec's scale:
+    ``(max(g_max/(N+1) (N+1-i), 1e-5) + sin(pi i/N) g_max add) * scale`` (the shift at that step is
+    ``edm_shift_core(..., weight=edm_recipe_weight(...))``)."""
     n = steps
     w = max(spec.g_max / (n + 1) * (n + 1 - step), 1e-5) + math.sin(math.pi * step / n) * spec.g_max * spec.add
-    return edm_shift_core(spec, x, _timesteps(t, x), y, w * spec.scale, 1.0, backend, checked=True)
+    return w * spec.scale
 
 
 def discriminator_grad_core(spec: DiscriminatorGuidance, x: torch.Tensor, t: torch.Tensor,

@@ -21,7 +21,6 @@ loops see the same numbers.
 
 from __future__ import annotations
 
-import math
 import types
 import warnings
 from collections import OrderedDict
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from . import ops
-from .guidance import classifier_grad_core, discriminator_grad_core, edm_shift_core
+from .guidance import classifier_grad_core, discriminator_grad_core, edm_recipe_weight, edm_shift_core
 from .layout import CLIP_NONE, CLIP_RANGE
 from .noise import Generator, randn
 
@@ -141,11 +140,7 @@ def build_spec(gp, batch: int, clip: Optional[Tuple[float, float]]) -> LoopSpec:
         for j, w in enumerate(weights):
             scalars[FIXED_SCALAR_ROWS + j, k] = w
         for j, i in enumerate(x0_index):
-            spec = classifiers[i]
-            # Ma et al.'s EDM recipe weight w_i of the step, times the spec's scale.
-            w = max(spec.g_max / (n + 1) * (n + 1 - st.step), 1e-5) + \
-                math.sin(math.pi * st.step / n) * spec.g_max * spec.add
-            scalars[FIXED_SCALAR_ROWS + len(discriminators) + j, k] = w * spec.scale
+            scalars[FIXED_SCALAR_ROWS + len(discriminators) + j, k] = edm_recipe_weight(classifiers[i], st.step, n)
     learned_model = plan.schedule.kind == "vp" and plan.schedule.variance_type == "learned_range"
     return LoopSpec(kinds=kinds, rows=np.ascontiguousarray(gp.rows, dtype=np.float64), t_model=t_model,
                     guide_t=guide_t, scalars=scalars, init_scale=float(plan.init_scale),
