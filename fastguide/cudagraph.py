@@ -202,8 +202,9 @@ def _capture(model, spec: _loop.LoopSpec, classifiers, discriminators, backend: 
     static_noise = None
     draws = _loop.count_draws(spec)
     if mode[0] == "host" and draws:
-        static_noise = torch.empty((draws,) + tuple(x_T.shape), dtype=x_T.dtype, device=device)
-        static_noise.copy_(_loop.predraw(spec, generator, tuple(x_T.shape), torch.device("cpu"), x_T.dtype))
+        # Filled with this call's draws by _fill, after the capture: drawing here too would consume the
+        # caller's generators twice on the first call.
+        static_noise = torch.zeros((draws,) + tuple(x_T.shape), dtype=x_T.dtype, device=device)
     privates = _private_generators(generator) if mode[0] == "device" else []
     for private, caller in zip(privates, _caller_generators(generator) if privates else []):
         private.set_state(caller.get_state())

@@ -133,6 +133,26 @@ def test_graph_equals_eager(where, name, gens):
         assert where.captures() == 1 and where.driver.graphs[0].replays == 2
 
 
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("gens", ["device", "device_list"])
+def test_host_drawn_noise_replays_the_eager_draws(where, monkeypatch, name, gens):
+    """With CPU generators for CUDA samples, a graph reads noise drawn on the host before each replay, in
+    the loop's order (pre-noise and step noise per stage, one draw per sample generator). On the CPU the
+    generators are on the sample's device, so that mode is forced here to run its bookkeeping."""
+    if where.device == "cuda":
+        pytest.skip("on CUDA test_graph_equals_eager covers host draws with real CPU generators")
+    monkeypatch.setattr(cudagraph, "generator_mode",
+                        lambda generator, device: ("default",) if generator is None else ("host",))
+    kw = case(name, where.device)
+    x_T, y = inputs(where.device)
+    eager = sample(kw, None, where.generator(gens), x_T, y)
+    for seed in (123, 123, 77):
+        graph = sample(kw, "graph", where.generator(gens, seed), x_T, y)
+        close(graph, sample(kw, None, where.generator(gens, seed), x_T, y), where)
+    close(sample(kw, "graph", where.generator(gens), x_T, y), eager, where)
+    assert cudagraph.cached_graph_count() == 1
+
+
 @pytest.mark.parametrize("name", ["cfg_ddim_eta_rescale", "adm_ddpm_learned_range", "dg_heun_churn"])
 def test_replay_reads_new_inputs_without_running_python(where, name):
     """Later calls with new x_T, labels, seeds (and per-sample CFG scales) replay the one graph: no network
