@@ -38,8 +38,7 @@ def _storage(t: torch.Tensor) -> int:
 class RecordedGraph:
     """The ops of one capture; ``replay()`` runs them again on the same tensors."""
 
-    def __init__(self, generators: Sequence[torch.Generator]):
-        self.generators = list(generators)
+    def __init__(self):
         self.records: List[tuple] = []   # (op, args, kwargs, outputs made at capture)
         self.replays = 0
         self.was_reset = False
@@ -94,7 +93,6 @@ class ReplayDriver(cudagraph.CudaGraphDriver):
 
     def __init__(self):
         self.graphs: List[RecordedGraph] = []
-        self.warm_ups = 0
 
     def supports(self, device: torch.device) -> bool:
         return device.type == "cpu"
@@ -103,10 +101,10 @@ class ReplayDriver(cudagraph.CudaGraphDriver):
         state = torch.get_rng_state()
         fn()
         torch.set_rng_state(state)
-        self.warm_ups += 1
 
     def new_graph(self, device: torch.device, generators: Sequence[torch.Generator]) -> Any:
-        graph = RecordedGraph(generators)
+        # Nothing to register: the recorded random ops hold their generator objects themselves.
+        graph = RecordedGraph()
         self.graphs.append(graph)
         return graph
 

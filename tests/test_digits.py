@@ -15,13 +15,7 @@ from fastguide.examples import digits
 from fastguide.examples.digits import data, evaluate
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The digits networks are tiny: one intra-op thread is as fast and immune to oversubscription.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

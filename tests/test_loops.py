@@ -17,13 +17,7 @@ from fastguide.opcount import OpCounter
 B, SHAPE = 4, (2, 3, 3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add wake-ups on shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def eps_model(x, t, y=None):

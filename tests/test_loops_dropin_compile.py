@@ -23,12 +23,7 @@ import fastguide
 STEPS = 12  # more than dynamo's recompile limit (8): a graph per step would fail with fullgraph=True
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unet(x, t):

@@ -158,15 +158,6 @@ def _changed(net: nn.Module, fresh: nn.Module) -> bool:
     return any(not torch.equal(a, b) for a, b in zip(net.state_dict().values(), fresh.state_dict().values()))
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny networks: one intra-op thread is as fast, and spinning threads on a busy 2-core machine are not.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_digits_training_loops_run_and_learn(tmp_path, one_thread):
     from fastguide.examples import digits
     from fastguide.examples.digits import config, models, train
