@@ -54,7 +54,6 @@ def binned_ece(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> fl
     correct = (pred == labels.to(pred.device)).double()
     # Bin m holds confidences in ((m-1)/M, m/M]; ceil puts a confidence on a bin edge into the lower bin.
     index = (torch.ceil(conf * bins).long() - 1).clamp(0, bins - 1)
-    count = torch.zeros(bins, dtype=torch.float64).index_add_(0, index.cpu(), torch.ones_like(conf).cpu())
     conf_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index.cpu(), conf.cpu())
     acc_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index.cpu(), correct.cpu())
     # |B_m|/n * |acc_m - conf_m| = |sum(correct) - sum(conf)| / n within each bin.

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections import Counter
 from typing import Dict, List, Optional
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import ops as _ops

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import torch
@@ -257,6 +257,14 @@ def _pred(schedule: Schedule, stage: Stage) -> dict:
     return prediction_coeffs(schedule.prediction_type, stage.alpha, stage.sigma, stage.c_in)
 
 
+def _euler_row(schedule: Schedule, stage: Stage, sigma_to: float, **update) -> np.ndarray:
+    """An Euler step of the probability-flow ODE from the stage's sigma to ``sigma_to``:
+    ``x + (sigma_to - sigma) (x - x0^) / sigma`` (extra update columns, e.g. noise, in ``update``)."""
+    sigma = stage.sigma
+    dt = sigma_to - sigma
+    return _row(_pred(schedule, stage), 1.0, sigma, A=1 + dt / sigma, B=-dt / sigma, **update)
+
+
 def euler(schedule: Schedule, steps: int, s_churn: float = 0.0, s_tmin: float = 0.0,
           s_tmax: float = float("inf"), s_noise: float = 1.0) -> Plan:
     """Euler on the probability-flow ODE (Karras et al. 2022 Alg. 2 without the Heun correction):
@@ -267,9 +275,7 @@ def euler(schedule: Schedule, steps: int, s_churn: float = 0.0, s_tmin: float = 
     churn = (s_churn, s_tmin, s_tmax, s_noise)
     for i in range(steps):
         st = _churned_stage(schedule, i, steps, sigmas, ts, churn)
-        sig_hat, nxt = st.sigma, sigmas[i + 1]
-        dt = nxt - sig_hat
-        rows.append(_row(_pred(schedule, st), 1.0, sig_hat, A=1 + dt / sig_hat, B=-dt / sig_hat))
+        rows.append(_euler_row(schedule, st, sigmas[i + 1]))
         stages.append(st)
     return Plan("euler", schedule, steps, np.stack(rows), stages, init_scale=_init_scale(schedule, sigmas),
                 options=dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise))
@@ -290,8 +296,7 @@ def euler_ancestral(schedule: Schedule, steps: int, eta: float = 1.0, s_noise: f
         up = min(nxt, eta * math.sqrt(nxt ** 2 * (sig ** 2 - nxt ** 2) / sig ** 2)) if nxt > 0 else 0.0
         down = math.sqrt(nxt ** 2 - up ** 2)
         st = _sigma_stage(schedule, i, sig, ts[i], noise=up > 0)
-        dt = down - sig
-        rows.append(_row(_pred(schedule, st), 1.0, sig, A=1 + dt / sig, B=-dt / sig, E=up * s_noise))
+        rows.append(_euler_row(schedule, st, down, E=up * s_noise))
         stages.append(st)
     return Plan("euler_ancestral", schedule, steps, np.stack(rows), stages,
                 init_scale=_init_scale(schedule, sigmas), options=dict(eta=eta, s_noise=s_noise))
@@ -313,7 +318,7 @@ def heun(schedule: Schedule, steps: int, s_churn: float = 0.0, s_tmin: float = 0
         st = _churned_stage(schedule, i, steps, sigmas, ts, churn)
         t_hat, nxt = st.sigma, sigmas[i + 1]
         h = nxt - t_hat
-        rows.append(_row(_pred(schedule, st), 1.0, t_hat, A=1 + h / t_hat, B=-h / t_hat))
+        rows.append(_euler_row(schedule, st, nxt))   # stage 1: Euler from sigma_hat
         stages.append(st)
         if nxt > 0:
             r = h / t_hat

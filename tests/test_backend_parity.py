@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import FrozenSet, Tuple
 
 import pytest

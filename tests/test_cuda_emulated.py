@@ -31,7 +31,7 @@ import inspect
 import itertools
 import random
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import pytest
