@@ -19,7 +19,6 @@ and date; a table of ratios is printed.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import platform
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 import fastguide
-from fastguide.bench import cpu_model, version
+from fastguide.bench import cpu_model, version, write_csv
 from fastguide.layout import NUM_COLS, Col
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_cpu.csv"
@@ -140,17 +139,11 @@ def main() -> None:
     rows += run_size("SD latent", (2, 4, 64, 64), args.small_repeats, 20, scheduler)
 
     meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
-                device=cpu_model() or platform.processor() or platform.machine(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                device=cpu_model() or platform.processor() or platform.machine(), cores=os.cpu_count(),
+                torch_threads=torch.get_num_threads(), torch=torch.__version__,
                 triton=version("triton"), diffusers=version("diffusers"), fastguide=fastguide.__version__)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(meta) + list(rows[0])
-    new_file = not RESULTS.exists()
-    with RESULTS.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new_file:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({**meta, **{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}})
+    write_csv(rows, RESULTS, meta, float_format=".4g")
 
     print(f"{meta['device']}, {meta['cores']} cores, torch {meta['torch']}, triton {meta['triton']}, "
           f"diffusers {meta['diffusers']}, {meta['date']}")

@@ -463,7 +463,9 @@ def print_table(rows: List[dict], out=None) -> None:
         print(f"note: {note}", file=out)
 
 
-def write_csv(rows: List[dict], path: Path, meta: dict) -> None:
+def write_csv(rows: List[dict], path: Path, meta: dict, float_format: str = ".6g") -> None:
+    """Append ``rows`` to the CSV at ``path``, each prefixed by ``meta`` (device, versions, date); a header
+    when the file is new. Floats are written with ``float_format``."""
     fields = list(meta) + list(rows[0])
     new = not path.exists()
     with path.open("a", newline="") as f:
@@ -471,7 +473,8 @@ def write_csv(rows: List[dict], path: Path, meta: dict) -> None:
         if new:
             writer.writeheader()
         for row in rows:
-            writer.writerow({**meta, **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}})
+            writer.writerow({**meta, **{k: (format(v, float_format) if isinstance(v, float) else v)
+                                        for k, v in row.items()}})
 
 
 def plot(rows: List[dict], path: Path, title: str) -> str:
