@@ -1,4 +1,4 @@
-"""CPU benchmark of the fused CFG + DDIM step (DESIGN §6), every figure a ratio measured in the same run.
+"""CPU benchmark of the fused CFG + DDIM step, every figure a ratio measured in the same run.
 
 For a large tensor (2^24 elements per CFG half) and the Stable Diffusion latent (2x4x64x64) it times, side by
 side and interleaved (so machine noise hits all methods alike):
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 import fastguide
-from fastguide.bench import cpu_model, version, write_csv
-from fastguide.layout import NUM_COLS, Col
+from fastguide.tools.bench import cpu_model, version, write_csv
+from fastguide.core.layout import NUM_COLS, Col
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_cpu.csv"
 GUIDANCE = 7.5

@@ -115,7 +115,7 @@ def ddim_alphas(sched) -> Tuple[int, float, float]:
 def ddim_table(abar_t: float, abar_prev: float, device) -> torch.Tensor:
     """The coefficient row of an eta=0 epsilon DDIM step (fastguide.layout): with a = sqrt(abar_t),
     s = sqrt(1 - abar_t), x0 = (x - s*eps)/a and out = a_prev*x0 + sqrt(1 - a_prev^2)*eps."""
-    from fastguide.layout import NUM_COLS, Col
+    from fastguide.core.layout import NUM_COLS, Col
     a, s, a_prev = math.sqrt(abar_t), math.sqrt(1 - abar_t), math.sqrt(abar_prev)
     row = torch.zeros(1, NUM_COLS, dtype=torch.float64)
     row[0, Col.P_X], row[0, Col.P_M] = 1 / a, -s / a
@@ -187,7 +187,7 @@ def time_interleaved(fns: Dict[str, Callable[[], None]], warmup: int, repeats: i
 
 def run_case(shape, dtype, methods, sched, table, timestep, coeffs, compiled, args, available, device):
     import fastguide
-    from fastguide.rows import as_rows
+    from fastguide.backends.rows import as_rows
 
     gen = torch.Generator(device=device).manual_seed(0)
     batch = shape[0]
@@ -210,12 +210,13 @@ def run_case(shape, dtype, methods, sched, table, timestep, coeffs, compiled, ar
             fns[backend] = fused
             results[backend] = outs[backend]
     if "triton_launcher" in methods and available["triton"]:
+        from fastguide.core.args import StepArgs
         from fastguide.kernels import guided_step as triton_step
         x_rows, m_rows = as_rows(x), as_rows(model_output)
         out_rows = as_rows(outs["triton_launcher"])
         scale_vec = torch.full((batch,), GUIDANCE_SCALE, device=device)
-        fns["triton_launcher"] = lambda: triton_step.guided_step(x_rows, m_rows, table, 0, scale=scale_vec,
-                                                                 out=out_rows)
+        launch_args = StepArgs(x_rows, m_rows, table, 0, scale=scale_vec, out=out_rows)
+        fns["triton_launcher"] = lambda: triton_step.guided_step(launch_args)
         results["triton_launcher"] = outs["triton_launcher"]
     if "compile" in methods:
         p_x, p_m, b, c = coeffs
@@ -267,7 +268,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def run(args: argparse.Namespace, device: torch.device) -> None:
     """Time every case on ``device`` (a GPU; CPU only to check this script), print and append the CSV."""
     import fastguide
-    from fastguide import bench
+    from fastguide.tools import bench
     available = fastguide.backends()
     reasons = fastguide.backends(reasons=True)
     for backend in ("triton", "cuda"):

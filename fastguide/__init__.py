@@ -3,15 +3,20 @@
 >>> import fastguide
 >>> x = fastguide.sample(model, torch.randn(4, 3, 32, 32), schedule=fastguide.Schedule.ddpm(),
 ...                      sampler="ddim", steps=50, y=labels, guidance=[fastguide.CFG(3.0, null_label=1000)])
+
+The tree (``docs/architecture.md`` has the map): ``core`` (the row contract, argument checks, the checked
+ops), ``backends`` (torch reference, C++, Triton, CUDA), ``samplers`` (schedules and coefficient tables),
+``guidance`` (specs and gradients), ``native`` (the ``sample`` loop), ``dropin`` (the diffusers ``step``),
+``tools`` (CLI, benchmarks, op counter), ``examples``; ``training`` and ``calibration`` for users' models.
 """
 
 from . import samplers
-from .dispatch import backends
+from .backends.dispatch import backends
+from .core.ops import guided_step, per_sample_rms, temperature_lse_grad
 from .dropin import StepOutput, step
 from .guidance import CFG, ClassifierGuidance, DiscriminatorGuidance, smooth
-from .ops import guided_step, per_sample_rms, temperature_lse_grad
-from .sample import sample
-from .schedule import Schedule
+from .native import sample
+from .samplers.schedule import Schedule
 
 __version__ = "0.1.0"
 

@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .schedule import Schedule
+from .samplers.schedule import Schedule
 from .training import alpha_sigma, q_sample
 
 

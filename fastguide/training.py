@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .schedule import Schedule
+from .samplers.schedule import Schedule
 
 
 def _vp(schedule: Schedule) -> Schedule:

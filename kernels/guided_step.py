@@ -1,4 +1,4 @@
-"""The fused guided sampler step: the row formula of ``fastguide.layout`` in one pass over memory.
+"""The fused guided sampler step: the row formula of ``fastguide.core.layout`` in one pass over memory.
 
 Every input element is read once and every output element written once; everything between is fp32 in
 registers. Absent tensors are switched off by constexpr flags, so their loads and arithmetic are not even
@@ -8,13 +8,14 @@ or is itself read from device memory, so a CUDA graph replaying this launch alwa
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from fastguide.layout import CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD, Col
+from fastguide.core.args import StepArgs
+from fastguide.core.layout import CLIP_RANGE, CLIP_THRESHOLD, Col
 
 from .launch_utils import elementwise_block, row_slices, warps_for
 
@@ -133,47 +134,40 @@ def _stride(t: Optional[torch.Tensor]) -> int:
     return t.stride(0) if t is not None else 0
 
 
-def guided_step(x: torch.Tensor, model_output: torch.Tensor, table: torch.Tensor,
-                step: Union[int, torch.Tensor], *, scale: Optional[torch.Tensor] = None,
-                mfactor: Optional[torch.Tensor] = None, g_score: Optional[torch.Tensor] = None,
-                g_mean: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
-                x0_prev: Optional[torch.Tensor] = None, clip_mode: int = CLIP_NONE, clip_lo: float = -1.0,
-                clip_hi: float = 1.0, threshold: Optional[torch.Tensor] = None, learned_variance: bool = False,
-                out: Optional[torch.Tensor] = None, x0_out: Optional[torch.Tensor] = None,
-                block: Optional[int] = None) -> None:
-    """Launch the fused step on row views: ``x``, ``out``, ``x0_out``, ``g_*``, ``noise``, ``x0_prev`` are
-    ``[B, n]``, ``model_output`` is ``[B or 2B, n or 2n]``, each with unit inner stride (``as_rows``).
+def guided_step(args: StepArgs, block: Optional[int] = None) -> None:
+    """Launch the fused step on row views: ``sample``, ``out``, ``x0_out``, ``g_*``, ``noise``, ``x0_prev``
+    are ``[B, n]``, ``model_output`` is ``[B or 2B, n or 2n]``, each with unit inner stride (``as_rows``).
 
     ``scale`` is required exactly when ``model_output`` has 2B rows; ``scale``, ``mfactor`` and
     ``threshold`` are [B] vectors with any stride (0 for a broadcast scalar). ``block`` overrides the
     elements per program (a power of two; tests use small ones to cross chunk boundaries).
     """
+    x, model_output, step, out, x0_out = args.sample, args.model_output, args.step, args.out, args.x0_out
     batch, n = x.shape
     if batch == 0 or n == 0 or (out is None and x0_out is None):
         return
     has_cfg = model_output.shape[0] == 2 * batch
     block = block or elementwise_block(n, batch, x.device)
     step_from_ptr = isinstance(step, torch.Tensor)
+    optional = {name: getattr(args, name) for name in ("scale", "mfactor", "g_score", "g_mean", "noise",
+                                                        "x0_prev", "threshold", "out", "x0_out")}
     # Absent pointers are never dereferenced (their flags compile the loads out); any tensor will do.
-    dummy = x
+    ptr = {name: t if t is not None else x for name, t in optional.items()}
+    stride = {name: _stride(t) for name, t in optional.items()}
     for row0, rows in row_slices(batch):
         grid = (triton.cdiv(n, block), rows)
         guided_step_kernel[grid](
             x, x.stride(0), model_output, model_output.stride(0), n, batch, row0,
-            scale if scale is not None else dummy, _stride(scale),
-            mfactor if mfactor is not None else dummy, _stride(mfactor),
-            g_score if g_score is not None else dummy, _stride(g_score),
-            g_mean if g_mean is not None else dummy, _stride(g_mean),
-            noise if noise is not None else dummy, _stride(noise),
-            x0_prev if x0_prev is not None else dummy, _stride(x0_prev),
-            float(clip_lo), float(clip_hi), threshold if threshold is not None else dummy, _stride(threshold),
-            table, table.stride(0), table.stride(1),
-            step if step_from_ptr else table, 0 if step_from_ptr else int(step),
-            out if out is not None else dummy, _stride(out),
-            x0_out if x0_out is not None else dummy, _stride(x0_out),
-            HAS_CFG=has_cfg, HAS_MFACTOR=mfactor is not None, HAS_G_SCORE=g_score is not None,
-            HAS_G_MEAN=g_mean is not None, HAS_NOISE=noise is not None, HAS_X0_PREV=x0_prev is not None,
-            LEARNED_VARIANCE=bool(learned_variance), CLIP_MODE=int(clip_mode), STEP_FROM_PTR=step_from_ptr,
-            WRITE_OUT=out is not None, WRITE_X0=x0_out is not None, BLOCK=block,
-            num_warps=warps_for(block), enable_fp_fusion=True,
+            ptr["scale"], stride["scale"], ptr["mfactor"], stride["mfactor"],
+            ptr["g_score"], stride["g_score"], ptr["g_mean"], stride["g_mean"],
+            ptr["noise"], stride["noise"], ptr["x0_prev"], stride["x0_prev"],
+            float(args.clip_lo), float(args.clip_hi), ptr["threshold"], stride["threshold"],
+            args.table, args.table.stride(0), args.table.stride(1),
+            step if step_from_ptr else args.table, 0 if step_from_ptr else int(step),
+            ptr["out"], stride["out"], ptr["x0_out"], stride["x0_out"],
+            HAS_CFG=has_cfg, HAS_MFACTOR=args.mfactor is not None, HAS_G_SCORE=args.g_score is not None,
+            HAS_G_MEAN=args.g_mean is not None, HAS_NOISE=args.noise is not None,
+            HAS_X0_PREV=args.x0_prev is not None, LEARNED_VARIANCE=bool(args.learned_variance),
+            CLIP_MODE=int(args.clip_mode), STEP_FROM_PTR=step_from_ptr, WRITE_OUT=out is not None,
+            WRITE_X0=x0_out is not None, BLOCK=block, num_warps=warps_for(block), enable_fp_fusion=True,
         )

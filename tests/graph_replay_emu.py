@@ -1,6 +1,6 @@
-"""A CPU stand-in for CUDA graph capture and replay, so ``fastguide.cudagraph`` is tested without a GPU.
+"""A CPU stand-in for CUDA graph capture and replay, so ``fastguide.native.cudagraph`` is tested without a GPU.
 
-``fastguide.cudagraph`` talks to the CUDA runtime through one object, ``cudagraph.driver``. ``ReplayDriver``
+``fastguide.native.cudagraph`` talks to the CUDA runtime through one object, ``cudagraph.driver``. ``ReplayDriver``
 takes its place for CPU tensors:
 
 * **capture** runs the loop once under a ``TorchDispatchMode`` that records every op with the very tensors it
@@ -27,8 +27,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fastguide import cudagraph, ops
-from fastguide.opcount import SYNC_OPS
+from fastguide.core import hooks
+
+from fastguide.native import cudagraph
+from fastguide.tools.opcount import SYNC_OPS
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -111,12 +113,9 @@ class ReplayDriver(cudagraph.CudaGraphDriver):
     @contextlib.contextmanager
     def capture(self, graph: RecordedGraph, device: torch.device):
         state = torch.get_rng_state()
-        previous = ops.route_through_torch_ops
-        ops.route_through_torch_ops = True
         try:
-            with _Recorder(graph):
+            with hooks.routed_through_torch_ops(), _Recorder(graph):
                 yield
         finally:
-            ops.route_through_torch_ops = previous
             torch.set_rng_state(state)
         graph.poison_outputs()

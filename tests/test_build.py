@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fastguide
-from fastguide import dispatch
+from fastguide.backends import dispatch
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("setup.py", "pyproject.toml", "CMakeLists.txt", "fastguide", "kernels", "csrc")
@@ -86,7 +86,7 @@ def without_extension(monkeypatch):
     """fastguide._C as if it had not been built: importing it raises ImportError."""
     monkeypatch.setitem(sys.modules, "fastguide._C", None)
     monkeypatch.setattr(dispatch, "_cache", {})
-    from fastguide import abi
+    from fastguide.backends import abi
     monkeypatch.setattr(abi, "_extension", None)
 
 
@@ -100,7 +100,7 @@ def test_missing_extension_is_reported_with_a_reason(without_extension):
 
 def test_missing_extension_falls_back_to_the_reference_on_cpu(without_extension):
     x = torch.randn(2, 3, 4)
-    assert dispatch.resolve("auto", x.device).__name__ == "fastguide.reference"
+    assert dispatch.resolve("auto", x.device).__name__ == "fastguide.backends.reference"
     torch.testing.assert_close(fastguide.per_sample_rms(x), x.square().mean(dim=(1, 2)).sqrt())
 
 

@@ -21,6 +21,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 import fastguide  # noqa: E402
 from fastguide import dropin  # noqa: E402
+from fastguide.dropin.scheduler_step import scheduler_step  # noqa: E402
 from fastguide.dropin import StepOutput, step  # noqa: E402
 
 B, C, H, W = 2, 3, 8, 8
@@ -412,10 +413,8 @@ def test_begin_index_initialises_like_diffusers():
 
 
 def guided_hook_step(mo, t, x, sched, generator=None, **hooks):
-    return dropin._scheduler_step(
-        mo, t, x, scheduler=sched, guidance_scale=2.0, guidance_rescale=0.0, generator=generator, eta=0.0,
-        use_clipped_model_output=False, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, out=None,
-        backend="auto", want_x0=True, **hooks)
+    return scheduler_step(mo, t, x, scheduler=sched, guidance_scale=2.0, generator=generator, want_x0=True,
+                          **hooks)
 
 
 GRAD = 0.05 * torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(11))
@@ -610,7 +609,4 @@ def test_g_mean_rejected_where_undefined():
     sched, x = _ddim()
     t = sched.timesteps[0]
     with pytest.raises(ValueError, match="g_mean"):
-        dropin._scheduler_step(fake_model(x, t), t, x, scheduler=sched, guidance_scale=2.0, guidance_rescale=0.0,
-                               generator=None, eta=0.0, use_clipped_model_output=False, s_churn=0.0, s_tmin=0.0,
-                               s_tmax=math.inf, s_noise=1.0, out=None, backend="auto", want_x0=False,
-                               g_mean=torch.zeros_like(x))
+        scheduler_step(fake_model(x, t), t, x, scheduler=sched, guidance_scale=2.0, g_mean=torch.zeros_like(x))

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ..schedule import Schedule
+from ..samplers.schedule import Schedule
 
 
 @dataclass

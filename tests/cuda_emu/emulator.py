@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from fastguide.layout import NUM_COLS
+from fastguide.core.layout import NUM_COLS
 
 ELEMENT_BYTES = {0: 4, 1: 2, 2: 2}  # fastguide::DType -> bytes
 SCHEDULES = ("forward", "reverse")

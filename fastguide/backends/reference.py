@@ -1,0 +1,148 @@
+"""The torch reference backend: the readable specification of every fused op.
+
+Each function here defines the semantics that the compiled backends (C++, Triton, CUDA C++) must match.
+They take already-validated tensors (see ``fastguide.core.ops`` for the public, checked entry points) and
+write their results into caller-provided outputs. Everything is computed in fp32 and stored in the output dtype.
+The step row is read from the device table with a tensor index, so nothing here syncs with the host.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..core.args import StepArgs, StepIndex
+from ..core.layout import CLIP_RANGE, CLIP_THRESHOLD, Col
+
+
+def _row(table: torch.Tensor, step: StepIndex) -> torch.Tensor:
+    """The coefficient row of ``step``; a device-tensor index stays on the device (no host sync)."""
+    if isinstance(step, torch.Tensor):
+        return table.index_select(0, step.reshape(1).to(device=table.device, dtype=torch.long))[0]
+    return table[step]
+
+
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A [B] vector shaped to broadcast over the rows of ``like`` ([B, ...])."""
+    return v.float().reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def split_model_output(model_output: torch.Tensor, batch: int, learned_variance: bool):
+    """Split a ``[uncond; cond]`` (or plain) output into (uncond, cond, variance) parts, all fp32.
+
+    ``uncond`` is None without CFG. The learned variance (second half of the channels) is taken from the
+    cond half: guided-diffusion and DiT sample the variance of the conditional branch.
+    """
+    m = model_output.float()
+    variance = None
+    if learned_variance:
+        m, variance = m.chunk(2, dim=1)
+    if m.shape[0] == 2 * batch:
+        uncond, cond = m[:batch], m[batch:]
+        if variance is not None:
+            variance = variance[batch:]
+        return uncond, cond, variance
+    return None, m, variance
+
+
+def cfg_combine(uncond: Optional[torch.Tensor], cond: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """Classifier-free guidance, Ho & Salimans eq. 6 in diffusers' form: ``u + w (c - u)``."""
+    if uncond is None:
+        return cond
+    return uncond + _per_sample(scale, cond) * (cond - uncond)
+
+
+def cfg_rescale_factor(model_output: torch.Tensor, scale: torch.Tensor, rescale: float,
+                       learned_variance: bool = False) -> torch.Tensor:
+    """Per-sample factor r of Lin et al. 2023 (diffusers ``rescale_noise_cfg``), as a [B] fp32 tensor.
+
+    ``phi * m * std(c)/std(m) + (1 - phi) * m  ==  m * r``  with ``r = phi * std(c)/std(m) + (1 - phi)``
+    (unbiased std over all but the batch dimension), so the step kernel only needs ``r``.
+    """
+    batch = model_output.shape[0] // 2
+    uncond, cond, _ = split_model_output(model_output, batch, learned_variance)
+    guided = cfg_combine(uncond, cond, scale)
+    dims = list(range(1, cond.dim()))
+    ratio = cond.std(dim=dims) / guided.std(dim=dims)
+    return rescale * ratio + (1.0 - rescale)
+
+
+def guided_step(args: StepArgs) -> None:
+    """One fused guided sampler step (the row formula of ``fastguide.core.layout``), written into
+    ``args.out`` / ``args.x0_out`` (``out=None``: x0 only).
+
+    ``model_output`` has ``2B`` rows ``[uncond; cond]`` when ``scale`` is given, else ``B`` rows; with
+    ``learned_variance`` its channel dimension is doubled (ADM's learned-range output).
+    ``mfactor`` ([B]) multiplies the combined output (the CFG-rescale factor).
+    """
+    sample, model_output, noise, out, x0_out = args.sample, args.model_output, args.noise, args.out, args.x0_out
+    learned_variance, clip_mode = args.learned_variance, args.clip_mode
+    r = _row(args.table, args.step).float()
+    c = [r[i] for i in range(len(Col))]
+    batch = sample.shape[0]
+    uncond, cond, v = split_model_output(model_output, batch, learned_variance)
+    m = cfg_combine(uncond, cond, args.scale)
+    if args.mfactor is not None:
+        m = m * _per_sample(args.mfactor, m)
+    x = sample.float()
+    z = noise.float() if noise is not None else None
+
+    x0 = c[Col.P_X] * x + c[Col.P_M] * m
+    eps = c[Col.Q_X] * x + c[Col.Q_M] * m
+    if z is not None:
+        x0 = x0 + c[Col.P_Z] * z
+        eps = eps + c[Col.Q_Z] * z
+    if clip_mode == CLIP_RANGE:
+        x0 = x0.clamp(args.clip_lo, args.clip_hi)
+    elif clip_mode == CLIP_THRESHOLD:
+        # Saharia et al. 2022 dynamic thresholding with a precomputed per-sample threshold s >= 1.
+        s = _per_sample(args.threshold, x0)
+        x0 = torch.maximum(torch.minimum(x0, s), -s) / s
+    if args.g_score is not None:
+        g = args.g_score.float()
+        x0 = x0 + c[Col.P_G] * g
+        eps = eps + c[Col.Q_G] * g
+    if out is None:
+        x0_out.copy_(x0)
+        return
+
+    res = c[Col.A] * x + c[Col.B] * x0 + c[Col.C] * eps
+    variance = None
+    if v is not None:
+        # guided-diffusion learned_range: log Sigma = f log(beta_t) + (1 - f) log(beta~_t), f = (v + 1)/2.
+        frac = (v + 1.0) * 0.5
+        variance = torch.exp(frac * c[Col.LV_MAX] + (1.0 - frac) * c[Col.LV_MIN])
+    if args.g_mean is not None:
+        shift = c[Col.D] if variance is None else c[Col.D] + c[Col.DV] * variance
+        res = res + shift * args.g_mean.float()
+    if z is not None:
+        amp = c[Col.E] if variance is None else c[Col.E] + c[Col.EV] * variance.sqrt()
+        res = res + amp * z
+    if args.x0_prev is not None:
+        res = res + c[Col.F] * args.x0_prev.float()
+    # Every input has been read before anything is written, so outputs may alias inputs exactly.
+    if x0_out is not None:
+        x0_out.copy_(x0)
+    out.copy_(res)
+
+
+def temperature_lse_grad(logits: torch.Tensor, labels: torch.Tensor, tau1: float, tau2: float,
+                         scale: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """d/dl of ``J = tau1 * l_y - log sum_k exp(tau2 * l_k)`` (Ma et al. 2023, eq. 9), times a per-sample scale.
+
+    ``dJ/dl = tau1 * onehot(y) - tau2 * softmax(tau2 * l)``; softmax subtracts the row max, so fp16/bf16
+    logits and K in the tens of thousands stay finite.
+    """
+    l32 = logits.float()
+    grad = -tau2 * torch.softmax(tau2 * l32, dim=-1)
+    grad.scatter_add_(-1, labels.long().reshape(-1, 1),
+                      torch.full((l32.shape[0], 1), float(tau1), device=l32.device))
+    if scale is not None:
+        grad = grad * scale.float().reshape(-1, 1)
+    out.copy_(grad)
+
+
+def per_sample_rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square over all but the batch dimension, [B] fp32 (Ma et al.'s EDM recipe)."""
+    return x.float().reshape(x.shape[0], -1).square().mean(dim=1).sqrt()

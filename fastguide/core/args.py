@@ -1,0 +1,59 @@
+"""The fused step's argument block: one object carried from the entry points down to every backend.
+
+The public ``fastguide.guided_step`` and the ``torch.library`` op take flat arguments; everything between
+them and the kernels (``fastguide.core.ops.run_step``, the torch reference, the C++/CUDA argument blocks of
+``fastguide.backends.abi``, the Triton launcher) takes a ``StepArgs``. Adding an input to the step means
+one field here plus its use in the kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from .layout import CLIP_NONE
+
+StepIndex = Union[int, torch.Tensor]
+
+
+@dataclass(eq=False, slots=True)
+class StepArgs:
+    """The checked arguments of one fused guided step (the row formula of ``fastguide.core.layout``).
+
+    ``model_output`` has 2B rows ``[uncond; cond]`` when ``scale`` is set, else B rows; with
+    ``learned_variance`` its channel dimension is doubled (ADM's learned-range output). ``step`` is a host
+    int or a one-element integer device tensor (a loop's step counter). ``out`` receives the step result,
+    ``x0_out`` the predicted x0; a backend given ``out=None`` computes x0 only.
+
+    An instance belongs to one call: ``run_step`` fills in ``mfactor`` (from ``rescale``) and may point
+    ``out``/``x0_out`` at temporaries for the kernel.
+
+    >>> args = StepArgs(x, torch.cat([eps_u, eps_c]), table, 3, scale=w, out=torch.empty_like(x))
+    >>> fastguide.backends.reference.guided_step(args)
+    """
+
+    sample: torch.Tensor
+    model_output: torch.Tensor
+    table: torch.Tensor                       # [steps, NUM_COLS] fp32, contiguous
+    step: StepIndex
+    scale: Optional[torch.Tensor] = None      # [B] fp32 CFG scale (any stride); None: no CFG
+    rescale: float = 0.0                      # CFG rescale phi (Lin et al.); needs ``scale``
+    mfactor: Optional[torch.Tensor] = None    # [B] fp32 factor on the combined output (from ``rescale``)
+    g_score: Optional[torch.Tensor] = None    # score correction: eps -= sigma g
+    g_mean: Optional[torch.Tensor] = None     # mean shift: mu += Sigma g
+    noise: Optional[torch.Tensor] = None
+    x0_prev: Optional[torch.Tensor] = None    # the previous step's x0 (2nd-order multistep samplers)
+    clip_mode: int = CLIP_NONE
+    clip_lo: float = -1.0
+    clip_hi: float = 1.0
+    threshold: Optional[torch.Tensor] = None  # [B] per-sample dynamic threshold (clip_mode THRESHOLD)
+    learned_variance: bool = False
+    out: Optional[torch.Tensor] = None
+    x0_out: Optional[torch.Tensor] = None
+    write_out: bool = True                    # False: x0 only (needs x0_out)
+
+    @property
+    def batch(self) -> int:
+        return self.sample.shape[0]

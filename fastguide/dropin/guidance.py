@@ -1,0 +1,91 @@
+"""Classifier and discriminator guidance inside a diffusers loop (``fastguide.step(..., guidance=[...])``).
+
+The gradients are the native loop's (``fastguide.guidance.gradients``); what differs is where the per-step facts come
+from: the drop-in plan of the scheduler (its state parametrisation ``x = alpha x0 + sigma eps`` and, for
+DDPM, the variance). DDPMScheduler takes mean shifts (ADM ``condition_mean``, Ma et al. on x0^, DG);
+every other scheduler takes score corrections (ADM ``condition_score``, DG). Ma et al.'s x0-input recipe
+is a DDPM mean shift, so it needs DDPMScheduler here (``fastguide.sample`` also has it for DDIM and EDM).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..core.checks import check_labels_tensor
+from ..core.layout import Col
+from ..guidance.gradients import classifier_grad, discriminator_grad
+from ..guidance.plan import split_guidance
+
+
+def split_specs(guidance: Sequence):
+    """(classifier specs, discriminator specs) of a drop-in ``guidance`` list; CFG belongs in guidance_scale."""
+    cfg, classifiers, discriminators = split_guidance(guidance)
+    if cfg is not None:
+        raise ValueError("guidance: pass CFG to fastguide.step as guidance_scale / guidance_rescale, not as a spec")
+    return classifiers, discriminators
+
+
+def check(classifiers, discriminators, y, sample: torch.Tensor, mean_shift_capable: bool,
+          scheduler_name: str) -> None:
+    """Everything about the guidance arguments that can be checked before any network runs."""
+    if classifiers and y is None:
+        raise ValueError("y (target labels) is required by ClassifierGuidance")
+    if y is not None:
+        check_labels_tensor("y", y, sample.shape[0], sample.device)
+    x0_specs = [c for c in classifiers if c.input == "x0"]
+    if x0_specs and not mean_shift_capable:
+        raise ValueError(f"guidance: ClassifierGuidance(input='x0') is a DDPM mean shift; {scheduler_name} has "
+                         "none (use DDPMScheduler, or fastguide.sample for the DDIM and EDM recipes)")
+    if any(c.gamma > 0 for c in x0_specs) and (len(x0_specs) > 1 or len(x0_specs) < len(classifiers)
+                                                 or discriminators):
+        raise ValueError("guidance: ClassifierGuidance(input='x0', gamma > 0) must be the only mean-shift "
+                         "guidance of the step (its extra variance applies to the whole shift)")
+
+
+def _extra_variance_table(plan, gamma: float, device: torch.device) -> torch.Tensor:
+    """The plan's table with Ma et al.'s ``max(0, gamma Sigma_max sin(pi i/N))`` added to the mean-shift
+    column, i = N-1 .. 0 counted down as in EluCD; cached on the plan."""
+    def build() -> np.ndarray:
+        n = plan.num_steps
+        if plan.learned_variance:
+            sigma_max = float(np.exp(plan.rows[:n, Col.LV_MAX].max()))  # learned range's upper end, beta_t
+        else:
+            sigma_max = float(np.max(plan.variance))
+        rows = plan.rows.copy()
+        for index in range(n):
+            rows[index, Col.D] += max(0.0, gamma * sigma_max * math.sin(math.pi * (n - 1 - index) / n))
+        return rows
+    return plan.device_tensor(("x0-gamma", gamma), device, build)
+
+
+def make_guide(classifiers, discriminators, y, sample: torch.Tensor, timestep: float, num_train_timesteps: int,
+               backend: str) -> Callable:
+    """The ``guide(plan, index, predicted_x0)`` hook of ``fastguide.dropin.scheduler_step.scheduler_step``."""
+
+    def guide(plan, index: int, predicted_x0: Callable[[], torch.Tensor]):
+        alpha, sigma = float(plan.alpha[index]), float(plan.sigma[index])
+        view = 1.0 / math.sqrt(alpha * alpha + sigma * sigma)  # guidance networks see the VP view
+        total: Optional[torch.Tensor] = None
+        table = None
+        for spec in classifiers:
+            if spec.input == "xt":
+                g = classifier_grad(spec, sample, timestep, y, input_scale=view, backend=backend)
+            else:
+                g = classifier_grad(spec, predicted_x0(), timestep, y, backend=backend)
+                if spec.gamma > 0:
+                    table = _extra_variance_table(plan, spec.gamma, sample.device)
+            total = g if total is None else total + g
+        for spec in discriminators:
+            w = spec.weight_at(timestep / num_train_timesteps)
+            if w:
+                g = discriminator_grad(spec, sample, timestep, y, w, input_scale=view)
+                total = g if total is None else total + g
+        if plan.supports_mean_shift:
+            return None, total, table
+        return total, None, table
+
+    return guide

@@ -1,0 +1,378 @@
+"""Drop-in replacement for ``scheduler.step`` of diffusers schedulers, with the CFG combine fused in.
+
+``fastguide.step(noise_pred, t, latents, scheduler=scheduler, guidance_scale=w)`` returns what
+``scheduler.step(u + w * (c - u), t, latents)`` of the diffusers scheduler returns, and advances the
+scheduler's step state the same way, so a pipeline may switch between the two mid-loop.
+
+How: every supported scheduler step is one row of a coefficient table built from the scheduler's own
+state (``fastguide.samplers.scheduler_tables``), kept on the device. A call checks its arguments once
+(``_check_call``), finds its row on the host (the timestep's position for DDPM/DDIM, the scheduler's step
+counter for the others; ``_select_row``), computes guidance terms (``_guidance_terms``), draws noise exactly
+where, and in the shape and dtype, diffusers draws it (``_draw_noise``), runs one fused kernel and advances
+the scheduler (``_advance``).
+
+Supported: ``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``,
+``EulerAncestralDiscreteScheduler`` and ``DPMSolverMultistepScheduler`` (``dpmsolver++``, order 1 or 2).
+Anything else raises ``ValueError`` naming the scheduler or the option.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..backends import dispatch as _dispatch
+from ..core import noise as _noise
+from ..core import ops as _ops
+from ..core.args import StepArgs
+from ..core.checks import (Scale, check_bool, check_finite, check_fraction, check_model_output, check_real,
+                           check_sample, check_scale, check_tensor)
+from ..samplers.scheduler_tables import DDIM, DDPM, DPM, EULER, SchedulerPlan, config, dpm_lower_order_final
+from . import guidance as _dropin_guidance
+from .schedulers import INDEX_BASED, SchedulerState, plan_of, scheduler_state, variant
+
+GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]
+_DEFAULT_CHURN = (0.0, 0.0, math.inf, 1.0)
+
+
+@dataclass
+class StepOutput:
+    """What ``fastguide.step(..., return_dict=True)`` returns (the fields of diffusers' step outputs).
+
+    >>> res = fastguide.step(noise_pred, t, latents, scheduler=scheduler, guidance_scale=7.5, return_dict=True)
+    >>> latents, x0 = res.prev_sample, res.pred_original_sample
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+@dataclass
+class _Call:
+    """One drop-in call, checked: the scheduler's state and plan for its options, and its tensors."""
+
+    state: SchedulerState
+    plan: SchedulerPlan
+    args: StepArgs        # sample, model output, [B] fp32 scale, rescale, g_score/g_mean, out, clip
+    noise: Optional[torch.Tensor]
+    generator: GeneratorArg
+    check_finite: bool
+    backend: str
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks (all before anything is drawn, written or advanced)
+
+
+def _check_scheduler_options(scheduler, kind: str, eta, use_clipped_model_output, churn: tuple) -> tuple:
+    """The step options that only some schedulers' step() takes; returns the plan's options key. The common
+    all-default call skips the checks."""
+    if eta != 0.0 or use_clipped_model_output is not False:
+        eta = check_real("eta", eta, minimum=0.0)
+        check_bool("use_clipped_model_output", use_clipped_model_output)
+        if kind != DDIM and (eta != 0.0 or use_clipped_model_output):
+            name = "eta" if eta != 0.0 else "use_clipped_model_output"
+            raise ValueError(f"{name} applies only to DDIMScheduler, not {type(scheduler).__name__}")
+    if churn != _DEFAULT_CHURN:
+        s_churn, s_tmin, s_tmax, s_noise = churn
+        churn = (check_real("s_churn", s_churn, minimum=0.0), check_real("s_tmin", s_tmin, allow_inf=True),
+                 check_real("s_tmax", s_tmax, allow_inf=True), check_real("s_noise", s_noise))
+        if kind != EULER:
+            raise ValueError(f"s_churn/s_tmin/s_tmax/s_noise apply only to EulerDiscreteScheduler, not "
+                             f"{type(scheduler).__name__}")
+    return variant(kind, eta, use_clipped_model_output, *churn)
+
+
+def _check_call(model_output, sample, scheduler, guidance_scale, guidance_rescale, generator, options: tuple,
+                out, g_score, g_mean, noise, check_outputs_finite: bool, backend: str) -> _Call:
+    state = scheduler_state(scheduler)
+    if options is None:
+        options = variant(state.kind, 0.0, False, *_DEFAULT_CHURN)
+    batch = check_sample("sample", sample)
+    learned = state.kind == DDPM and config(scheduler, "variance_type") == "learned_range"
+    check_model_output(model_output, sample, guidance_scale is not None, learned)
+    if model_output.dtype != sample.dtype:
+        raise TypeError(f"model_output has dtype {model_output.dtype} but sample has {sample.dtype}; "
+                        "pass both in the same dtype")
+    w = check_scale("guidance_scale", guidance_scale, batch, sample.device) if guidance_scale is not None else None
+    rescale = check_fraction("guidance_rescale", guidance_rescale)
+    if rescale and w is None:
+        raise ValueError("guidance_rescale needs guidance_scale (a 2B-row [uncond; cond] model_output)")
+    check_tensor("out", out, like=sample, allow_none=True, same_dtype=True)
+    for name, g in (("g_score", g_score), ("g_mean", g_mean)):
+        check_tensor(name, g, like=sample, allow_none=True)
+    check_tensor("noise", noise, like=sample, allow_none=True, same_dtype=True)
+    _noise.check_generator(generator, batch, sample.device)
+    _dispatch.resolve(backend, sample.device)
+    plan = plan_of(scheduler, state, options)
+    if g_mean is not None and not plan.supports_mean_shift:
+        raise ValueError(f"g_mean: a mean shift is defined only for DDPMScheduler, not {type(scheduler).__name__}")
+    args = StepArgs(sample, model_output, plan.table(sample.device), 0, scale=w, rescale=rescale, g_score=g_score,
+                    g_mean=g_mean, learned_variance=plan.learned_variance, out=out)
+    _ops.set_clip(args, state.clip, None)
+    return _Call(state, plan, args, noise, generator, check_outputs_finite, backend)
+
+
+def _scalar_timestep(timestep) -> float:
+    """The timestep as a host number (one sync for a CUDA tensor, as diffusers' own indexing does).
+
+    ``tolist`` reads a CPU tensor's memory directly, where ``item`` would dispatch an op on every step."""
+    if isinstance(timestep, torch.Tensor):
+        if timestep.numel() != 1:
+            raise ValueError(f"timestep must be a scalar, got a tensor of shape {tuple(timestep.shape)}")
+        value = timestep.tolist()
+        while isinstance(value, list):
+            value = value[0]
+        return value
+    if isinstance(timestep, bool) or not isinstance(timestep, numbers.Real):
+        raise TypeError(f"timestep must be an int, a float or a one-element tensor, got {type(timestep).__name__}")
+    return timestep
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which row
+
+
+def _vp_row(plan: SchedulerPlan, timestep) -> int:
+    value = _scalar_timestep(timestep)
+    row = plan.timestep_rows.get(int(value)) if float(value).is_integer() else None
+    if row is None:
+        shown = list(plan.timestep_rows)
+        shown = shown if len(shown) <= 12 else shown[:6] + ["..."] + shown[-3:]
+        raise ValueError(f"timestep {value!r} is not in scheduler.timesteps {shown}")
+    return row
+
+
+def _indexed_step(scheduler, state: SchedulerState, timestep) -> Tuple[int, bool]:
+    """(step index this call uses, whether the scheduler's counter must be initialised from ``timestep``)."""
+    integer = isinstance(timestep, int) and not isinstance(timestep, bool) or \
+        isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()
+    if state.kind != DPM and integer:
+        # As Euler*.step: integer indices (enumerate) are a common mistake; pass a value of scheduler.timesteps.
+        raise ValueError("timestep must be a value of scheduler.timesteps, not an integer index")
+    n = len(scheduler.timesteps)
+    if torch.compiler.is_compiling():
+        index, init = state.next_index, False   # see SchedulerState.next_index
+    elif scheduler.step_index is not None:
+        index, init = int(scheduler.step_index), False
+    elif scheduler.begin_index is not None:
+        index, init = int(scheduler.begin_index), True
+    else:
+        _scalar_timestep(timestep)
+        ts = timestep.to(scheduler.timesteps.device) if isinstance(timestep, torch.Tensor) else timestep
+        if not bool((scheduler.timesteps == ts).any()):
+            raise ValueError(f"timestep {_scalar_timestep(timestep)!r} is not in scheduler.timesteps")
+        index, init = int(scheduler.index_for_timestep(ts)), True
+    if not 0 <= index < n:
+        raise ValueError(f"scheduler: step index {index} is past the end of its {n}-step schedule; call "
+                         "scheduler.set_timesteps(...) to start a new loop")
+    return index, init
+
+
+def _select_row(scheduler, call: _Call, timestep) -> Tuple[Optional[int], bool]:
+    """Point ``call.args`` at this step's row (and the previous x0 for DPM-Solver++ 2M); returns (host step
+    index or None when found on the device, whether the scheduler's counter must be initialised)."""
+    state, plan, args = call.state, call.plan, call.args
+    init_index = False
+    if state.kind in INDEX_BASED:
+        index, init_index = _indexed_step(scheduler, state, timestep)
+    elif torch.compiler.is_compiling() and isinstance(timestep, torch.Tensor):
+        index = None  # found on the device: reading the timestep on the host would break the graph
+    else:
+        index = _vp_row(plan, timestep)
+    args.step = index if index is not None else plan.row_of_timestep(timestep).to(args.sample.device)
+    if state.solver_order == 2 and scheduler.lower_order_nums >= 1 and \
+            not dpm_lower_order_final(scheduler, index, plan.num_steps):
+        args.step = plan.num_steps + index
+        # The previous step's x0 is the newest entry until this step shifts the list.
+        x0_prev = scheduler.model_outputs[-1]
+        if not isinstance(x0_prev, torch.Tensor) or tuple(x0_prev.shape) != tuple(args.sample.shape) or \
+                x0_prev.device != args.sample.device:
+            got = tuple(x0_prev.shape) if isinstance(x0_prev, torch.Tensor) else type(x0_prev).__name__
+            raise ValueError(f"scheduler.model_outputs[-1] must be the previous step's x0 of the sample's shape "
+                             f"{tuple(args.sample.shape)} on {args.sample.device}, got {got}")
+        args.x0_prev = x0_prev
+    return index, init_index
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the row is applied to
+
+
+def _predicted_x0(call: _Call, clip: bool = True) -> torch.Tensor:
+    """x0^ of this step (the x0-only pass of the fused kernel), before any guidance term."""
+    a = call.args
+    x0 = torch.empty_like(a.sample, memory_format=torch.contiguous_format)
+    predict = StepArgs(a.sample, a.model_output, a.table, a.step, scale=a.scale, rescale=a.rescale,
+                       learned_variance=a.learned_variance, x0_out=x0, write_out=False)
+    if clip:
+        predict.clip_mode, predict.clip_lo, predict.clip_hi, predict.threshold = \
+            a.clip_mode, a.clip_lo, a.clip_hi, a.threshold
+    _ops.run_step(predict, call.backend)
+    return x0
+
+
+def _threshold(call: _Call) -> None:
+    """Saharia et al. 2022 dynamic threshold per sample: the ``ratio`` quantile of |x0^|, clamped to
+    [1, max_value] (in fp32 like diffusers, which upcasts half inputs). The quantile needs the whole raw x0
+    first: one x0-only pass (x0 never depends on the noise for the schedulers that threshold)."""
+    ratio, max_value = call.state.threshold
+    raw = _predicted_x0(call, clip=False)
+    flat = raw.reshape(raw.shape[0], -1).abs().float()
+    _ops.set_clip(call.args, None, torch.quantile(flat, ratio, dim=1).clamp(min=1, max=max_value))
+
+
+def _guidance_terms(call: _Call, guide: Callable, index: Optional[int]) -> None:
+    """Add the guidance networks' gradients (and, for Ma et al.'s gamma, its table) to the call. They run
+    before anything of the caller's changes, so a failing network leaves generator, out and scheduler alone."""
+    a = call.args
+    extra_score, extra_mean, guided_table = guide(call.plan, index, lambda: _predicted_x0(call))
+    a.g_score = extra_score if a.g_score is None else (a.g_score if extra_score is None else a.g_score + extra_score)
+    a.g_mean = extra_mean if a.g_mean is None else (a.g_mean if extra_mean is None else a.g_mean + extra_mean)
+    if guided_table is not None:
+        a.table = guided_table
+
+
+def _draw_noise(call: _Call, index: Optional[int]) -> None:
+    """The step's noise, where diffusers draws it: the caller's ``noise``, or drawn from the generator."""
+    plan, a = call.plan, call.args
+    compiling = torch.compiler.is_compiling()
+    # With a device row, every row's noise column is applied to one draw (the rows that draw none hold 0).
+    if not (plan.noise_steps[index] if index is not None and not compiling else plan.any_noise):
+        return
+    if call.noise is not None:
+        a.noise = call.noise
+    elif compiling and call.generator is not None:
+        raise RuntimeError("fastguide.step inside torch.compile cannot draw from a torch.Generator (dynamo "
+                           "cannot trace generators); draw the noise outside the compiled function and "
+                           "pass noise=..., or pass generator=None")
+    else:
+        a.noise = _noise.randn(a.sample.shape, call.generator, a.model_output.device, a.model_output.dtype)
+
+
+def _advance(scheduler, call: _Call, index: int, init_index: bool, timestep, x0: Optional[torch.Tensor]) -> None:
+    """Advance the scheduler exactly as its step() does."""
+    state = call.state
+    if state.kind not in INDEX_BASED:
+        return
+    if init_index and not torch.compiler.is_compiling():  # (it sets the index that the next line overwrites)
+        scheduler._init_step_index(timestep)
+    if state.kind == DPM:
+        order = state.solver_order
+        for i in range(order - 1):
+            scheduler.model_outputs[i] = scheduler.model_outputs[i + 1]
+        scheduler.model_outputs[-1] = x0
+        if scheduler.lower_order_nums < order:
+            scheduler.lower_order_nums += 1
+    scheduler._step_index = index + 1
+    state.next_index = index + 1
+
+
+def scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *, scheduler,
+                   guidance_scale: Optional[Scale] = None, guidance_rescale: float = 0.0,
+                   generator: GeneratorArg = None, options: Optional[tuple] = None,
+                   out: Optional[torch.Tensor] = None,
+                   backend: str = "auto", want_x0: bool = False, g_score: Optional[torch.Tensor] = None,
+                   g_mean: Optional[torch.Tensor] = None, guide: Optional[Callable] = None,
+                   check_finite_output: bool = False,
+                   noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One scheduler step; returns (prev_sample, x0 or None).
+
+    ``options`` is the plan key of the scheduler's step options (``schedulers.variant``; None: the
+    defaults). ``g_score``
+    (``eps -= sigma g``) and ``g_mean`` (DDPM mean shift ``mu += Sigma g``) are gradients already scaled;
+    ``guide(plan, index, predicted_x0) -> (g_score, g_mean, table or None)`` computes guidance terms once
+    the row is known (``dropin.guidance``). Everything is checked before the generator, ``out`` or the
+    scheduler is touched.
+    """
+    call = _check_call(model_output, sample, scheduler, guidance_scale, guidance_rescale, generator, options, out,
+                       g_score, g_mean, noise, check_finite_output, backend)
+    index, init_index = _select_row(scheduler, call, timestep)
+    if call.state.threshold is not None:
+        _threshold(call)
+    if guide is not None:
+        _guidance_terms(call, guide, index)
+    if call.check_finite:
+        check_finite("model_output", model_output)
+    # Checks are done: from here on the generator, out and the scheduler may change.
+    _draw_noise(call, index)
+    need_x0 = want_x0 or call.state.kind == DPM
+    x0 = call.args.x0_out = torch.empty_like(sample, memory_format=torch.contiguous_format) if need_x0 else None
+    prev = _ops.run_step(call.args, backend)
+    _advance(scheduler, call, index, init_index, timestep, x0)
+    return prev, x0 if want_x0 else None
+
+
+def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], sample: torch.Tensor, *,
+         scheduler, guidance_scale: Optional[Scale] = None, guidance_rescale: float = 0.0,
+         generator: GeneratorArg = None, eta: float = 0.0, use_clipped_model_output: bool = False,
+         s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+         out: Optional[torch.Tensor] = None, guidance: Sequence = (), y: Optional[torch.Tensor] = None,
+         check_finite: bool = False, backend: str = "auto", noise: Optional[torch.Tensor] = None,
+         return_dict: bool = False) -> Union[torch.Tensor, StepOutput]:
+    """CFG combine + ``scheduler.step`` of a diffusers scheduler in one fused op.
+
+    With a 2B-row ``[uncond; cond]`` ``model_output`` and ``guidance_scale`` (a float or a [B] tensor) the
+    result equals ``scheduler.step(u + w * (c - u), timestep, sample, ...).prev_sample``; with B rows and no
+    ``guidance_scale`` it is the plain step. ``guidance_rescale`` is diffusers' ``rescale_noise_cfg``.
+    ``eta``/``use_clipped_model_output`` are DDIMScheduler's step options, ``s_churn``/``s_tmin``/``s_tmax``/
+    ``s_noise`` EulerDiscreteScheduler's. The scheduler's step state (step index, DPM-Solver's model
+    outputs) advances as its own ``step`` would, and noise is drawn from ``generator`` exactly as it draws
+    it. ``out`` receives the result (it may be ``sample``). ``return_dict=True`` returns a ``StepOutput``
+    with ``prev_sample`` and ``pred_original_sample``.
+
+    ``guidance=[ClassifierGuidance(...), DiscriminatorGuidance(...)]`` with target labels ``y`` adds those
+    methods to the loop: DDPMScheduler shifts the mean by ``Sigma g`` (ADM ``condition_mean``; Ma et al.'s
+    x0-input recipe, the only one here that needs DDPM), the others correct the score (``eps -= sigma g``).
+    ``check_finite=True`` raises on NaN/Inf in ``model_output`` (a host sync on GPU). ``noise`` (the
+    sample's shape and dtype) is used instead of drawing from ``generator`` on steps that draw noise.
+    ``backend`` picks the kernel: ``"auto"`` (the fastest built backend for the sample's device), or
+    ``"torch"``, ``"cpp"``, ``"triton"``, ``"cuda"``.
+
+    Inside ``torch.compile(fullgraph=True)`` the step traces without graph breaks once the scheduler's
+    tables exist (``fastguide.dropin.prepare(scheduler, device)``, or one eager call): DDPM/DDIM find a
+    timestep tensor's row on the device (the timestep is then trusted to be in the schedule); index-based
+    schedulers (Euler, Euler ancestral, DPM-Solver++) take the step index from fastguide's own counter, which
+    ``prepare`` sets (from the scheduler's step or begin index, else 0) and each step advances together with
+    the scheduler's ``step_index``. Dynamo traces that counter as a symbolic integer (fastguide adds its name,
+    and only its name, to ``torch.compiler.config.dynamic_sources``), so one graph serves every step
+    (DPM-Solver++ 2M: four, for its first, second, middle and final steps). Noise must come as ``noise=``
+    (or ``generator=None``, drawn by the compiled code's own RNG); ``guidance=`` is not traced.
+
+    ``model_output`` and ``sample`` must share dtype and device. For DDPMScheduler with
+    ``variance_type="learned_range"`` each half carries 2C channels (noise, then variance); the variance
+    of the cond half is used.
+
+    >>> scheduler.set_timesteps(50)
+    >>> for t in scheduler.timesteps:
+    ...     x_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+    ...     noise_pred = unet(x_in, t, encoder_hidden_states=embeds).sample      # [uncond; cond]
+    ...     latents = fastguide.step(noise_pred, t, latents, scheduler=scheduler, guidance_scale=7.5,
+    ...                              generator=generator, out=latents)
+    """
+    check_bool("return_dict", return_dict)
+    guide = None
+    if (guidance or y is not None) and torch.compiler.is_compiling():
+        raise RuntimeError("fastguide.step(guidance=...) does not run inside torch.compile; compile the network "
+                           "alone, or use fastguide.sample(..., compile='inductor') for guided loops")
+    state = scheduler_state(scheduler)
+    options = _check_scheduler_options(scheduler, state.kind, eta, use_clipped_model_output,
+                                       (s_churn, s_tmin, s_tmax, s_noise))
+    if guidance or y is not None:
+        classifiers, discriminators = _dropin_guidance.split_specs(guidance)
+        _dropin_guidance.check(classifiers, discriminators, y, sample, state.kind == DDPM,
+                               type(scheduler).__name__)
+        if classifiers or discriminators:
+            guide = _dropin_guidance.make_guide(classifiers, discriminators, y, sample, _scalar_timestep(timestep),
+                                                int(config(scheduler, "num_train_timesteps")), backend)
+    prev, x0 = scheduler_step(model_output, timestep, sample, scheduler=scheduler, guidance_scale=guidance_scale,
+                              guidance_rescale=guidance_rescale, generator=generator, options=options, out=out,
+                              backend=backend, want_x0=return_dict, guide=guide, check_finite_output=check_finite,
+                              noise=noise)
+    if return_dict:
+        return StepOutput(prev_sample=prev, pred_original_sample=x0)
+    return prev

@@ -1,0 +1,218 @@
+"""Which diffusers schedulers the drop-in step supports, and what fastguide keeps per scheduler.
+
+A scheduler's config is validated once per schedule; its coefficient plans
+(``fastguide.samplers.scheduler_tables``) are built once per set of step options and kept on the scheduler
+object itself, rebuilt when ``set_timesteps`` or a config change replaces its arrays.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+
+from ..backends import dispatch as _dispatch
+from ..samplers.scheduler_tables import (BUILDERS, DDIM, DDPM, DPM, EULER, EULER_ANCESTRAL, PREPARE_HELP,
+                                         SchedulerPlan, config)
+
+# diffusers class name -> the step formula it uses.
+KINDS = {
+    "DDPMScheduler": DDPM,
+    "DDIMScheduler": DDIM,
+    "EulerDiscreteScheduler": EULER,
+    "EulerAncestralDiscreteScheduler": EULER_ANCESTRAL,
+    "DPMSolverMultistepScheduler": DPM,
+}
+INDEX_BASED = (EULER, EULER_ANCESTRAL, DPM)  # schedulers that keep a step counter (``_step_index``)
+
+
+def kind_of(scheduler) -> str:
+    """The step formula of ``scheduler``; subclasses count only if they keep the parent's ``step``."""
+    for cls in type(scheduler).__mro__:
+        kind = KINDS.get(cls.__name__)
+        if kind is not None and getattr(type(scheduler), "step", None) is getattr(cls, "step", None):
+            return kind
+    raise ValueError(f"scheduler: {type(scheduler).__name__} is not supported by fastguide.step; supported: "
+                     f"{', '.join(KINDS)}")
+
+
+def _check_choice(scheduler, name: str, allowed: Tuple) -> None:
+    value = config(scheduler, name)
+    if value not in allowed:
+        raise ValueError(f"scheduler.config.{name}={value!r} is not supported by fastguide.step for "
+                         f"{type(scheduler).__name__} (supported: {', '.join(map(repr, allowed))})")
+
+
+_PREDICTION_TYPES = {
+    DDPM: ("epsilon", "v_prediction", "sample"),
+    DDIM: ("epsilon", "v_prediction", "sample"),
+    EULER: ("epsilon", "v_prediction", "sample", "original_sample"),
+    EULER_ANCESTRAL: ("epsilon", "v_prediction"),
+    DPM: ("epsilon", "v_prediction", "sample"),
+}
+
+
+def check_config(scheduler, kind: str) -> None:
+    """Reject every config option whose step the coefficient rows cannot reproduce."""
+    _check_choice(scheduler, "prediction_type", _PREDICTION_TYPES[kind])
+    if kind == DDPM:
+        if config(scheduler, "variance_type") == "fixed_large_log":
+            # DDPMScheduler.step takes sqrt(log beta_t) for this type, so its own result is NaN.
+            raise ValueError("scheduler.config.variance_type='fixed_large_log' is not supported: diffusers' "
+                             "DDPMScheduler.step returns NaN for it (it takes the square root of log beta_t); "
+                             "'fixed_large' is the intended variance")
+        # None behaves as fixed_small in DDPMScheduler.step.
+        _check_choice(scheduler, "variance_type", (None, "fixed_small", "fixed_small_log", "fixed_large",
+                                                   "learned_range"))
+    elif kind == DPM:
+        _check_choice(scheduler, "algorithm_type", ("dpmsolver++",))
+        _check_choice(scheduler, "solver_order", (1, 2))
+        _check_choice(scheduler, "solver_type", ("midpoint", "heun"))
+        _check_choice(scheduler, "variance_type", (None,))
+        if config(scheduler, "use_flow_sigmas", False):
+            raise ValueError("scheduler.config.use_flow_sigmas=True is not supported by fastguide.step")
+    if kind in (DDPM, DDIM, DPM) and config(scheduler, "thresholding", False):
+        ratio = config(scheduler, "dynamic_thresholding_ratio")
+        if not isinstance(ratio, numbers.Real) or not 0.0 <= float(ratio) <= 1.0:
+            raise ValueError(f"scheduler.config.dynamic_thresholding_ratio must be in [0, 1], got {ratio!r}")
+    elif kind in (DDPM, DDIM) and config(scheduler, "clip_sample", False):
+        rng = config(scheduler, "clip_sample_range", 1.0)
+        if not isinstance(rng, numbers.Real) or not float(rng) > 0.0 or not math.isfinite(float(rng)):
+            raise ValueError(f"scheduler.config.clip_sample_range must be a finite float > 0, got {rng!r}")
+    if kind in (DDIM, DPM) and getattr(scheduler, "num_inference_steps", None) is None:
+        raise ValueError(f"scheduler: {type(scheduler).__name__} has no schedule yet; call "
+                         "scheduler.set_timesteps(...) first")
+
+
+@dataclass
+class SchedulerState:
+    """What fastguide knows about one scheduler's current schedule and config (validated once)."""
+
+    refs: tuple                               # the objects it was built from, compared by identity
+    kind: str
+    clip: Optional[Tuple[float, float]]       # clip_sample range, DDPM/DDIM
+    threshold: Optional[Tuple[float, float]]  # (dynamic_thresholding_ratio, sample_max_value)
+    solver_order: int = 1                     # DPM-Solver++
+    plans: Dict[tuple, SchedulerPlan] = field(default_factory=dict)
+    # Index-based schedulers: the step index of the next call. Compiled calls read it instead of the
+    # scheduler's ``_step_index`` (None before the first step, and an int that dynamo specialises on when the
+    # scheduler is a global: one graph per step, then a hard failure at the recompile limit with
+    # fullgraph=True). Dynamo traces this attribute as a symbolic integer (see STEP_COUNTER_SOURCE).
+    next_index: int = 0
+
+
+# The cached state lives on the scheduler object itself: it dies with it, copies carry it along, and
+# torch.compile guards on a plain attribute (a module-level WeakKeyDictionary made dynamo guard on the
+# position of entries that garbage collection may remove, which broke guard building).
+STATE_ATTR = "_fastguide_state"
+_KIND_OF_TYPE: Dict[type, str] = {}
+
+# Dynamo specialises on integers read from globals (and on a first trace, on every integer), so a step
+# counter would compile one graph per step. torch.compile's ``dynamic_sources`` marks sources by name as
+# symbolic; fastguide adds the name of its own counter (and nothing else) to it, keeping the user's entries.
+STEP_COUNTER_SOURCE = rf".*\.{STATE_ATTR}\.next_index$"
+
+
+def _mark_step_counter_dynamic() -> None:
+    current = torch.compiler.config.dynamic_sources
+    if STEP_COUNTER_SOURCE not in current.split(","):
+        torch.compiler.config.dynamic_sources = f"{current},{STEP_COUNTER_SOURCE}" if current else \
+            STEP_COUNTER_SOURCE
+
+
+_mark_step_counter_dynamic()
+
+
+def _state_refs(scheduler, kind: str) -> tuple:
+    """set_timesteps assigns new ``timesteps``/``sigmas`` tensors and a config change a new config object;
+    holding them makes identity a safe key."""
+    arrays = (scheduler.sigmas,) if kind in INDEX_BASED else (scheduler.alphas_cumprod,)
+    return (scheduler.timesteps, scheduler.config) + arrays
+
+
+def scheduler_state(scheduler) -> SchedulerState:
+    """The cached state of ``scheduler``, rebuilt (and its config re-validated) when its arrays changed."""
+    kind = _KIND_OF_TYPE.get(type(scheduler))
+    if kind is None:
+        kind = _KIND_OF_TYPE[type(scheduler)] = kind_of(scheduler)
+    refs = _state_refs(scheduler, kind)
+    state = getattr(scheduler, STATE_ATTR, None)
+    if state is not None and len(state.refs) == len(refs) and all(a is b for a, b in zip(state.refs, refs)):
+        return state
+    if torch.compiler.is_compiling():
+        raise RuntimeError(PREPARE_HELP)
+    check_config(scheduler, kind)
+    clip = threshold = None
+    if kind in (DDPM, DDIM, DPM) and config(scheduler, "thresholding", False):
+        threshold = (float(config(scheduler, "dynamic_thresholding_ratio")),
+                     float(config(scheduler, "sample_max_value")))
+    elif kind in (DDPM, DDIM) and config(scheduler, "clip_sample", False):
+        r = float(config(scheduler, "clip_sample_range", 1.0))
+        clip = (-r, r)
+    order = int(config(scheduler, "solver_order")) if kind == DPM else 1
+    state = SchedulerState(refs, kind, clip, threshold, order)
+    setattr(scheduler, STATE_ATTR, state)
+    return state
+
+
+def variant(kind: str, eta, use_clipped, s_churn, s_tmin, s_tmax, s_noise) -> tuple:
+    """The step options a scheduler's rows depend on (the key of its plan)."""
+    if kind == DDIM:
+        return (float(eta), bool(use_clipped))
+    if kind == EULER:
+        return (float(s_churn), float(s_tmin), float(s_tmax), float(s_noise))
+    return ()
+
+
+def plan_of(scheduler, state: SchedulerState, options: tuple) -> SchedulerPlan:
+    """The plan of ``scheduler`` for step options ``options`` (``variant``), built on first use."""
+    plan = state.plans.get(options)
+    if plan is None:
+        if torch.compiler.is_compiling():
+            raise RuntimeError(PREPARE_HELP)
+        plan = state.plans[options] = BUILDERS[state.kind](scheduler, *options)
+    return plan
+
+
+def plan_for(scheduler, *, eta: float = 0.0, use_clipped_model_output: bool = False, s_churn: float = 0.0,
+             s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> SchedulerPlan:
+    """The coefficient plan of ``scheduler``'s current schedule for these step options (cached).
+
+    >>> plan = fastguide.dropin.plan_for(scheduler)     # after scheduler.set_timesteps(...)
+    >>> plan.sigma[i], plan.variance[i]                 # state parametrisation / DDPM variance of step i
+    """
+    state = scheduler_state(scheduler)
+    return plan_of(scheduler, state, variant(state.kind, eta, use_clipped_model_output, s_churn, s_tmin, s_tmax,
+                                             s_noise))
+
+
+def prepare(scheduler, device: Union[None, str, torch.device] = None, **step_options) -> SchedulerPlan:
+    """Build and cache everything ``fastguide.step`` needs for ``scheduler``'s current schedule on ``device``
+    (default: where ``scheduler.timesteps`` lives), so that ``fastguide.step`` runs inside
+    ``torch.compile(fullgraph=True)`` without graph breaks. ``step_options`` are the step's scheduler options
+    (``eta``, ``use_clipped_model_output``, ``s_churn``, ...). Call it after ``set_timesteps`` (and
+    ``set_begin_index``, if any) and outside the compiled function, once per sampling loop: it also sets the
+    step counter that compiled calls of index-based schedulers read, and probes the kernel backends (an import
+    cannot be traced). An eager ``fastguide.step`` call prepares the same way.
+
+    >>> scheduler.set_timesteps(50)
+    >>> fastguide.dropin.prepare(scheduler, "cuda")
+    >>> denoise = torch.compile(lambda x, t: fastguide.step(unet(torch.cat([x] * 2), t).sample, t, x,
+    ...                                                      scheduler=scheduler, guidance_scale=7.5),
+    ...                         fullgraph=True)
+    """
+    plan = plan_for(scheduler, **step_options)
+    if plan.kind in INDEX_BASED:
+        start = scheduler.step_index if scheduler.step_index is not None else scheduler.begin_index
+        scheduler_state(scheduler).next_index = int(start or 0)
+    _dispatch.backends()  # probe the backends now: importing one is not traceable
+    devices = {torch.device(device) if device is not None else scheduler.timesteps.device,
+               scheduler.timesteps.device}
+    for d in devices:
+        plan.table(d)
+        if plan.kind in (DDPM, DDIM):
+            plan.timestep_values(d)
+    return plan

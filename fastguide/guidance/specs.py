@@ -1,0 +1,157 @@
+"""Guidance specs: what the user asks for, checked when the spec is made.
+
+Three methods compose in any combination:
+
+* ``CFG`` — classifier-free guidance (Ho & Salimans 2022): the model runs once on the 2B batch.
+* ``ClassifierGuidance`` — ``input="xt"``: ADM (Dhariwal & Nichol 2021), a noisy classifier on x_t;
+  ``input="x0"``: Ma et al. 2023, an off-the-shelf classifier on the predicted x0^ with the temperature
+  objective ``tau1 l_y - logsumexp(tau2 l)``, and on sigma samplers their EDM recipe.
+* ``DiscriminatorGuidance`` — Kim et al. 2022: ``score += w grad_x log(d / (1 - d))``.
+
+A gradient enters a step either as a *score correction* (``eps -= sigma g``; ADM-DDIM, DG) or as a
+*mean shift* (``mu += Sigma g``; ADM-DDPM, Ma et al. DDPM, DG-DDPM), see ``fastguide.core.layout``; the
+gradients themselves are in ``fastguide.guidance.gradients``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+import torch
+from torch import nn
+
+from ..core.checks import check_fraction, check_nonneg, check_real, check_window
+
+
+@dataclass(frozen=True)
+class CFG:
+    """Classifier-free guidance ``eps~ = u + scale (c - u)``, optionally rescaled (Lin et al. 2023).
+
+    ``scale`` is a float or a [B] tensor (per-sample scales for mixed batches). The uncond half gets
+    ``null_label`` as its label (one model call on the 2B batch); with ``null_label=None`` the uncond half
+    is a second call with ``y=None``. Outside the guidance window ``[start, stop)`` (fractions of the
+    steps; Kynkäänniemi et al. 2024) only the cond half is evaluated.
+
+    >>> fastguide.sample(model, x_T, schedule=s, sampler="ddim", steps=50, y=y,
+    ...                  guidance=[fastguide.CFG(4.0, null_label=10)])
+    """
+
+    scale: Union[float, torch.Tensor]
+    rescale: float = 0.0
+    null_label: Any = None
+    start: float = 0.0
+    stop: float = 1.0
+
+    def __post_init__(self):
+        if isinstance(self.scale, torch.Tensor):
+            if self.scale.dim() > 1 or not self.scale.is_floating_point():
+                raise ValueError("CFG scale must be a float or a [B] floating-point tensor")
+        else:
+            check_nonneg("CFG scale", self.scale)
+        check_fraction("CFG rescale", self.rescale)
+        check_window("CFG start", self.start, "CFG stop", self.stop)
+
+    def active(self, step: int, steps: int) -> bool:
+        return self.start <= step / steps < self.stop
+
+
+@dataclass(frozen=True)
+class ClassifierGuidance:
+    """Classifier guidance with ``classifier(x, t) -> logits [B, K]`` towards the labels ``y``.
+
+    ``input="xt"`` (ADM): the classifier sees the noisy state (its VP view and timestep); DDPM shifts the
+    mean by ``scale * Sigma * g`` (guided-diffusion ``condition_mean``), the other samplers correct the
+    score (``condition_score``). Objective ``tau1 l_y - logsumexp(tau2 l)``; tau1 = tau2 = 1 is
+    log-softmax.
+
+    ``input="x0"`` (Ma et al. 2023): on DDPM/DDIM the classifier sees the predicted x0^ (clipped when the
+    loop clips) and ``g = scale * grad_{x0^} J`` shifts the mean by
+    ``(Sigma_t + max(0, gamma * Sigma_max * sin(pi i / N))) g`` with i = N-1 .. 0 the step counted down
+    (EluCD) — DDIM has no model variance, so Sigma_t is the DDPM posterior variance of the step pair.
+    On sigma samplers it follows their EDM recipe: the classifier sees ``x / max(1, rms(x))``, and
+    ``g / rms(g) * rms(x) * w_i * scale`` with ``w_i = max(g_max/(N+1) (N+1-i), 1e-5) + sin(pi i/N) g_max add``
+    is added to the state before the denoiser (the Heun correction is unguided).
+    ImageNet-128 defaults of the paper: scale=1, tau1=1, tau2=0.5, gamma=0.3 with ``smooth(clf, 3.0)``;
+    EDM: tau1=1, tau2=0, g_max=0.004, add=0.3 with ``smooth(clf, 5.0)``.
+    """
+
+    classifier: Callable[..., torch.Tensor]
+    scale: float = 1.0
+    input: str = "xt"
+    tau1: float = 1.0
+    tau2: float = 1.0
+    gamma: float = 0.0
+    g_max: float = 0.004
+    add: float = 0.3
+
+    def __post_init__(self):
+        if not callable(self.classifier):
+            raise TypeError("classifier must be callable as classifier(x, t) -> logits [B, K]")
+        if self.input not in ("xt", "x0"):
+            raise ValueError(f"ClassifierGuidance input must be 'xt' or 'x0', got {self.input!r}")
+        for name in ("scale", "gamma", "g_max", "add"):
+            check_nonneg(f"ClassifierGuidance {name}", getattr(self, name))
+        for name in ("tau1", "tau2"):
+            check_real(f"ClassifierGuidance {name}", getattr(self, name))
+
+
+@dataclass(frozen=True)
+class DiscriminatorGuidance:
+    """Discriminator guidance (Kim et al. 2022) with ``discriminator(x, t, y) -> logit [B]``.
+
+    Adds ``weight * grad_x log(d / (1 - d))`` (d clipped to [1e-5, 1 - 1e-5]) to the score: on EDM Heun
+    ``D' = D + weight sigma^2 c`` in the first stage and ``weight2`` in the second; on DDPM a mean shift
+    ``Sigma * weight * c``; on other samplers a score correction. Only where the VP time (t/T for VP
+    schedules, tau(sigma) with beta0=0.1, beta1=20 for EDM) lies in ``[t_min, t_max]``. The
+    discriminator sees the VP view of the state (x / sqrt(1 + sigma^2) for EDM) and the VP time tau for
+    EDM schedules, the training timestep for VP schedules. Papers' recipes: EDM ``weight=2`` (uncond) or
+    1 (cond), ``t_min=0.01``; DiT/ADM DDPM ``t_min=0.101`` (t > 100 of 1000).
+    """
+
+    discriminator: Callable[..., torch.Tensor]
+    weight: float = 1.0
+    weight2: float = 0.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+
+    def __post_init__(self):
+        if not callable(self.discriminator):
+            raise TypeError("discriminator must be callable as discriminator(x, t, y) -> logit [B]")
+        check_nonneg("DiscriminatorGuidance weight", self.weight)
+        check_nonneg("DiscriminatorGuidance weight2", self.weight2)
+        check_window("DiscriminatorGuidance t_min", self.t_min, "DiscriminatorGuidance t_max", self.t_max)
+
+    def weight_at(self, vp_time: float, second_stage: bool = False) -> float:
+        """The weight at VP time ``vp_time`` (0 outside ``[t_min, t_max]``); ``second_stage``: Heun's
+        correction stage, which takes ``weight2``."""
+        if not self.t_min <= vp_time <= self.t_max:
+            return 0.0
+        return self.weight2 if second_stage else self.weight
+
+
+def smooth(classifier: nn.Module, beta: float) -> nn.Module:
+    """A copy of ``classifier`` with every ``nn.ReLU`` module replaced by ``nn.Softplus(beta)`` (Ma et al.).
+
+    Functional ``F.relu`` calls inside ``forward`` cannot be found this way and stay ReLU.
+
+    >>> guided_clf = fastguide.smooth(resnet, beta=3.0)
+    """
+    if not isinstance(classifier, nn.Module):
+        raise TypeError(f"classifier must be an nn.Module, got {type(classifier).__name__}")
+    if check_nonneg("beta", beta) == 0:
+        raise ValueError("beta must be > 0")
+    smoothed = copy.deepcopy(classifier)
+    _replace_relus(smoothed, float(beta))
+    return smoothed
+
+
+def _replace_relus(module: nn.Module, beta: float) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.ReLU):
+            setattr(module, name, nn.Softplus(beta=beta))
+        else:
+            _replace_relus(child, beta)
+
+

@@ -1,0 +1,192 @@
+"""Running a built loop: the code of one stage kind, and the driver over all stages.
+
+Inside the loop there is no ``.item()``, no ``nonzero``, no tensor-valued Python branch and no host-to-device
+copy; ``tests/test_native_loops.py`` audits that with a ``TorchDispatchMode`` over whole loops.
+
+Noise: a stage draws its noise at its start, before any network of the stage runs (the churn noise first,
+then the step noise), from the caller's generator(s) exactly as ``fastguide.core.noise.randn`` draws it.
+Under ``torch.compile`` the draws stay outside the compiled body and enter it as inputs, so compiled and
+eager loops see the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+
+from ..core import ops
+from ..core.args import StepArgs
+from ..core.layout import CLIP_NONE, CLIP_RANGE
+from ..core.noise import Generator, randn
+from ..guidance.gradients import classifier_grad_core, discriminator_grad_core, edm_shift_core
+from .spec import (FIXED_SCALAR_ROWS, ROW_C_IN, ROW_GUIDE_IN, ROW_PRE_NOISE, ROW_X0_FACTOR, LoopInputs, LoopSpec,
+                   LoopTables, StageKind)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One stage
+
+
+_gather = torch.ops.aten.index.Tensor
+
+
+def _at(table: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """Row ``counter`` (a 0-dim int64 device tensor) of ``table``, as one device-side gather. Not
+    ``table[counter]``: Python indexing reads a 0-dim integer tensor on the host (a sync per step)."""
+    return _gather(table, [counter])
+
+
+def _check_model_output(out, rows: int, x: torch.Tensor, learned: bool) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"model must return a tensor, got {type(out).__name__}")
+    expected = (rows, x.shape[1] * (2 if learned else 1)) + tuple(x.shape[2:])
+    if tuple(out.shape) != expected:
+        raise ValueError(f"model returned shape {tuple(out.shape)}, expected {expected}")
+    return out
+
+
+StageFn = Callable[..., Tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+def make_stage(spec: LoopSpec, kind: StageKind, model: Callable, classifiers: Sequence,
+               discriminators: Sequence, backend: str) -> StageFn:
+    """The code of one stage kind: ``stage(x, x0_prev, z_pre, z_step, counter, tables, inputs)`` returns
+    ``(x_next, x0 or None)``. Every per-stage number is read from ``tables`` at ``counter`` (a 0-dim int64
+    device tensor), so one function serves every stage of its kind."""
+    clip_mode, lo, hi = (CLIP_RANGE, spec.clip[0], spec.clip[1]) if spec.clip is not None else (CLIP_NONE, -1.0, 1.0)
+    rescale = spec.rescale if kind.cfg else 0.0
+    disc_row = FIXED_SCALAR_ROWS
+    edm_row = FIXED_SCALAR_ROWS + len(discriminators)
+    x0_rows = {i: edm_row + j for j, i in enumerate(spec.x0_classifier_index)}
+    null_pair = kind.cfg and spec.null_label is not None
+
+    def step_args(x, out, coeffs, counter, cfg_scale, g_score, g_mean, z, x0_prev, x0_out, write_out=True):
+        return StepArgs(x, out, coeffs, counter, scale=cfg_scale if kind.cfg else None, rescale=rescale,
+                        g_score=g_score, g_mean=g_mean, noise=z, x0_prev=x0_prev, clip_mode=clip_mode,
+                        clip_lo=lo, clip_hi=hi, learned_variance=spec.learned_step, x0_out=x0_out,
+                        write_out=write_out)
+
+    def stage(x, x0_prev, z_pre, z_step, counter, tables, inputs):
+        # Nothing flows back into the denoiser (the guidance gradients enable grad for their own networks):
+        # no autograd graph is kept for the model, and compiled stages return plain tensors. (An eager
+        # ``run_loop`` already runs under no_grad.)
+        if not torch.is_grad_enabled():
+            return stage_body(x, x0_prev, z_pre, z_step, counter, tables, inputs)
+        with torch.no_grad():
+            return stage_body(x, x0_prev, z_pre, z_step, counter, tables, inputs)
+
+    def stage_body(x, x0_prev, z_pre, z_step, counter, tables, inputs):
+        coeffs, t_model, t_model2, guide_t, scalars = tables
+        y, y_pair, cfg_scale, classifier_scales, unit = inputs
+        if kind.edm_recipe or kind.xt_classifiers or kind.x0_classifiers or kind.discriminators:
+            t_guide = _at(guide_t, counter)
+            guide_in = _at(scalars[ROW_GUIDE_IN], counter) if kind.guide_scaled else None
+        for i in kind.edm_recipe:
+            x = x + edm_shift_core(classifiers[i], x, t_guide, y, _at(scalars[x0_rows[i]], counter), unit, backend)
+        if kind.pre_noise:
+            x = x + _at(scalars[ROW_PRE_NOISE], counter) * z_pre
+        x_in = x * _at(scalars[ROW_C_IN], counter) if kind.scales_input else x
+        rows = x.shape[0]
+        if kind.cfg:
+            if null_pair:
+                out = model(torch.cat([x_in, x_in]), _at(t_model2, counter), y_pair)
+            else:
+                t = _at(t_model, counter)
+                out = torch.cat([model(x_in, t, None), model(x_in, t, y)])
+            rows *= 2
+        else:
+            out = model(x_in, _at(t_model, counter), y)
+        out = _check_model_output(out, rows, x, spec.learned_model)
+        if spec.learned_model and not spec.learned_step:
+            out = out[:, : x.shape[1]]  # only DDPM uses the learned variance channels
+
+        state_grad = None
+        for i in kind.xt_classifiers:
+            g = classifier_grad_core(classifiers[i], x, t_guide, y, classifier_scales[i], guide_in, backend)
+            state_grad = g if state_grad is None else state_grad + g
+        for j in kind.discriminators:
+            g = discriminator_grad_core(discriminators[j], x, t_guide, guide_in, y,
+                                        _at(scalars[disc_row + j], counter))
+            state_grad = g if state_grad is None else state_grad + g
+        g_score, g_mean = (None, state_grad) if spec.mean_shift else (state_grad, None)
+        x0_prev_in = x0_prev if kind.uses_x0_prev else None
+        if kind.x0_classifiers:
+            # Ma et al.: the classifier sees x0^ (clipped like the step clips it); no backprop into the model.
+            x0_hat = torch.empty_like(x)
+            ops.run_step(step_args(x, out, coeffs, counter, cfg_scale, None, None, z_step, x0_prev_in,
+                                   x0_hat, write_out=False), backend)
+            for i in kind.x0_classifiers:
+                g = classifier_grad_core(classifiers[i], x0_hat, t_guide, y, classifier_scales[i], None, backend)
+                if kind.x0_factor and i == spec.factor_spec:
+                    g = g * _at(scalars[ROW_X0_FACTOR], counter)
+                g_mean = g if g_mean is None else g_mean + g
+        x0_next = torch.empty_like(x) if kind.writes_x0 else None
+        x_next = ops.run_step(step_args(x, out, coeffs, counter, cfg_scale, g_score, g_mean, z_step, x0_prev_in,
+                                        x0_next), backend)
+        return x_next, x0_next
+
+    return stage
+
+
+# ---------------------------------------------------------------------------------------------------
+# Driving a whole loop
+
+
+class NoiseSource:
+    """Where a loop's noise comes from: drawn per stage from generator(s), or read from pre-drawn buffers."""
+
+    def __init__(self, generator: Generator = None, predrawn: Optional[torch.Tensor] = None):
+        self.generator = generator
+        self.predrawn = predrawn
+        self.index = 0
+
+    def draw(self, like: torch.Tensor) -> torch.Tensor:
+        if self.predrawn is not None:
+            z = self.predrawn[self.index]
+            self.index += 1
+            return z
+        return randn(like.shape, self.generator, like.device, like.dtype)
+
+
+def count_draws(spec: LoopSpec) -> int:
+    """How many noise tensors of the sample's shape a loop draws."""
+    return sum(int(k.pre_noise) + int(k.noise) for k in spec.kinds)
+
+
+def predraw(spec: LoopSpec, generator: Generator, shape, device: torch.device,
+            dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Every draw of a loop, in the loop's order, as one ``[draws, *shape]`` tensor on ``device``
+    (what a CUDA graph reads when the caller's generators live on the CPU)."""
+    draws = count_draws(spec)
+    if not draws:
+        return None
+    return torch.stack([randn(shape, generator, device, dtype) for _ in range(draws)])
+
+
+def run_loop(stages: Sequence[StageFn], spec: LoopSpec, x_T: torch.Tensor, tables: LoopTables,
+             inputs: LoopInputs, noise: NoiseSource, counter: Optional[torch.Tensor] = None,
+             progress: Optional[Callable] = None) -> torch.Tensor:
+    """Run every stage: ``stages[k]`` is stage k's function (shared between stages of one kind).
+
+    The step counter starts at 0 on the device and advances in place after each stage; ``counter`` may be
+    a caller's buffer (a CUDA graph's), else a fresh one."""
+    if counter is None:
+        counter = torch.zeros((), dtype=torch.int64, device=x_T.device)
+    else:
+        counter.zero_()
+    x = x_T * spec.init_scale
+    x0_prev = None
+    table_args, input_args = tables.as_tuple(), inputs.as_tuple()
+    order = range(spec.num_stages)
+    if progress is not None:
+        order = progress(order)
+    kinds = spec.kinds
+    with torch.no_grad():
+        for k in order:
+            kind = kinds[k]
+            z_pre = noise.draw(x) if kind.pre_noise else None
+            z_step = noise.draw(x) if kind.noise else None
+            x, x0_prev = stages[k](x, x0_prev, z_pre, z_step, counter, table_args, input_args)
+            counter.add_(1)
+    return x

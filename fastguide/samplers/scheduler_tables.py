@@ -1,0 +1,271 @@
+"""Coefficient tables read from diffusers schedulers, for the drop-in ``fastguide.step``.
+
+Every supported scheduler step is one row of ``fastguide.core.layout`` coefficients. The rows are built
+here, in float64, from the scheduler's *own* state after ``set_timesteps`` (``alphas_cumprod``,
+``timesteps``, ``sigmas``: spacing, Karras sigmas, zero-SNR rescaling and custom schedules are already in
+them), with the row primitives the native samplers use (``fastguide.samplers.rows``). Where a diffusers
+scheduler differs from the paper or from the native sampler, the builder below says so (DDIM's previous
+timestep, Euler's v-prediction sigma, DPM-Solver's lower-order final step).
+
+diffusers computes these coefficients in float32; fastguide computes them in float64 and rounds the row
+once, so results can differ from diffusers' by diffusers' own fp32 rounding (e.g. ~5e-5 relative in
+DDPM's first betas).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..core.layout import Col
+from .rows import ddim_noise_std, ddim_update, ddpm_mean, euler_update, prediction_coeffs, row
+
+DDPM, DDIM, EULER, EULER_ANCESTRAL, DPM = "ddpm", "ddim", "euler", "euler_ancestral", "dpmsolver++"
+
+PREPARE_HELP = ("fastguide.step inside torch.compile needs the scheduler's tables built beforehand: call "
+                "fastguide.dropin.prepare(scheduler, device, **step_options) after scheduler.set_timesteps(...) "
+                "and outside the compiled function (or run one fastguide.step eagerly first)")
+
+
+def config(scheduler, name: str, default=None):
+    """``scheduler.config[name]`` (``default`` when the scheduler's config has no such key)."""
+    return scheduler.config.get(name, default)
+
+
+@dataclass
+class SchedulerPlan:
+    """The coefficient rows of one scheduler's current schedule, and what each step needs to know.
+
+    ``rows`` holds ``num_steps`` rows (one per position in ``scheduler.timesteps``); DPM-Solver++ with
+    ``solver_order=2`` appends ``num_steps`` second-order rows (row ``num_steps + i`` is step ``i`` taken with
+    the previous x0). Per step, ``alpha``/``sigma`` give the state's parametrisation ``x = alpha x0 + sigma
+    eps`` (for Euler that is the sigma after churn), which defines the score-correction columns
+    (``eps -= sigma g``, ``x0 += sigma^2/alpha g``). ``variance`` is DDPM's fixed mean-shift variance
+    (``mu += Sigma g``); None where the model supplies it (learned_range: the DV column) or the scheduler has
+    no mean shift.
+
+    >>> plan = fastguide.dropin.plan_for(scheduler)     # after scheduler.set_timesteps(...)
+    >>> plan.sigma[i], plan.variance[i]                 # state parametrisation / DDPM variance of step i
+    """
+
+    kind: str
+    rows: np.ndarray                       # [R, NUM_COLS] float64
+    num_steps: int
+    alpha: np.ndarray                      # [num_steps]
+    sigma: np.ndarray                      # [num_steps]
+    draws_noise: np.ndarray                # [num_steps] bool: diffusers draws noise on this step
+    variance: Optional[np.ndarray] = None  # [num_steps] DDPM fixed variance for a mean shift
+    learned_variance: bool = False         # model output carries 2C channels (DDPM learned_range)
+    timestep_rows: Dict[int, int] = field(default_factory=dict)  # DDPM/DDIM: timestep value -> step
+    _device_tensors: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        # Python bools for compiled code (dynamo turns numpy reads into tensor ops it cannot branch on).
+        self.noise_steps: Tuple[bool, ...] = tuple(bool(v) for v in self.draws_noise)
+        self.any_noise: bool = any(self.noise_steps)
+
+    @property
+    def supports_mean_shift(self) -> bool:
+        return self.kind == DDPM
+
+    def device_tensor(self, key: tuple, device: torch.device, build: Callable[[], np.ndarray]) -> torch.Tensor:
+        """A tensor derived from the plan, copied to ``device`` once and kept with the plan (``build`` makes
+        its host array on first use; fp arrays become fp32)."""
+        t = self._device_tensors.get((key, device))
+        if t is None:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(PREPARE_HELP)
+            host = torch.from_numpy(build())
+            t = host.to(device=device, dtype=torch.float32 if host.is_floating_point() else host.dtype)
+            self._device_tensors[(key, device)] = t
+        return t
+
+    def table(self, device: torch.device) -> torch.Tensor:
+        """The fp32 table on ``device``, copied there once."""
+        return self.device_tensor(("rows",), device, lambda: self.rows)
+
+    def timestep_values(self, device: torch.device) -> torch.Tensor:
+        """DDPM/DDIM: int64 ``[num_steps]`` of the timestep each row belongs to, on ``device`` (copied once);
+        compiled code finds a timestep's row on the device with it instead of reading the timestep."""
+        def build():
+            ts = np.zeros(self.num_steps, dtype=np.int64)
+            for value, index in self.timestep_rows.items():
+                ts[index] = value
+            return ts
+        return self.device_tensor(("timesteps",), device, build)
+
+    def row_of_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
+        """The row of a timestep tensor as a 0-dim int64 tensor on the timestep's device, found without a
+        host read (the first position holding it, as the host lookup takes). A timestep that is not in the
+        schedule is not detected here: that would need a sync."""
+        values = self.timestep_values(timestep.device)
+        return (values == timestep.reshape(())).to(torch.int64).argmax()
+
+
+def _f64(t) -> np.ndarray:
+    return np.asarray(t.detach().double().cpu().numpy() if isinstance(t, torch.Tensor) else t, dtype=np.float64)
+
+
+def _first_positions(ts: List[int]) -> Dict[int, int]:
+    positions: Dict[int, int] = {}
+    for i, t in enumerate(ts):
+        positions.setdefault(t, i)
+    return positions
+
+
+def ddpm_plan(scheduler) -> SchedulerPlan:
+    """Ho et al. 2020 eq. 7 over diffusers' chain: x_prev = c0 x0^ + ct x + std z, noise only when t > 0."""
+    abar = _f64(scheduler.alphas_cumprod)
+    ts = [int(t) for t in _f64(scheduler.timesteps)]
+    n = len(ts)
+    pred = config(scheduler, "prediction_type")
+    vtype = config(scheduler, "variance_type")
+    learned = vtype == "learned_range"
+    rows, alpha, sigma, variance = [], np.zeros(n), np.zeros(n), np.zeros(n)
+    draws = np.array([t > 0 for t in ts], dtype=bool)
+    for i, t in enumerate(ts):
+        prev = ts[i + 1] if i + 1 < n else -1
+        at = abar[t]
+        ap = abar[prev] if prev >= 0 else 1.0
+        beta = 1.0 - at / ap
+        post_var = max((1.0 - ap) / (1.0 - at) * beta, 1e-20)  # clamped as diffusers does
+        a, s = math.sqrt(at), math.sqrt(1.0 - at)
+        if learned:
+            # log Sigma = f log beta_t + (1 - f) log(posterior variance), f = (v + 1) / 2; noise sqrt(Sigma).
+            with np.errstate(divide="ignore"):
+                upd = dict(LV_MAX=np.log(beta), LV_MIN=np.log(post_var), DV=1.0, EV=1.0 if draws[i] else 0.0)
+            variance[i] = np.nan
+        else:
+            var = beta if vtype == "fixed_large" else post_var  # fixed_small_log: same std, via exp(log/2)
+            upd = dict(D=var, E=math.sqrt(var) if draws[i] else 0.0)
+            variance[i] = var
+        rows.append(row(prediction_coeffs(pred, a, s, with_eps=False), a, s, **ddpm_mean(at, ap), **upd))
+        alpha[i], sigma[i] = a, s
+    return SchedulerPlan(DDPM, np.stack(rows), n, alpha, sigma, draws, None if learned else variance, learned,
+                         _first_positions(ts))
+
+
+def ddim_plan(scheduler, eta: float, use_clipped: bool) -> SchedulerPlan:
+    """Song et al. 2021 eq. 12 as DDIMScheduler takes it: the previous timestep is always
+    ``t - num_train_timesteps // num_inference_steps`` (not the next entry of the schedule)."""
+    abar = _f64(scheduler.alphas_cumprod)
+    final = float(_f64(scheduler.final_alpha_cumprod))
+    ts = [int(t) for t in _f64(scheduler.timesteps)]
+    n = len(ts)
+    stride = int(config(scheduler, "num_train_timesteps")) // int(scheduler.num_inference_steps)
+    pred = config(scheduler, "prediction_type")
+    rows, alpha, sigma = [], np.zeros(n), np.zeros(n)
+    for i, t in enumerate(ts):
+        prev = t - stride
+        at = abar[t]
+        ap = abar[prev] if prev >= 0 else final
+        a, s = math.sqrt(at), math.sqrt(1.0 - at)
+        std = ddim_noise_std(eta, at, ap)
+        rest = 1.0 - ap - std * std
+        # eta > 1 can make this negative; diffusers then returns NaN, and so does the row.
+        direction = math.sqrt(rest) if rest >= 0 else math.nan
+        upd = ddim_update(a, s, math.sqrt(ap), direction, use_clipped)
+        pred_cols = prediction_coeffs(pred, a, s, with_eps=not use_clipped)
+        rows.append(row(pred_cols, a, s, E=std if eta > 0 else 0.0, **upd))
+        alpha[i], sigma[i] = a, s
+    return SchedulerPlan(DDIM, np.stack(rows), n, alpha, sigma, np.full(n, eta > 0),
+                         timestep_rows=_first_positions(ts))
+
+
+def _sigma_prediction(prediction_type: str, sigma_in: float, sigma_hat: float) -> dict:
+    """x0 on the state x = x0 + sigma eps; diffusers' Euler converts a v-prediction with the un-churned
+    sigma (``sigma_in``) and the others with the churned ``sigma_hat``."""
+    c_in = 1.0 / math.sqrt(sigma_in * sigma_in + 1.0)
+    sigma = sigma_in if prediction_type == "v_prediction" else sigma_hat
+    return prediction_coeffs(prediction_type, 1.0, sigma, c_in, with_eps=False)
+
+
+def euler_plan(scheduler, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> SchedulerPlan:
+    """Euler on the probability-flow ODE with EDM churn (Karras et al. 2022 Alg. 2) as EulerDiscreteScheduler:
+    x' = x + s_noise sqrt(sh^2 - s^2) z, x_next = x' + (s_next - sh) (x' - x0^) / sh, sh = s (1 + gamma)."""
+    sig = _f64(scheduler.sigmas)
+    n = len(sig) - 1
+    pred = config(scheduler, "prediction_type")
+    # diffusers compares a float32 sigma with the bounds, so compare in float32 too.
+    tmin32, tmax32 = np.float32(s_tmin), np.float32(s_tmax)
+    rows, sigma = [], np.zeros(n)
+    draws = np.zeros(n, dtype=bool)
+    for i in range(n):
+        s, nxt = sig[i], sig[i + 1]
+        gamma = min(s_churn / n, 2 ** 0.5 - 1) if tmin32 <= np.float32(s) <= tmax32 else 0.0
+        sh = s * (gamma + 1.0)
+        churn = s_noise * math.sqrt(sh * sh - s * s) if gamma > 0 else 0.0
+        pred_cols = _sigma_prediction(pred, s, sh)
+        upd = euler_update(sh, nxt)
+        # The churn noise enters the state the model sees: x0^ and the update read it through P_Z and E.
+        r = row(pred_cols, 1.0, sh, P_Z=pred_cols.get(Col.P_X, 0.0) * churn, E=upd["A"] * churn, **upd)
+        rows.append(r)
+        draws[i] = gamma > 0
+        sigma[i] = sh
+    return SchedulerPlan(EULER, np.stack(rows), n, np.ones(n), sigma, draws)
+
+
+def euler_ancestral_plan(scheduler) -> SchedulerPlan:
+    """Euler ancestral: step to sigma_down, add sigma_up noise (drawn on every step, even when 0)."""
+    sig = _f64(scheduler.sigmas)
+    n = len(sig) - 1
+    pred = config(scheduler, "prediction_type")
+    rows, sigma = [], np.zeros(n)
+    for i in range(n):
+        s, nxt = sig[i], sig[i + 1]
+        up = math.sqrt(nxt * nxt * (s * s - nxt * nxt) / (s * s))
+        down = math.sqrt(nxt * nxt - up * up)
+        rows.append(row(_sigma_prediction(pred, s, s), 1.0, s, E=up, **euler_update(s, down)))
+        sigma[i] = s
+    return SchedulerPlan(EULER_ANCESTRAL, np.stack(rows), n, np.ones(n), sigma, np.ones(n, dtype=bool))
+
+
+def dpm_lower_order_final(scheduler, i: int, n: int) -> bool:
+    """DPMSolverMultistepScheduler falls back to first order on the last step under these settings."""
+    return i == n - 1 and bool(config(scheduler, "euler_at_final") or
+                               (config(scheduler, "lower_order_final") and n < 15) or
+                               config(scheduler, "final_sigmas_type") == "zero")
+
+
+def dpm_plan(scheduler) -> SchedulerPlan:
+    """DPM-Solver++ (Lu et al. 2022) 1S and 2M on the VP state, with alpha = 1/sqrt(1+sigma^2),
+    sigma_vp = sigma alpha, so exp(-h) = sigma_next / sigma (no log of a zero final sigma needed)."""
+    sig = _f64(scheduler.sigmas)
+    n = len(scheduler.timesteps)
+    pred = config(scheduler, "prediction_type")
+    order = int(config(scheduler, "solver_order"))
+    heun = config(scheduler, "solver_type") == "heun"
+    first_rows, second_rows, alpha, sigma = [], [], np.zeros(n), np.zeros(n)
+
+    def vp(x: float) -> Tuple[float, float]:
+        a = 1.0 / math.sqrt(x * x + 1.0)
+        return a, x * a
+
+    for i in range(n):
+        s, nxt = sig[i], sig[i + 1]
+        a_s, s_s = vp(s)
+        a_n, s_n = vp(nxt)
+        decay = nxt / s  # exp(-h)
+        pred_cols = prediction_coeffs(pred, a_s, s_s, with_eps=False)
+        first_rows.append(row(pred_cols, a_s, s_s, A=s_n / s_s, B=a_n * (1.0 - decay)))
+        alpha[i], sigma[i] = a_s, s_s
+        if order == 2:
+            second = first_rows[-1].copy()
+            if i > 0 and nxt > 0 and not dpm_lower_order_final(scheduler, i, n):
+                # A repeated sigma (h = 0 or h_prev = 0) makes this non-finite, as in diffusers' own step.
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    h = np.log(np.float64(s) / nxt)
+                    r0 = np.log(np.float64(sig[i - 1]) / s) / h
+                    d1 = a_n * ((decay - 1.0) / h + 1.0) / r0 if heun else 0.5 * a_n * (1.0 - decay) / r0
+                # x_next = A x + a_n (1 - e^-h) x0 + d1 (x0 - x0_prev), the D1 term of the 2M update.
+                second = row(pred_cols, a_s, s_s, A=s_n / s_s, B=a_n * (1.0 - decay) + d1, F=-d1)
+            second_rows.append(second)
+    return SchedulerPlan(DPM, np.stack(first_rows + second_rows), n, alpha, sigma, np.zeros(n, dtype=bool))
+
+
+BUILDERS = {DDPM: ddpm_plan, DDIM: ddim_plan, EULER: euler_plan, EULER_ANCESTRAL: euler_ancestral_plan,
+            DPM: dpm_plan}

@@ -1,0 +1,561 @@
+"""The CUDA C++ kernels (csrc/cuda) run on the CPU through a host emulation of CUDA (tests/cuda_emu).
+
+CI has no GPU, so without this the kernels' logic would only ever be compiled. Here fastguide._C is built with
+csrc/cuda compiled by g++ against tests/cuda_emu (once per session; cached under the temp dir by a hash of the
+sources), and fastguide's "cuda" backend is pointed at it for CPU tensors, inside each test only (monkeypatch):
+fastguide.backends.abi's extension, backend_cuda._run (stream 0) and dispatch's availability of "cuda" on CPU.
+
+* Every test of tests/test_backends_parity.py runs for backend "cuda" on its own case lists (read from its
+  parametrize marks): on an emulated H100 (sm_90, so row reductions use clusters of blocks), and the
+  row-reduction tests also on an A100 (sm_80, one block per row), on an sm_90 partition where a cluster launch
+  does not fit (the fallback), and with blocks and threads scheduled in reverse order.
+* The fused step over every combination of optional inputs, CFG on/off, learned variance and x0-only calls,
+  with the clip modes, output modes (fresh, poisoned, aliased) and step kinds rotating, in fp32/fp16/bf16, on
+  the 16-byte vector path (every one of its kernels must run) and on the scalar fallback (odd sizes,
+  misaligned views); each call checks from the launch log that the expected path ran.
+* The row reductions (RMS, CFG-rescale factor, LSE gradient) over sizes around the vector width, misaligned
+  rows and row offsets, and every emulated device.
+* The emulation itself (tests/cuda_emu/selftest.cu): shuffles, barriers, clusters, and that the faults it
+  promises to catch do fail.
+
+Every kernel access is checked against the memory its argument block allows (tests/cuda_emu/emulator.py:
+rows of each tensor, the selected coefficient row, inputs read-only); misaligned vector accesses, barriers
+not every thread reaches and array overruns fail the launch. What the emulation cannot see (real
+concurrency, the memory model, FMA contraction, timing) is listed in tests/cuda_emu/include/cuda_runtime.h.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+import itertools
+import random
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import pytest
+import torch
+
+import fastguide
+from fastguide.backends import abi, dispatch, reference
+from fastguide.backends import cuda as backend_cuda
+from cuda_emu import build
+from cuda_emu.emulator import Emulator
+
+import test_backends_parity as parity  # a module attribute, so pytest does not collect its tests here again
+
+MISSING = build.missing_toolchain()
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"CUDA emulation unavailable: {MISSING}")
+
+H100, A100, SMALL_SM90 = 0, 1, 2  # emulated devices (tests/cuda_emu/emu_runtime.cpp)
+DEVICE_IDS = {H100: "h100", A100: "a100", SMALL_SM90: "sm90-no-cluster-fit"}
+DTYPE_IDS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+VEC = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}  # elements per 16-byte pack
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Emulator:
+    return Emulator(build.build())
+
+
+def _runs_emulated(name: str, device: str, dtype: torch.dtype = torch.float32) -> None:
+    """Stands in for test_backends_parity.skip_unless_runs: here only the emulated "cuda" on CPU runs."""
+    assert (name, device) == ("cuda", "cpu"), (name, device)
+
+
+@pytest.fixture
+def cuda_emulated(emulator: Emulator, monkeypatch) -> Emulator:
+    """fastguide's "cuda" backend on the emulated kernels for CPU tensors, for the duration of one test."""
+    monkeypatch.setattr(abi, "_extension", emulator.module)
+    monkeypatch.setattr(backend_cuda, "_run", emulator.run)
+    monkeypatch.setitem(dispatch._cache, "cuda", (True, "", backend_cuda))
+    runs_on = dispatch.runs_on
+    monkeypatch.setattr(dispatch, "runs_on",
+                        lambda name, device: device.type == "cpu" if name == "cuda" else runs_on(name, device))
+    # Parity tests reused here must be asked for the emulated "cuda" on CPU only (the stand-in asserts it).
+    monkeypatch.setattr(parity, "skip_unless_runs", _runs_emulated)
+    emulator.configure(device=H100, schedule="forward")
+    emulator.clear_log()
+    return emulator
+
+
+# ------------------------------------------------------------------------------------ the parity suite
+
+def _parity_cases() -> List:
+    """(test name, kwargs) for every test of test_backends_parity and every value of its parametrize marks other
+    than backend/device, with the ids pytest gives them there."""
+    params = []
+    for name in sorted(n for n in dir(parity) if n.startswith("test_")):
+        fn = getattr(parity, name)
+        axes = []
+        for mark in reversed([m for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]):
+            argnames = mark.args[0]
+            names = [s.strip() for s in argnames.split(",")] if isinstance(argnames, str) else list(argnames)
+            if names == ["backend", "device"]:
+                continue
+            ids = mark.kwargs.get("ids")
+            axis = []
+            for i, value in enumerate(mark.args[1]):
+                marks = ()
+                if getattr(value, "_fields", None) == ("values", "marks", "id"):  # a pytest.param
+                    value, marks, given = (value.values if len(names) > 1 else value.values[0]), value.marks, value.id
+                else:
+                    given = None
+                if given is None:
+                    given = ids(value) if callable(ids) else ids[i] if ids else (
+                        getattr(value, "name", None) or str(value))
+                axis.append((names, value, given, marks))
+            axes.append(axis)
+        wanted = list(inspect.signature(fn).parameters)
+        covered = ["backend", "device"] + [n for axis in axes for n in axis[0][0]]
+        assert sorted(wanted) == sorted(covered), (
+            f"test_backends_parity.{name} takes {wanted}; only backend, device and its parametrize values are "
+            f"passed here: extend _parity_cases")
+        for combo in itertools.product(*axes):
+            kwargs, ids, marks = {}, [name], []
+            for names, value, given, value_marks in combo:
+                kwargs.update(zip(names, value) if len(names) > 1 else {names[0]: value})
+                ids.append(str(given))
+                marks.extend(value_marks)
+            params.append(pytest.param(name, kwargs, id="-".join(ids), marks=marks))
+    return params
+
+
+PARITY_CASES = _parity_cases()
+# Tests whose kernels are row reductions launched as clusters on sm_90 (rescale factor, RMS; the step's
+# rescale cases call the same kernel but are covered on H100 only).
+REDUCTION_CASES = [p for p in PARITY_CASES if re.search(r"rescale_factor|rms", p.values[0])]
+
+
+@pytest.mark.parametrize("name,kwargs", PARITY_CASES)
+def test_parity_suite_on_emulated_h100(cuda_emulated, name, kwargs):
+    getattr(parity, name)("cuda", "cpu", **kwargs)
+    launches = cuda_emulated.launches()
+    assert launches and all(r.result == 0 for r in launches), launches  # the emulated kernels did run
+
+
+@pytest.mark.parametrize("config", [(A100, "forward"), (SMALL_SM90, "forward"), (H100, "reverse")],
+                         ids=["a100", "sm90-no-cluster-fit", "h100-reverse-order"])
+@pytest.mark.parametrize("name,kwargs", REDUCTION_CASES)
+def test_parity_reductions_on_other_devices(cuda_emulated, config, name, kwargs):
+    device, schedule = config
+    cuda_emulated.configure(device=device, schedule=schedule)
+    getattr(parity, name)("cuda", "cpu", **kwargs)
+    assert any(r.result == 0 for r in cuda_emulated.launches())
+
+
+def test_parity_suite_is_reused():
+    """The reuse above really picked up the parity suite's cases (a renamed mark would silently drop them)."""
+    names = {p.values[0] for p in PARITY_CASES}
+    assert {"test_guided_step_matches_reference", "test_cfg_rescale_factor_matches_reference",
+            "test_temperature_lse_grad_matches_reference", "test_per_sample_rms_matches_reference"} <= names
+    step_cases = [p for p in PARITY_CASES if p.values[0] == "test_guided_step_matches_reference"]
+    assert len(step_cases) == len(parity.STEP_CASES) * len(parity.DTYPES)
+
+
+# ------------------------------------------------------------------------------------ fused step sweep
+
+# Bits of the kernel's feature mask (csrc/cuda/guided_step.cu, StepFeature), computed here from the call.
+CFG, SCORE_GRAD, MEAN_GRAD, NOISE, X0_PREV, LEARNED_VAR = 1, 2, 4, 8, 16, 32
+TERM_BITS = {"g_score": SCORE_GRAD, "g_mean": MEAN_GRAD, "noise": NOISE, "x0_prev": X0_PREV}
+
+
+def reachable_masks() -> List[int]:
+    """Masks the host code can select: g_mean/x0_prev/variance only when x_out is written, the variance bit
+    only with a term that uses Sigma."""
+    masks = set()
+    for bits, cfg, lv, write_out in itertools.product(range(16), (0, 1), (0, 1), (0, 1)):
+        masks.add(_mask({t for i, t in enumerate(parity.TERMS) if bits >> i & 1}, cfg, lv, write_out))
+    return sorted(masks)
+
+
+def _mask(terms, cfg: bool, learned_variance: bool, write_out: bool) -> int:
+    mask = CFG if cfg else 0
+    for term in terms:
+        if write_out or term in ("g_score", "noise"):
+            mask |= TERM_BITS[term]
+    if write_out and learned_variance and terms & {"g_mean", "noise"}:
+        mask |= LEARNED_VAR
+    return mask
+
+
+@dataclass(frozen=True)
+class SweepCall:
+    case: parity.StepCase
+    misaligned: Optional[str] = None  # a tensor placed one element off a 16-byte boundary
+
+
+def _sweep_calls(path: str) -> List[SweepCall]:
+    """Every (terms, CFG, learned variance, writes x_out) combination; the other options drawn from a seeded
+    generator (not from the combination's index, which would tie them to the bits above)."""
+    calls = []
+    combos = itertools.product(range(16), (False, True), (False, True), (True, False))
+    for i, (bits, cfg, lv, write_out) in enumerate(combos):
+        rng = random.Random(parity.seed_of("emulated-sweep", path, i))
+        terms = frozenset(t for j, t in enumerate(parity.TERMS) if bits >> j & 1)
+        guidance = rng.choice(["per_sample", "scalar", "tensor0d"]) if cfg else "none"
+        outputs = rng.choice(["new", "poisoned", "alias", "alias_both"]) if write_out else "x0_only"
+        misaligned = None
+        if path == "vector":
+            # Rows of whole 16-byte packs (multiples of 8 elements); the last shape spans several blocks with
+            # a partial one. Row-strided views keep rows aligned (a stride of 2N); transposed ones are copied.
+            shape = rng.choice([(2, 4, 8, 10), (3, 8, 6, 4), (1, 2, 1040)])
+            view = rng.choice(["contiguous", "row_strided", "transposed"])
+        else:
+            # Odd row lengths, or aligned lengths with one tensor that the kernel reads or writes misaligned.
+            shape = rng.choice([(3, 5, 7), (1, 3, 11, 13), (2, 8, 8), (2, 4, 16)])
+            view = rng.choice(["contiguous", "row_strided", "transposed"])
+            if shape[1:] in ((8, 8), (4, 16)):
+                candidates = ["sample", "model_output"] + sorted(t for t in terms if _mask({t}, False, False, write_out))
+                candidates += {"poisoned": ["out", "x0_out"], "x0_only": ["x0_out"]}.get(outputs, [])
+                misaligned = rng.choice(candidates)
+                view = "contiguous"
+        case = parity.StepCase(
+            f"{path}{i}", shape=shape, guidance=guidance, learned_variance=lv, terms=terms, outputs=outputs,
+            clip=rng.choice(["none", "range", "threshold"]), rescale=rng.choice([0.0, 0.6]) if cfg else 0.0,
+            step=rng.choice(["int", "int64", "int32"]), view=view, nan_unused=rng.random() < 0.25)
+        calls.append(SweepCall(case, misaligned))
+    return calls
+
+
+def _check_options_covered(calls: List[SweepCall]) -> None:
+    """Each rotating option takes every value somewhere in the sweep."""
+    seen = {field: {getattr(c.case, field) for c in calls}
+            for field in ("guidance", "outputs", "clip", "rescale", "step", "view", "nan_unused")}
+    assert seen["guidance"] == {"none", "per_sample", "scalar", "tensor0d"}
+    assert seen["outputs"] == {"new", "poisoned", "alias", "alias_both", "x0_only"}
+    assert seen["clip"] == {"none", "range", "threshold"} and seen["rescale"] == {0.0, 0.6}
+    assert seen["step"] == {"int", "int64", "int32"} and seen["nan_unused"] == {False, True}
+    assert seen["view"] >= {"contiguous", "row_strided"}
+    misaligned = {c.misaligned for c in calls} - {None}
+    assert not misaligned or misaligned == {"sample", "model_output", "out", "x0_out", *parity.TERMS}, misaligned
+
+
+def _misaligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` starting one element after a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 16, dtype=t.dtype)
+    out = buf[1:1 + t.numel()].view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+def _run_sweep_step(call: SweepCall, backend: str, inputs) -> Dict[str, torch.Tensor]:
+    """One fastguide.guided_step call; like test_backends_parity._run_step, with the misaligned tensor placed."""
+    case = call.case
+    sample, model_output, table, step, kwargs = inputs
+    kwargs = dict(kwargs)
+    if call.misaligned == "sample":
+        sample = _misaligned_copy(sample)
+    elif call.misaligned == "model_output":
+        model_output = _misaligned_copy(model_output)
+    elif call.misaligned in parity.TERMS:
+        kwargs[call.misaligned] = _misaligned_copy(kwargs[call.misaligned])
+
+    def poisoned(name: str) -> torch.Tensor:
+        t = torch.full(sample.shape, float("nan"), dtype=sample.dtype)
+        return _misaligned_copy(t) if call.misaligned == name else t
+
+    before = sample.clone()
+    if case.outputs in ("alias", "alias_both"):
+        sample = sample.clone() if call.misaligned != "sample" else _misaligned_copy(sample)
+        x0 = sample if case.outputs == "alias_both" else None
+        fastguide.guided_step(sample, model_output, table, step, out=sample, x0_out=x0, backend=backend, **kwargs)
+        return {"out": sample}
+    if case.outputs == "x0_only":
+        x0 = poisoned("x0_out")
+        assert fastguide.guided_step(sample, model_output, table, step, x0_out=x0, write_out=False,
+                                     backend=backend, **kwargs) is None
+        results = {"x0": x0}
+    elif case.outputs == "poisoned":
+        out, x0 = poisoned("out"), poisoned("x0_out")
+        fastguide.guided_step(sample, model_output, table, step, out=out, x0_out=x0, backend=backend, **kwargs)
+        results = {"out": out, "x0": x0}
+    else:
+        results = {"out": fastguide.guided_step(sample, model_output, table, step, backend=backend, **kwargs)}
+    torch.testing.assert_close(sample, before, rtol=0, atol=0)  # inputs are never written
+    return results
+
+
+_STEP_KERNEL = re.compile(r"guided_step_kernel<[\w:]*?(F32|F16|BF16), (\d+), (\d+), "
+                          r"(?:[\w:()\s]*?StaticFeatures<(\d+)>|[\w:()\s]*?RuntimeFeatures)")
+IO_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def _step_launch(emu: Emulator) -> Tuple[str, int, Optional[int]]:
+    """(storage type, pack width, static feature mask or None) of the one fused-step launch logged."""
+    steps = [r for r in emu.launches() if "guided_step_kernel" in r.kernel]
+    assert len(steps) == 1, [r.kernel for r in emu.launches()]
+    m = _STEP_KERNEL.search(steps[0].kernel)
+    assert m, steps[0].kernel
+    return m.group(1), int(m.group(2)), None if m.group(4) is None else int(m.group(4))
+
+
+def _expected_vector_path(call: SweepCall, dtype: torch.dtype) -> bool:
+    case = call.case
+    n = 1
+    for d in case.shape[1:]:
+        n *= d
+    if n % VEC[dtype]:
+        return False
+    # vectorizable() looks at the tensors the kernel reads (by its mask) and at the outputs.
+    write_out = case.outputs != "x0_only"
+    used = {"sample", "model_output", "out", "x0_out"} | {t for t in case.terms if _mask({t}, False, False, write_out)}
+    return call.misaligned not in used
+
+
+@pytest.mark.parametrize("dtype", parity.DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("path", ["vector", "scalar"])
+def test_step_sweep(cuda_emulated, path, dtype):
+    calls = _sweep_calls(path)
+    _check_options_covered(calls)
+    failures, masks = [], set()
+    for call in calls:
+        case = call.case
+        try:
+            inputs = parity._step_call(case, "cpu", dtype, parity.seed_of("emulated-sweep", case.name, str(dtype)))
+            expected = _run_sweep_step(call, "torch", inputs)
+            cuda_emulated.clear_log()
+            actual = _run_sweep_step(call, "cuda", inputs)
+            assert expected.keys() == actual.keys()
+            for key in expected:
+                assert actual[key].dtype == dtype
+                parity.assert_matches(actual[key], expected[key], parity.step_tol(dtype))
+            io, vec, mask = _step_launch(cuda_emulated)
+            assert io == IO_NAMES[dtype]
+            if _expected_vector_path(call, dtype):
+                assert vec == VEC[dtype], f"took the scalar kernel (pack of {vec})"
+                want = _mask(case.terms, case.guidance != "none", case.learned_variance, case.outputs != "x0_only")
+                assert mask == want, f"ran the kernel of feature mask {mask}, expected {want}"
+                masks.add(mask)
+            else:
+                assert (vec, mask) == (1, None), f"took the vector kernel (pack of {vec}, mask {mask})"
+        except (AssertionError, RuntimeError) as exc:
+            failures.append(f"{case} misaligned={call.misaligned}: {exc}")
+    assert not failures, f"{len(failures)} of {len(calls)} calls failed:\n" + "\n\n".join(failures[:5])
+    if path == "vector":
+        assert masks == set(reachable_masks()), f"vector kernels never run: {set(reachable_masks()) - masks}"
+
+
+def test_step_rows_beyond_grid_limit(cuda_emulated):
+    """More rows than grid.y can hold (65535): each block row loops over several sample rows. One dtype: the
+    row loop does not depend on it, and 16.8 M emulated threads take a few seconds."""
+    dtype = torch.float32
+    gen = torch.Generator().manual_seed(parity.seed_of("many-rows", str(dtype)))
+    batch = 65535 + 3
+    sample = torch.randn(batch, 8, generator=gen).to(dtype)
+    model_output = torch.randn(2 * batch, 8, generator=gen).to(dtype)
+    noise = torch.randn(batch, 8, generator=gen).to(dtype)
+    table = torch.randn(2, parity.NUM_COLS, generator=gen)
+    kwargs = dict(scale=torch.rand(batch, generator=gen) * 4, noise=noise)
+    expected = fastguide.guided_step(sample, model_output, table, 1, backend="torch", **kwargs)
+    actual = fastguide.guided_step(sample, model_output, table, 1, backend="cuda", **kwargs)
+    parity.assert_matches(actual, expected, parity.step_tol(dtype))
+    [launch] = [r for r in cuda_emulated.launches() if "guided_step_kernel" in r.kernel]
+    assert launch.grid[1] == 65535
+
+
+# ------------------------------------------------------------------------------------ row reductions
+
+ALL_DEVICES = [pytest.param(d, id=i) for d, i in DEVICE_IDS.items()]
+
+
+def _offset_rows(shape: Tuple[int, int], offset: int, dtype: torch.dtype, gen, scale: float = 1.0) -> torch.Tensor:
+    """[rows, n] random values as a view into a wider tensor, `offset` elements into each row; the row stride
+    (n + offset + 5) puts every row at a different position within a 16-byte pack."""
+    rows, n = shape
+    wide = (scale * torch.randn(rows, n + offset + 5, generator=gen)).to(dtype)
+    return wide[:, offset:offset + n]
+
+
+# Around the pack width, rows split over 2..8 blocks of a cluster on sm_90, more rows than SMs.
+REDUCTION_SIZES = [(1, 1), (3, 7), (2, 8), (4, 24), (5, 1000), (3, 12000), (2, 8192 * 3 + 8), (1, 8 * 16384 + 8),
+                   (33, 72)]
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", parity.DTYPES, ids=DTYPE_IDS.get)
+def test_rms_sweep(cuda_emulated, dtype, device):
+    cuda_emulated.configure(device=device)
+    for (rows, n), offset in itertools.product(REDUCTION_SIZES, (0, 1)):
+        gen = torch.Generator().manual_seed(parity.seed_of("rms-sweep", rows, n, offset, str(dtype)))
+        x = _offset_rows((rows, n), offset, dtype, gen)
+        if offset == 0:
+            x = x.contiguous()
+        expected = fastguide.per_sample_rms(x, backend="torch")
+        actual = fastguide.per_sample_rms(x, backend="cuda")
+        parity.assert_matches(actual, expected, 2e-5)
+    _check_cluster_usage(cuda_emulated, device, "per_sample_rms_kernel")
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", parity.DTYPES, ids=DTYPE_IDS.get)
+def test_cfg_rescale_sweep(cuda_emulated, dtype, device):
+    cuda_emulated.configure(device=device)
+    # Aligned rows without, misaligned rows with learned variance (the prediction is the first half of a row).
+    for (batch, n), (offset, lv) in itertools.product(REDUCTION_SIZES, [(0, False), (1, True)]):
+        if n == 1:
+            continue  # the std of one element is NaN (the reference agrees; nothing to compare)
+        gen = torch.Generator().manual_seed(parity.seed_of("rescale-sweep", batch, n, offset, lv, str(dtype)))
+        model_output = _offset_rows((2 * batch, n * (2 if lv else 1)), offset, dtype, gen)
+        if offset == 0:
+            model_output = model_output.contiguous()
+        scale = 8.0 * torch.rand(batch, generator=gen)
+        expected = reference.cfg_rescale_factor(model_output, scale, 0.7, lv)
+        actual = dispatch.resolve("cuda", torch.device("cpu")).cfg_rescale_factor(model_output, scale, 0.7, lv)
+        parity.assert_matches(actual, expected, 2e-5)
+    _check_cluster_usage(cuda_emulated, device, "cfg_rescale_kernel")
+
+
+def _check_cluster_usage(emu: Emulator, device: int, kernel: str) -> None:
+    """The sizes above make the sm_90 devices reduce some rows with several blocks: clusters of up to 8 on the
+    H100, and on the small partition a refused cluster launch followed by one block per row."""
+    launches = [r for r in emu.launches() if kernel in r.kernel]
+    clustered = [r for r in launches if r.cluster[0] > 1 and r.result == 0]
+    refused = [r for r in launches if r.result != 0]
+    if device == H100:
+        assert clustered and not refused
+        assert max(r.cluster[0] for r in clustered) == 8
+    elif device == A100:
+        assert not clustered and not refused
+    else:
+        assert refused and all(r.cluster[0] > 2 for r in refused), refused
+        assert clustered and all(r.cluster[0] == 2 for r in clustered)
+
+
+LSE_SIZES = [1, 2, 3, 5, 8, 9, 31, 64, 333, 4101]
+
+
+@pytest.mark.parametrize("dtype", parity.DTYPES, ids=DTYPE_IDS.get)
+def test_lse_grad_sweep(cuda_emulated, dtype):
+    """Rows starting at every offset within a 16-byte pack (each row its own head/body/tail split), output
+    rows aligned or not like the input rows, K around the pack width."""
+    for k, offset in itertools.product(LSE_SIZES, (0, 1, 2, 5)):
+        gen = torch.Generator().manual_seed(parity.seed_of("lse-sweep", k, offset, str(dtype)))
+        logits = _offset_rows((4, k), offset, dtype, gen, scale=4.0)
+        labels = torch.randint(0, k, (4,), generator=gen)
+        scale = 2.0 * torch.rand(4, generator=gen) if offset % 2 else None
+        tau1, tau2 = (1.0, 0.5) if k % 2 else (0.3, -2.0)
+        expected = fastguide.temperature_lse_grad(logits, labels, tau1, tau2, scale, backend="torch")
+        actual = fastguide.temperature_lse_grad(logits, labels, tau1, tau2, scale, backend="cuda")
+        parity.assert_matches(actual, expected, parity.step_tol(dtype))
+
+
+# ------------------------------------------------------------------------------- the emulation itself
+
+class SelfTest:
+    """The kernels of tests/cuda_emu/selftest.cu, with the memory they may touch registered."""
+
+    def __init__(self, emu: Emulator):
+        self.emu = emu
+        self.message = ctypes.create_string_buffer(2048)
+
+    def __call__(self, name: str, *args, regions=()) -> Tuple[int, str]:
+        self.emu.clear_regions()
+        for region_name, t, writable in regions:
+            self.emu.add_region(region_name, t.data_ptr(), 1, t.numel() * t.element_size(), 0, writable)
+        self.message.value = b""
+        converted = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
+        try:
+            result = getattr(self.emu.lib, f"emu_selftest_{name}")(*converted, self.message, len(self.message))
+        finally:
+            self.emu.clear_regions()
+        return result, self.message.value.decode()
+
+
+@pytest.fixture
+def selftest(emulator: Emulator) -> SelfTest:
+    emulator.configure(device=H100)
+    return SelfTest(emulator)
+
+
+def _shuffle_source(lane: int, kind: str, arg: int, width: int) -> int:
+    """The lane a CUDA shuffle reads (CUDA C++ Programming Guide, warp shuffle functions)."""
+    base = lane // width * width
+    if kind == "idx":
+        return base + arg % width
+    if kind == "up":
+        return lane - arg if lane - base >= arg else lane
+    if kind == "down":
+        return lane + arg if lane - base + arg < width else lane
+    src = lane ^ arg
+    return src if src < base + width else lane
+
+
+@pytest.mark.parametrize("kind,arg,width", [("idx", 5, 32), ("idx", 3, 8), ("up", 1, 32), ("up", 3, 16),
+                                            ("down", 4, 32), ("down", 1, 8), ("xor", 16, 32), ("xor", 1, 32),
+                                            ("xor", 6, 8)])
+def test_emulator_shuffles(selftest, kind, arg, width):
+    out = torch.zeros(64, dtype=torch.int32)
+    result, msg = selftest("shuffle", out, 64, ["idx", "up", "down", "xor"].index(kind), arg, width,
+                           regions=[("out", out, True)])
+    assert result == 0, msg
+    expected = [100 + 32 * (t // 32) + _shuffle_source(t % 32, kind, arg, width) for t in range(64)]
+    assert out.tolist() == expected
+
+
+@pytest.mark.parametrize("schedule", ["forward", "reverse"])
+def test_emulator_barrier_orders_shared_memory(selftest, schedule):
+    """With __syncthreads every thread sees its neighbour's write; without it some thread reads shared memory
+    before it was written and gets the poison (NaN), in either order."""
+    selftest.emu.configure(schedule=schedule)
+    x = torch.arange(128, dtype=torch.float32)
+    for barrier in (1, 0):
+        out = torch.zeros(128)
+        result, msg = selftest("neighbour", x, out, 128, barrier, regions=[("x", x, False), ("out", out, True)])
+        assert result == 0, msg
+        if barrier:
+            assert out.tolist() == torch.roll(x, -1).tolist()
+        else:
+            assert torch.isnan(out).any()
+
+
+def test_emulator_catches_bad_memory_accesses(selftest):
+    x, out = torch.arange(64, dtype=torch.float32), torch.zeros(64)
+    regions = [("x", x, False), ("out", out, True)]
+    result, msg = selftest("offset", x, out, 64, 0, 0, regions=regions)
+    assert (result, msg) == (0, "") and out.tolist() == x.tolist()
+    result, msg = selftest("offset", x, out, 64, 1, 0, regions=regions)  # thread 63 reads x[64]
+    assert result == -1 and "out-of-bounds 4-byte read" in msg and "thread (63,0,0)" in msg, msg
+    result, msg = selftest("offset", x, out, 64, 0, 1, regions=regions)  # writes an input
+    assert result == -1 and "illegal (read-only) 4-byte write" in msg and "'x'" in msg, msg
+    result, msg = selftest("offset", x, out, 64, 0, 0, regions=[("x", x, False)])  # out not registered
+    assert result == -1 and "out-of-bounds 4-byte write" in msg, msg
+
+
+def test_emulator_catches_misaligned_vector_loads_and_overruns(selftest):
+    x, out = torch.arange(64, dtype=torch.float32), torch.zeros(4)
+    regions = [("x", x, False), ("out", out, True)]
+    assert selftest("vector_load", x, out, 4, regions=regions) == (0, "")
+    result, msg = selftest("vector_load", x, out, 1, regions=regions)
+    assert result == -1 and "misaligned address" in msg and "16-byte alignment" in msg, msg
+    assert selftest("local_array", out, 3, regions=regions) == (0, "")
+    result, msg = selftest("local_array", out, 4, regions=regions)
+    assert result == -1 and "index out of bounds" in msg, msg
+
+
+def test_emulator_catches_barrier_deadlock(selftest):
+    out = torch.zeros(64)
+    assert selftest("early_exit", out, 64, 64, regions=[("out", out, True)]) == (0, "")
+    result, msg = selftest("early_exit", out, 64, 40, regions=[("out", out, True)])
+    assert result == -1 and "deadlock" in msg and "40 threads at __syncthreads, 0 at cluster.sync, 24 finished" in msg
+
+
+def test_emulator_clusters(selftest):
+    out = torch.full((8,), -1.0)
+    result, msg = selftest("cluster", out, 8, 4, regions=[("out", out, True)])
+    assert result == 0, msg
+    assert out.tolist() == [1.0, 2.0, 3.0, 0.0] * 2  # each block read the next block's rank in its cluster
+    assert "InvalidClusterSize" in selftest("cluster", out, 6, 4, regions=[("out", out, True)])[1]
+    selftest.emu.configure(device=A100)
+    assert "NotSupported" in selftest("cluster", out, 8, 4, regions=[("out", out, True)])[1]
+    selftest.emu.configure(device=SMALL_SM90)
+    assert "InvalidClusterSize" in selftest("cluster", out, 8, 4, regions=[("out", out, True)])[1]
+    assert selftest("cluster", out, 8, 2, regions=[("out", out, True)])[0] == 0
+
+
+def test_emulator_rejects_bad_launch_configurations(selftest):
+    assert selftest("bad_config", 1, 1024) == (0, "")
+    assert selftest("bad_config", 1, 1025)[0] == 9  # cudaErrorInvalidConfiguration, via cudaGetLastError
+    assert selftest("bad_config", 65536, 32)[0] == 9
