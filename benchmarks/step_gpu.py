@@ -113,7 +113,7 @@ def ddim_alphas(sched) -> Tuple[int, float, float]:
 
 
 def ddim_table(abar_t: float, abar_prev: float, device) -> torch.Tensor:
-    """The coefficient row of an eta=0 epsilon DDIM step (fastguide.layout): with a = sqrt(abar_t),
+    """The coefficient row of an eta=0 epsilon DDIM step (fastguide.core.layout): with a = sqrt(abar_t),
     s = sqrt(1 - abar_t), x0 = (x - s*eps)/a and out = a_prev*x0 + sqrt(1 - a_prev^2)*eps."""
     from fastguide.core.layout import NUM_COLS, Col
     a, s, a_prev = math.sqrt(abar_t), math.sqrt(1 - abar_t), math.sqrt(abar_prev)

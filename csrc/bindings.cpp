@@ -1,7 +1,7 @@
 // pybind11 module fastguide._C: the argument blocks of fastguide_abi.h as Python classes, and the kernels.
 //
 // No libtorch: tensors arrive as raw addresses (tensor.data_ptr(), 0 for "absent") plus strides, filled
-// in by fastguide/abi.py. Kernels run with the GIL released; the argument block is copied first, so
+// in by fastguide/backends/abi.py. Kernels run with the GIL released; the argument block is copied first, so
 // Python may reuse it while a kernel runs.
 #include <pybind11/pybind11.h>
 
@@ -50,81 +50,81 @@ void def_cuda_kernel(py::module_& m, const char* name, void (*kernel)(const Args
 }
 #endif
 
-void bind_step_args(py::module_& m) {
-  py::class_<StepArgs> cls(m, "StepArgs");
+void bind_guided_step_args(py::module_& m) {
+  py::class_<GuidedStepArgs> cls(m, "GuidedStepArgs");
   cls.def(py::init<>())
-      .def_readwrite("batch", &StepArgs::batch)
-      .def_readwrite("n", &StepArgs::n)
-      .def_readwrite("dtype", &StepArgs::dtype)
-      .def_readwrite("sample_stride", &StepArgs::sample_stride)
-      .def_readwrite("model_output_stride", &StepArgs::model_output_stride)
-      .def_readwrite("has_cfg", &StepArgs::has_cfg)
-      .def_readwrite("learned_variance", &StepArgs::learned_variance)
-      .def_readwrite("scale_stride", &StepArgs::scale_stride)
-      .def_readwrite("g_score_stride", &StepArgs::g_score_stride)
-      .def_readwrite("g_mean_stride", &StepArgs::g_mean_stride)
-      .def_readwrite("noise_stride", &StepArgs::noise_stride)
-      .def_readwrite("x0_prev_stride", &StepArgs::x0_prev_stride)
-      .def_readwrite("clip_mode", &StepArgs::clip_mode)
-      .def_readwrite("clip_lo", &StepArgs::clip_lo)
-      .def_readwrite("clip_hi", &StepArgs::clip_hi)
-      .def_readwrite("step", &StepArgs::step)
-      .def_readwrite("out_stride", &StepArgs::out_stride)
-      .def_readwrite("x0_out_stride", &StepArgs::x0_out_stride);
-  def_pointer(cls, "sample", &StepArgs::sample);
-  def_pointer(cls, "model_output", &StepArgs::model_output);
-  def_pointer(cls, "scale", &StepArgs::scale);
-  def_pointer(cls, "mfactor", &StepArgs::mfactor);
-  def_pointer(cls, "g_score", &StepArgs::g_score);
-  def_pointer(cls, "g_mean", &StepArgs::g_mean);
-  def_pointer(cls, "noise", &StepArgs::noise);
-  def_pointer(cls, "x0_prev", &StepArgs::x0_prev);
-  def_pointer(cls, "threshold", &StepArgs::threshold);
-  def_pointer(cls, "table", &StepArgs::table);
-  def_pointer(cls, "step_ptr", &StepArgs::step_ptr);
-  def_pointer(cls, "out", &StepArgs::out);
-  def_pointer(cls, "x0_out", &StepArgs::x0_out);
+      .def_readwrite("batch", &GuidedStepArgs::batch)
+      .def_readwrite("n", &GuidedStepArgs::n)
+      .def_readwrite("dtype", &GuidedStepArgs::dtype)
+      .def_readwrite("sample_stride", &GuidedStepArgs::sample_stride)
+      .def_readwrite("model_output_stride", &GuidedStepArgs::model_output_stride)
+      .def_readwrite("has_cfg", &GuidedStepArgs::has_cfg)
+      .def_readwrite("learned_variance", &GuidedStepArgs::learned_variance)
+      .def_readwrite("scale_stride", &GuidedStepArgs::scale_stride)
+      .def_readwrite("g_score_stride", &GuidedStepArgs::g_score_stride)
+      .def_readwrite("g_mean_stride", &GuidedStepArgs::g_mean_stride)
+      .def_readwrite("noise_stride", &GuidedStepArgs::noise_stride)
+      .def_readwrite("x0_prev_stride", &GuidedStepArgs::x0_prev_stride)
+      .def_readwrite("clip_mode", &GuidedStepArgs::clip_mode)
+      .def_readwrite("clip_lo", &GuidedStepArgs::clip_lo)
+      .def_readwrite("clip_hi", &GuidedStepArgs::clip_hi)
+      .def_readwrite("step", &GuidedStepArgs::step)
+      .def_readwrite("out_stride", &GuidedStepArgs::out_stride)
+      .def_readwrite("x0_out_stride", &GuidedStepArgs::x0_out_stride);
+  def_pointer(cls, "sample", &GuidedStepArgs::sample);
+  def_pointer(cls, "model_output", &GuidedStepArgs::model_output);
+  def_pointer(cls, "scale", &GuidedStepArgs::scale);
+  def_pointer(cls, "mfactor", &GuidedStepArgs::mfactor);
+  def_pointer(cls, "g_score", &GuidedStepArgs::g_score);
+  def_pointer(cls, "g_mean", &GuidedStepArgs::g_mean);
+  def_pointer(cls, "noise", &GuidedStepArgs::noise);
+  def_pointer(cls, "x0_prev", &GuidedStepArgs::x0_prev);
+  def_pointer(cls, "threshold", &GuidedStepArgs::threshold);
+  def_pointer(cls, "table", &GuidedStepArgs::table);
+  def_pointer(cls, "step_ptr", &GuidedStepArgs::step_ptr);
+  def_pointer(cls, "out", &GuidedStepArgs::out);
+  def_pointer(cls, "x0_out", &GuidedStepArgs::x0_out);
 }
 
-void bind_rescale_args(py::module_& m) {
-  py::class_<RescaleArgs> cls(m, "RescaleArgs");
+void bind_cfg_rescale_factor_args(py::module_& m) {
+  py::class_<CfgRescaleFactorArgs> cls(m, "CfgRescaleFactorArgs");
   cls.def(py::init<>())
-      .def_readwrite("batch", &RescaleArgs::batch)
-      .def_readwrite("n", &RescaleArgs::n)
-      .def_readwrite("dtype", &RescaleArgs::dtype)
-      .def_readwrite("model_output_stride", &RescaleArgs::model_output_stride)
-      .def_readwrite("scale_stride", &RescaleArgs::scale_stride)
-      .def_readwrite("phi", &RescaleArgs::phi);
-  def_pointer(cls, "model_output", &RescaleArgs::model_output);
-  def_pointer(cls, "scale", &RescaleArgs::scale);
-  def_pointer(cls, "factor", &RescaleArgs::factor);
+      .def_readwrite("batch", &CfgRescaleFactorArgs::batch)
+      .def_readwrite("n", &CfgRescaleFactorArgs::n)
+      .def_readwrite("dtype", &CfgRescaleFactorArgs::dtype)
+      .def_readwrite("model_output_stride", &CfgRescaleFactorArgs::model_output_stride)
+      .def_readwrite("scale_stride", &CfgRescaleFactorArgs::scale_stride)
+      .def_readwrite("phi", &CfgRescaleFactorArgs::phi);
+  def_pointer(cls, "model_output", &CfgRescaleFactorArgs::model_output);
+  def_pointer(cls, "scale", &CfgRescaleFactorArgs::scale);
+  def_pointer(cls, "factor", &CfgRescaleFactorArgs::factor);
 }
 
-void bind_lse_grad_args(py::module_& m) {
-  py::class_<LseGradArgs> cls(m, "LseGradArgs");
+void bind_temperature_lse_grad_args(py::module_& m) {
+  py::class_<TemperatureLseGradArgs> cls(m, "TemperatureLseGradArgs");
   cls.def(py::init<>())
-      .def_readwrite("rows", &LseGradArgs::rows)
-      .def_readwrite("k", &LseGradArgs::k)
-      .def_readwrite("dtype", &LseGradArgs::dtype)
-      .def_readwrite("logits_stride", &LseGradArgs::logits_stride)
-      .def_readwrite("tau1", &LseGradArgs::tau1)
-      .def_readwrite("tau2", &LseGradArgs::tau2)
-      .def_readwrite("out_stride", &LseGradArgs::out_stride);
-  def_pointer(cls, "logits", &LseGradArgs::logits);
-  def_pointer(cls, "labels", &LseGradArgs::labels);
-  def_pointer(cls, "scale", &LseGradArgs::scale);
-  def_pointer(cls, "out", &LseGradArgs::out);
+      .def_readwrite("rows", &TemperatureLseGradArgs::rows)
+      .def_readwrite("k", &TemperatureLseGradArgs::k)
+      .def_readwrite("dtype", &TemperatureLseGradArgs::dtype)
+      .def_readwrite("logits_stride", &TemperatureLseGradArgs::logits_stride)
+      .def_readwrite("tau1", &TemperatureLseGradArgs::tau1)
+      .def_readwrite("tau2", &TemperatureLseGradArgs::tau2)
+      .def_readwrite("out_stride", &TemperatureLseGradArgs::out_stride);
+  def_pointer(cls, "logits", &TemperatureLseGradArgs::logits);
+  def_pointer(cls, "labels", &TemperatureLseGradArgs::labels);
+  def_pointer(cls, "scale", &TemperatureLseGradArgs::scale);
+  def_pointer(cls, "out", &TemperatureLseGradArgs::out);
 }
 
-void bind_rms_args(py::module_& m) {
-  py::class_<RmsArgs> cls(m, "RmsArgs");
+void bind_per_sample_rms_args(py::module_& m) {
+  py::class_<PerSampleRmsArgs> cls(m, "PerSampleRmsArgs");
   cls.def(py::init<>())
-      .def_readwrite("rows", &RmsArgs::rows)
-      .def_readwrite("n", &RmsArgs::n)
-      .def_readwrite("dtype", &RmsArgs::dtype)
-      .def_readwrite("x_stride", &RmsArgs::x_stride);
-  def_pointer(cls, "x", &RmsArgs::x);
-  def_pointer(cls, "out", &RmsArgs::out);
+      .def_readwrite("rows", &PerSampleRmsArgs::rows)
+      .def_readwrite("n", &PerSampleRmsArgs::n)
+      .def_readwrite("dtype", &PerSampleRmsArgs::dtype)
+      .def_readwrite("x_stride", &PerSampleRmsArgs::x_stride);
+  def_pointer(cls, "x", &PerSampleRmsArgs::x);
+  def_pointer(cls, "out", &PerSampleRmsArgs::out);
 }
 
 }  // namespace
@@ -135,21 +135,21 @@ PYBIND11_MODULE(_C, m) {
   m.attr("F16") = int(kF16);
   m.attr("BF16") = int(kBF16);
   m.attr("NUM_COLS") = kNumCols;
-  bind_step_args(m);
-  bind_rescale_args(m);
-  bind_lse_grad_args(m);
-  bind_rms_args(m);
+  bind_guided_step_args(m);
+  bind_cfg_rescale_factor_args(m);
+  bind_temperature_lse_grad_args(m);
+  bind_per_sample_rms_args(m);
 
-  def_cpu_kernel<StepArgs>(m, "cpu_guided_step", cpu::guided_step);
-  def_cpu_kernel<RescaleArgs>(m, "cpu_cfg_rescale_factor", cpu::cfg_rescale_factor);
-  def_cpu_kernel<LseGradArgs>(m, "cpu_temperature_lse_grad", cpu::temperature_lse_grad);
-  def_cpu_kernel<RmsArgs>(m, "cpu_per_sample_rms", cpu::per_sample_rms);
+  def_cpu_kernel<GuidedStepArgs>(m, "cpu_guided_step", cpu::guided_step);
+  def_cpu_kernel<CfgRescaleFactorArgs>(m, "cpu_cfg_rescale_factor", cpu::cfg_rescale_factor);
+  def_cpu_kernel<TemperatureLseGradArgs>(m, "cpu_temperature_lse_grad", cpu::temperature_lse_grad);
+  def_cpu_kernel<PerSampleRmsArgs>(m, "cpu_per_sample_rms", cpu::per_sample_rms);
 
 #ifdef FASTGUIDE_WITH_CUDA
-  def_cuda_kernel<StepArgs>(m, "cuda_guided_step", cuda::guided_step);
-  def_cuda_kernel<RescaleArgs>(m, "cuda_cfg_rescale_factor", cuda::cfg_rescale_factor);
-  def_cuda_kernel<LseGradArgs>(m, "cuda_temperature_lse_grad", cuda::temperature_lse_grad);
-  def_cuda_kernel<RmsArgs>(m, "cuda_per_sample_rms", cuda::per_sample_rms);
+  def_cuda_kernel<GuidedStepArgs>(m, "cuda_guided_step", cuda::guided_step);
+  def_cuda_kernel<CfgRescaleFactorArgs>(m, "cuda_cfg_rescale_factor", cuda::cfg_rescale_factor);
+  def_cuda_kernel<TemperatureLseGradArgs>(m, "cuda_temperature_lse_grad", cuda::temperature_lse_grad);
+  def_cuda_kernel<PerSampleRmsArgs>(m, "cuda_per_sample_rms", cuda::per_sample_rms);
   m.def("has_cuda", [] { return true; });
 #else
   m.def("has_cuda", [] { return false; });

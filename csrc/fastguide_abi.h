@@ -1,4 +1,4 @@
-// The argument blocks shared by the C++ CPU and CUDA C++ kernels (see fastguide/layout.py for the math).
+// The argument blocks shared by the C++ CPU and CUDA C++ kernels (see fastguide/core/layout.py for the math).
 // Every large tensor is passed as a base pointer plus a row stride in elements; elements within a row are
 // contiguous. All large tensors of one call share `dtype` (the Python layer casts); coefficients,
 // scales and factors are fp32. A null pointer means "absent".
@@ -9,13 +9,13 @@ namespace fastguide {
 
 enum DType : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
-constexpr int kNumCols = 18;  // columns of a step row, in the order of fastguide.layout.Col
+constexpr int kNumCols = 18;  // columns of a step row, in the order of fastguide.core.layout.Col
 enum Col : int32_t {
   P_X = 0, P_M, P_G, P_Z, Q_X, Q_M, Q_G, Q_Z, A, B, C, D, E, F, DV, EV, LV_MAX, LV_MIN
 };
 enum ClipMode : int32_t { kClipNone = 0, kClipRange = 1, kClipThreshold = 2 };
 
-struct StepArgs {
+struct GuidedStepArgs {
   int64_t batch = 0;            // B: rows of sample / outputs
   int64_t n = 0;                // elements per sample row
   int32_t dtype = kF32;
@@ -41,7 +41,7 @@ struct StepArgs {
 
 // Per-sample factor r_b = phi * std(cond_b) / std(guided_b) + (1 - phi), unbiased std (diffusers'
 // rescale_noise_cfg); guided = u + w_b (c - u). Only the first n elements of a row (the prediction).
-struct RescaleArgs {
+struct CfgRescaleFactorArgs {
   int64_t batch = 0, n = 0;
   int32_t dtype = kF32;
   const void* model_output = nullptr;  int64_t model_output_stride = 0;  // 2B rows
@@ -51,7 +51,7 @@ struct RescaleArgs {
 };
 
 // d/dl [tau1 * l_y - logsumexp(tau2 * l)] = tau1 * onehot(y) - tau2 * softmax(tau2 * l), times scale_b.
-struct LseGradArgs {
+struct TemperatureLseGradArgs {
   int64_t rows = 0, k = 0;
   int32_t dtype = kF32;                // of logits and out
   const void* logits = nullptr;        int64_t logits_stride = 0;
@@ -62,7 +62,7 @@ struct LseGradArgs {
 };
 
 // sqrt(mean(x^2)) per row, fp32 output.
-struct RmsArgs {
+struct PerSampleRmsArgs {
   int64_t rows = 0, n = 0;
   int32_t dtype = kF32;
   const void* x = nullptr;             int64_t x_stride = 0;

@@ -24,10 +24,12 @@ CSRC = ROOT / "csrc"
 CUDA_SOURCES = sorted((CSRC / "cuda").glob("*.cu"))
 ARCHS = ("80", "90")
 ENTRY_POINTS = {
-    "guided_step.cu": "fastguide::cuda::guided_step(fastguide::StepArgs const&, void*)",
-    "cfg_rescale.cu": "fastguide::cuda::cfg_rescale_factor(fastguide::RescaleArgs const&, void*)",
-    "lse_grad.cu": "fastguide::cuda::temperature_lse_grad(fastguide::LseGradArgs const&, void*)",
-    "rms.cu": "fastguide::cuda::per_sample_rms(fastguide::RmsArgs const&, void*)",
+    "guided_step.cu": "fastguide::cuda::guided_step(fastguide::GuidedStepArgs const&, void*)",
+    "cfg_rescale_factor.cu":
+        "fastguide::cuda::cfg_rescale_factor(fastguide::CfgRescaleFactorArgs const&, void*)",
+    "temperature_lse_grad.cu":
+        "fastguide::cuda::temperature_lse_grad(fastguide::TemperatureLseGradArgs const&, void*)",
+    "per_sample_rms.cu": "fastguide::cuda::per_sample_rms(fastguide::PerSampleRmsArgs const&, void*)",
 }
 
 
@@ -170,7 +172,7 @@ def test_step_kernels_use_16_byte_accesses(compiled):
 def test_reductions_use_clusters_on_sm90_only(compiled):
     """The rescale and RMS reductions combine a row's blocks through distributed shared memory on Hopper;
     the sm_80 build must contain no cluster instructions."""
-    for source in ("cfg_rescale.cu", "rms.cu"):
+    for source in ("cfg_rescale_factor.cu", "per_sample_rms.cu"):
         for arch, expected in (("90", True), ("80", False)):
             result = compiled[(source, arch)]
             if result.returncode != 0:

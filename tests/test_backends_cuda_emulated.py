@@ -125,7 +125,7 @@ def _parity_cases() -> List:
 PARITY_CASES = _parity_cases()
 # Tests whose kernels are row reductions launched as clusters on sm_90 (rescale factor, RMS; the step's
 # rescale cases call the same kernel but are covered on H100 only).
-REDUCTION_CASES = [p for p in PARITY_CASES if re.search(r"rescale_factor|rms", p.values[0])]
+REDUCTION_CASES = [p for p in PARITY_CASES if re.search(r"cfg_rescale_factor|per_sample_rms", p.values[0])]
 
 
 @pytest.mark.parametrize("name,kwargs", PARITY_CASES)
@@ -376,10 +376,10 @@ REDUCTION_SIZES = [(1, 1), (3, 7), (2, 8), (4, 24), (5, 1000), (3, 12000), (2, 8
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
 @pytest.mark.parametrize("dtype", parity.DTYPES, ids=DTYPE_IDS.get)
-def test_rms_sweep(cuda_emulated, dtype, device):
+def test_per_sample_rms_sweep(cuda_emulated, dtype, device):
     cuda_emulated.configure(device=device)
     for (rows, n), offset in itertools.product(REDUCTION_SIZES, (0, 1)):
-        gen = torch.Generator().manual_seed(parity.seed_of("rms-sweep", rows, n, offset, str(dtype)))
+        gen = torch.Generator().manual_seed(parity.seed_of("per_sample_rms-sweep", rows, n, offset, str(dtype)))
         x = _offset_rows((rows, n), offset, dtype, gen)
         if offset == 0:
             x = x.contiguous()
@@ -391,7 +391,7 @@ def test_rms_sweep(cuda_emulated, dtype, device):
 
 @pytest.mark.parametrize("device", ALL_DEVICES)
 @pytest.mark.parametrize("dtype", parity.DTYPES, ids=DTYPE_IDS.get)
-def test_cfg_rescale_sweep(cuda_emulated, dtype, device):
+def test_cfg_rescale_factor_sweep(cuda_emulated, dtype, device):
     cuda_emulated.configure(device=device)
     # Aligned rows without, misaligned rows with learned variance (the prediction is the first half of a row).
     for (batch, n), (offset, lv) in itertools.product(REDUCTION_SIZES, [(0, False), (1, True)]):
@@ -405,7 +405,7 @@ def test_cfg_rescale_sweep(cuda_emulated, dtype, device):
         expected = reference.cfg_rescale_factor(model_output, scale, 0.7, lv)
         actual = dispatch.resolve("cuda", torch.device("cpu")).cfg_rescale_factor(model_output, scale, 0.7, lv)
         parity.assert_matches(actual, expected, 2e-5)
-    _check_cluster_usage(cuda_emulated, device, "cfg_rescale_kernel")
+    _check_cluster_usage(cuda_emulated, device, "cfg_rescale_factor_kernel")
 
 
 def _check_cluster_usage(emu: Emulator, device: int, kernel: str) -> None:
@@ -428,7 +428,7 @@ LSE_SIZES = [1, 2, 3, 5, 8, 9, 31, 64, 333, 4101]
 
 
 @pytest.mark.parametrize("dtype", parity.DTYPES, ids=DTYPE_IDS.get)
-def test_lse_grad_sweep(cuda_emulated, dtype):
+def test_temperature_lse_grad_sweep(cuda_emulated, dtype):
     """Rows starting at every offset within a 16-byte pack (each row its own head/body/tail split), output
     rows aligned or not like the input rows, K around the pack width."""
     for k, offset in itertools.product(LSE_SIZES, (0, 1, 2, 5)):

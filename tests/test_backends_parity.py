@@ -391,7 +391,7 @@ def test_temperature_lse_grad_kernel_skips_out_of_range_labels(backend, device):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_per_sample_rms_matches_reference(backend, device, layout, dtype):
     skip_unless_runs(backend, device, dtype)
-    gen = torch.Generator().manual_seed(seed_of("rms", layout, str(dtype)))
+    gen = torch.Generator().manual_seed(seed_of("per_sample_rms", layout, str(dtype)))
     shape = {"odd": (3, 5, 7), "one_element": (4, 1), "single_long_row": (1, 300001),
              "threads": (2, 3, 150, 301), "row_strided": (3, 5, 7), "transposed": (3, 5, 7),
              "large_values": (3, 5, 7)}[layout]

@@ -26,6 +26,9 @@ ALIGNED_ARGS = re.compile(r"(_ptr|_stride|^n)$")
 
 # (name, kernel module, kernel, pointer dtypes (default fp32), constexprs, num_warps, expect 128-bit I/O)
 STEP = ("guided_step", "guided_step_kernel")
+RESCALE_PARTIAL = ("cfg_rescale_factor", "cfg_rescale_factor_partial_kernel")
+LSE_GRAD = ("temperature_lse_grad", "temperature_lse_grad_kernel")
+RMS_PARTIAL = ("per_sample_rms", "per_sample_rms_partial_kernel")
 STEP_OFF = dict(HAS_CFG=False, HAS_MFACTOR=False, HAS_G_SCORE=False, HAS_G_MEAN=False, HAS_NOISE=False,
                 HAS_X0_PREV=False, LEARNED_VARIANCE=False, CLIP_MODE=0, STEP_FROM_PTR=False, WRITE_OUT=True,
                 WRITE_X0=False)
@@ -44,23 +47,24 @@ CASES = [
      dict(STEP_OFF, HAS_G_MEAN=True, HAS_NOISE=True, LEARNED_VARIANCE=True, BLOCK=2048), 8, True),
     ("step_predict_x0_only_small_block", *STEP, {"x_ptr": "fp16", "x0_out_ptr": "fp16", "step_ptr": "i32"},
      dict(STEP_OFF, WRITE_OUT=False, WRITE_X0=True, CLIP_MODE=1, STEP_FROM_PTR=True, BLOCK=256), 1, False),
-    ("cfg_rescale_partial_single_chunk_fp32", "cfg_rescale", "cfg_rescale_partial_kernel", {},
+    ("cfg_rescale_factor_partial_single_chunk_fp32", *RESCALE_PARTIAL, {},
      dict(SINGLE_CHUNK=True, BLOCK=4096), 8, False),
-    ("cfg_rescale_partial_chunks_bf16", "cfg_rescale", "cfg_rescale_partial_kernel", {"m_ptr": "bf16"},
+    ("cfg_rescale_factor_partial_chunks_bf16", *RESCALE_PARTIAL, {"m_ptr": "bf16"},
      dict(SINGLE_CHUNK=False, BLOCK=4096), 8, False),
-    ("cfg_rescale_combine", "cfg_rescale", "cfg_rescale_combine_kernel", {}, dict(CHUNK=4096, BLOCK=256), 4,
+    ("cfg_rescale_factor_combine", "cfg_rescale_factor", "cfg_rescale_factor_combine_kernel", {},
+     dict(CHUNK=4096, BLOCK=256), 4, False),
+    ("temperature_lse_grad_fp16_scaled", *LSE_GRAD,
+     {"logits_ptr": "fp16", "out_ptr": "fp16", "labels_ptr": "i64"}, dict(HAS_SCALE=True, BLOCK=4096), 8,
      False),
-    ("lse_grad_fp16_scaled", "lse_grad", "lse_grad_kernel", {"logits_ptr": "fp16", "out_ptr": "fp16",
-                                                            "labels_ptr": "i64"},
-     dict(HAS_SCALE=True, BLOCK=4096), 8, False),
-    ("lse_grad_bf16_int32_labels", "lse_grad", "lse_grad_kernel", {"logits_ptr": "bf16", "out_ptr": "bf16",
-                                                                  "labels_ptr": "i32"},
-     dict(HAS_SCALE=False, BLOCK=1024), 4, False),
-    ("rms_partial_single_chunk_fp16", "rms", "rms_partial_kernel", {"x_ptr": "fp16"},
+    ("temperature_lse_grad_bf16_int32_labels", *LSE_GRAD,
+     {"logits_ptr": "bf16", "out_ptr": "bf16", "labels_ptr": "i32"}, dict(HAS_SCALE=False, BLOCK=1024), 4,
+     False),
+    ("per_sample_rms_partial_single_chunk_fp16", *RMS_PARTIAL, {"x_ptr": "fp16"},
      dict(SINGLE_CHUNK=True, BLOCK=4096), 8, False),
-    ("rms_partial_chunks_bf16", "rms", "rms_partial_kernel", {"x_ptr": "bf16"},
+    ("per_sample_rms_partial_chunks_bf16", *RMS_PARTIAL, {"x_ptr": "bf16"},
      dict(SINGLE_CHUNK=False, BLOCK=4096), 8, False),
-    ("rms_combine", "rms", "rms_combine_kernel", {}, dict(BLOCK=256), 4, False),
+    ("per_sample_rms_combine", "per_sample_rms", "per_sample_rms_combine_kernel", {}, dict(BLOCK=256), 4,
+     False),
 ]
 
 

@@ -31,8 +31,8 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3,
 
 def _kernels():
     # Imported lazily: the module-level skip must run before triton decorates anything.
-    from fastguide.kernels import cfg_rescale, guided_step, lse_grad, rms
-    return guided_step, cfg_rescale, lse_grad, rms
+    from fastguide.kernels import cfg_rescale_factor, guided_step, per_sample_rms, temperature_lse_grad
+    return guided_step, cfg_rescale_factor, temperature_lse_grad, per_sample_rms
 
 
 def randn(*shape, dtype=torch.float32, gen=None):
@@ -271,10 +271,10 @@ def test_step_grid_row_slices(monkeypatch):
     want_out, want_x0 = _reference_rows(x, mo, table, 1, kwargs, True, CLIP_THRESHOLD)
     assert_close(out, want_out, torch.float32)
     assert_close(x0, want_x0, torch.float32)
-    _, cfg_rescale, _, rms = _kernels()
-    assert_close(cfg_rescale.cfg_rescale_factor(mo, n, kwargs["scale"], 0.6, block=16),
+    _, cfg_rescale_factor, _, per_sample_rms = _kernels()
+    assert_close(cfg_rescale_factor.cfg_rescale_factor(mo, n, kwargs["scale"], 0.6, block=16),
                  reference.cfg_rescale_factor(mo, kwargs["scale"], 0.6, learned_variance=True), torch.float32)
-    assert_close(rms.per_sample_rms(x, block=16), reference.per_sample_rms(x), torch.float32)
+    assert_close(per_sample_rms.per_sample_rms(x, block=16), reference.per_sample_rms(x), torch.float32)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="bf16 needs a GPU (the interpreter has no bf16)")
@@ -291,34 +291,34 @@ def test_step_bf16_on_gpu():
 
 @pytest.mark.parametrize("n", [2, 15, 16, 17, 100, 16 * 300 + 5])
 @pytest.mark.parametrize("learned_variance", [False, True])
-def test_cfg_rescale_chunks(n, learned_variance):
+def test_cfg_rescale_factor_chunks(n, learned_variance):
     """16-element chunks: one chunk, exact multiples, a short last chunk, and more chunks than one
     combine block holds (300 > 256)."""
-    _, cfg_rescale, _, _ = _kernels()
+    _, cfg_rescale_factor, _, _ = _kernels()
     gen = torch.Generator().manual_seed(n)
     batch = 3
     mo = randn(2 * batch, 2 * n if learned_variance else n, gen=gen)
     scale = (1 + 6 * torch.rand(2 * batch, generator=gen)).to(DEVICE)[::2]
-    got = cfg_rescale.cfg_rescale_factor(mo, n, scale, 0.7, block=16)
+    got = cfg_rescale_factor.cfg_rescale_factor(mo, n, scale, 0.7, block=16)
     want = reference.cfg_rescale_factor(mo, scale, 0.7, learned_variance)
     assert_close(got, want, torch.float32)
 
 
-def test_cfg_rescale_large_mean_does_not_cancel():
+def test_cfg_rescale_factor_large_mean_does_not_cancel():
     """std of values ~1000 +- 1: a raw sum of squares in fp32 would lose most digits of the variance."""
-    _, cfg_rescale, _, _ = _kernels()
+    _, cfg_rescale_factor, _, _ = _kernels()
     gen = torch.Generator().manual_seed(29)
     batch, n = 2, 5000
     mo = randn(2 * batch, n, gen=gen) + 1000.0
     scale = torch.tensor([2.0, 5.0], device=DEVICE)
     exact = reference.cfg_rescale_factor(mo.double(), scale.double(), 0.9).float()
     for block in (None, 64):
-        torch.testing.assert_close(cfg_rescale.cfg_rescale_factor(mo, n, scale, 0.9, block=block), exact,
+        torch.testing.assert_close(cfg_rescale_factor.cfg_rescale_factor(mo, n, scale, 0.9, block=block), exact,
                                    rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cfg_rescale_through_ops(dtype):
+def test_cfg_rescale_factor_through_ops(dtype):
     gen = torch.Generator().manual_seed(31)
     x, mo, extra = _step_inputs(3, (4, 33, 35), dtype, gen, learned_variance=True, full=False)
     table = random_table(2, gen)
@@ -328,15 +328,15 @@ def test_cfg_rescale_through_ops(dtype):
 
 
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 16 * 300 + 1])
-def test_rms_chunks(n):
-    _, _, _, rms = _kernels()
+def test_per_sample_rms_chunks(n):
+    _, _, _, per_sample_rms = _kernels()
     gen = torch.Generator().manual_seed(n)
     x = randn(3, n, gen=gen) * 3 + 1
-    assert_close(rms.per_sample_rms(x, block=16), reference.per_sample_rms(x), torch.float32)
+    assert_close(per_sample_rms.per_sample_rms(x, block=16), reference.per_sample_rms(x), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rms_through_ops(dtype):
+def test_per_sample_rms_through_ops(dtype):
     gen = torch.Generator().manual_seed(37)
     x = randn(4, 3, 70, 70, dtype=dtype, gen=gen)[:, :, 1:-1, ::2]   # strided view, copied to rows
     got = fastguide.per_sample_rms(x, backend="triton")
@@ -348,23 +348,23 @@ def test_rms_through_ops(dtype):
 
 @pytest.mark.parametrize("k", [1, 15, 16, 17, 33, 1000])
 @pytest.mark.parametrize("tau2", [0.5, 0.0, -1.3])
-def test_lse_grad_k_across_blocks(k, tau2):
+def test_temperature_lse_grad_k_across_blocks(k, tau2):
     """16-wide K blocks: the online max / sum carries across block boundaries and a short last block."""
-    _, _, lse_grad, _ = _kernels()
+    _, _, temperature_lse_grad, _ = _kernels()
     gen = torch.Generator().manual_seed(k)
     rows = 3
     logits = randn(rows, k, gen=gen) * 8
     labels = torch.randint(0, k, (rows,), generator=gen).to(DEVICE)
     scale = (0.5 + torch.rand(rows, generator=gen)).to(DEVICE)
     out = poisoned(logits)
-    lse_grad.temperature_lse_grad(logits, labels, 1.25, tau2, scale, out, block=16)
+    temperature_lse_grad.temperature_lse_grad(logits, labels, 1.25, tau2, scale, out, block=16)
     want = torch.empty_like(logits)
     reference.temperature_lse_grad(logits, labels, 1.25, tau2, scale, want)
     assert_close(out, want, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_lse_grad_imagenet21k_extreme_logits(dtype):
+def test_temperature_lse_grad_imagenet21k_extreme_logits(dtype):
     """K = 21,843 low-precision logits near the dtype's range: stable where a naive exp overflows."""
     gen = torch.Generator().manual_seed(41)
     rows, k = 2, 21843
@@ -377,7 +377,7 @@ def test_lse_grad_imagenet21k_extreme_logits(dtype):
     assert_close(got, want, dtype)
 
 
-def test_lse_grad_views_and_scales():
+def test_temperature_lse_grad_views_and_scales():
     gen = torch.Generator().manual_seed(43)
     rows, k = 4, 1001
     logits_rows = randn(2 * rows, k, dtype=torch.float16, gen=gen)[::2]     # row-strided view

@@ -115,6 +115,6 @@ def test_built_extension_reports_its_parts():
         assert callable(getattr(ext, kernel))
     for kernel in ("cuda_guided_step", "cuda_cfg_rescale_factor", "cuda_temperature_lse_grad", "cuda_per_sample_rms"):
         assert hasattr(ext, kernel) == ext.has_cuda()
-    args = ext.StepArgs()
+    args = ext.GuidedStepArgs()
     args.sample, args.step_ptr, args.out = 4096, 0, 2 ** 47  # pointer fields are plain Python ints
     assert (args.sample, args.step_ptr, args.out) == (4096, 0, 2 ** 47)

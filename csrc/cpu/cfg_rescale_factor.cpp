@@ -46,7 +46,7 @@ double unbiased_variance(double sum, double sq, int64_t n) {
 
 }  // namespace
 
-void cfg_rescale_factor(const RescaleArgs& a) {
+void cfg_rescale_factor(const CfgRescaleFactorArgs& a) {
   const int64_t per_row = chunks_per_row(a.n, kChunk);
   std::vector<Moments> partial(size_t(a.batch * per_row));
   for_each_chunk(a.batch, a.n, kChunk, [&](int64_t item, int64_t row, int64_t begin, int64_t len) {

@@ -1,4 +1,4 @@
-// Fused guided sampler step on the CPU: the row formula of fastguide/layout.py, one tile at a time.
+// Fused guided sampler step on the CPU: the row formula of fastguide/core/layout.py, one tile at a time.
 //
 // A work item is one tile of one sample row; inputs are read as fp32 (converted into scratch when stored
 // as fp16/bf16). Terms that only add to the output (mean shift, noise, x0_prev) are first summed into an
@@ -107,7 +107,7 @@ inline void combine(const float* k, const float* x, const float* x0, const float
   }
 }
 
-const float* load_row(const StepArgs& a, const void* base, int64_t stride, int64_t row, int64_t begin,
+const float* load_row(const GuidedStepArgs& a, const void* base, int64_t stride, int64_t row, int64_t begin,
                       int64_t len, float* buf) {
   return base ? load_f32(a.dtype, base, row * stride + begin, len, buf) : nullptr;
 }
@@ -115,8 +115,8 @@ const float* load_row(const StepArgs& a, const void* base, int64_t stride, int64
 // Sum of the terms that only add to the output, (D + DV Sigma) gm + (E + EV sqrt(Sigma)) z + F x0_prev,
 // into s.extra; null when there are none. Sigma = exp(f LV_MAX + (1 - f) LV_MIN), f = (v + 1) / 2, from the
 // cond half's learned-range variance channels v.
-const float* added_terms(const StepArgs& a, const float* k, const Model& in, int64_t row, int64_t cond_row,
-                         int64_t begin, int64_t len, Scratch& s) {
+const float* added_terms(const GuidedStepArgs& a, const float* k, const Model& in, int64_t row,
+                         int64_t cond_row, int64_t begin, int64_t len, Scratch& s) {
   const float* gm = load_row(a, a.g_mean, a.g_mean_stride, row, begin, len, s.g_mean);
   const float* xp = load_row(a, a.x0_prev, a.x0_prev_stride, row, begin, len, s.x0_prev);
   const float* z = in.z;
@@ -158,7 +158,7 @@ const float* added_terms(const StepArgs& a, const float* k, const Model& in, int
   return s.extra;
 }
 
-void clip_x0(const StepArgs& a, int64_t row, float* __restrict x0, int64_t len) {
+void clip_x0(const GuidedStepArgs& a, int64_t row, float* __restrict x0, int64_t len) {
   if (a.clip_mode == kClipRange) {
     const float lo = a.clip_lo, hi = a.clip_hi;
     for (int64_t i = 0; i < len; ++i) {
@@ -176,7 +176,7 @@ void clip_x0(const StepArgs& a, int64_t row, float* __restrict x0, int64_t len) 
 }
 
 FASTGUIDE_TARGET_CLONES
-void step_tile(const StepArgs& a, const float* k, int64_t row, int64_t begin, int64_t len, Scratch& s) {
+void step_tile(const GuidedStepArgs& a, const float* k, int64_t row, int64_t begin, int64_t len, Scratch& s) {
   const int64_t cond_row = a.has_cfg ? row + a.batch : row;
   Model in;
   in.x = load_row(a, a.sample, a.sample_stride, row, begin, len, s.x);
@@ -234,7 +234,7 @@ void step_tile(const StepArgs& a, const float* k, int64_t row, int64_t begin, in
 
 }  // namespace
 
-void guided_step(const StepArgs& args) {
+void guided_step(const GuidedStepArgs& args) {
   const int64_t step = args.step_ptr ? *args.step_ptr : args.step;
   const float* coefs = args.table + step * kNumCols;
   for_each_chunk(args.batch, args.n, kTile, [&](int64_t, int64_t row, int64_t begin, int64_t len) {

@@ -23,7 +23,7 @@ double tile_sum_squares(const float* x, int64_t len) {
 
 }  // namespace
 
-void per_sample_rms(const RmsArgs& a) {
+void per_sample_rms(const PerSampleRmsArgs& a) {
   const int64_t per_row = chunks_per_row(a.n, kChunk);
   std::vector<double> partial(size_t(a.rows * per_row), 0.0);
   for_each_chunk(a.rows, a.n, kChunk, [&](int64_t item, int64_t row, int64_t begin, int64_t len) {

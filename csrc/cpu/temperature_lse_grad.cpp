@@ -37,7 +37,7 @@ void neg_scaled_softmax(const float* l, float* grad, int64_t k, float tau2) {
 
 }  // namespace
 
-void temperature_lse_grad(const LseGradArgs& a) {
+void temperature_lse_grad(const TemperatureLseGradArgs& a) {
   for_each_chunk(a.rows, a.k, a.k, [&](int64_t, int64_t row, int64_t, int64_t) {
     std::vector<float> grad(size_t(a.k));
     const float* l = load_f32(a.dtype, a.logits, row * a.logits_stride, a.k, grad.data());

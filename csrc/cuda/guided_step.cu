@@ -1,5 +1,5 @@
 // The fused guided sampler step: one pass over x, the model output(s), the guidance gradients, the noise
-// and the previous x0, writing x_out and/or x0^ (the row formula of fastguide/layout.py, computed in fp32).
+// and the previous x0, writing x_out and/or x0^ (the row formula of fastguide/core/layout.py, computed in fp32).
 //
 // Grid: x = chunk of a row, y = row (sample). Each thread moves ITEMS packs of every input, issuing all
 // loads before any arithmetic so that enough bytes are in flight to saturate HBM. Which element streams
@@ -37,9 +37,9 @@ struct RuntimeFeatures {
   __device__ __forceinline__ bool has(int feature) const { return (mask & feature) != 0; }
 };
 
-// StepArgs with typed pointers; strides in elements.
+// GuidedStepArgs with typed pointers; strides in elements.
 template <class IO>
-struct StepParams {
+struct GuidedStepParams {
   using Bits = typename IO::Bits;
   int64_t batch, n;
   const Bits* sample;
@@ -81,7 +81,7 @@ constexpr int vector_items(int mask) { return 2 + __builtin_popcount(mask) <= 4 
 // the thread that writes it, and every read of a pack happens before its writes, so exact aliasing is safe.
 template <class IO, int VEC, int ITEMS, class Features>
 __global__ void __launch_bounds__(kStepThreads)
-    guided_step_kernel(const StepParams<IO> p, const Features feat) {
+    guided_step_kernel(const GuidedStepParams<IO> p, const Features feat) {
   using Bits = typename IO::Bits;
   using P = Pack<IO, VEC>;
 
@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(kStepThreads)
 }
 
 template <class IO, int VEC, int ITEMS, class Features>
-void launch_step(const StepParams<IO>& p, Features feat, cudaStream_t stream) {
+void launch_guided_step(const GuidedStepParams<IO>& p, Features feat, cudaStream_t stream) {
   const int64_t per_block = int64_t(kStepThreads) * ITEMS;
   const int64_t chunks = (p.n / VEC + per_block - 1) / per_block;
   const dim3 grid(unsigned(chunks), grid_rows(p.batch));
@@ -215,11 +215,11 @@ void launch_step(const StepParams<IO>& p, Features feat, cudaStream_t stream) {
 }
 
 template <class IO>
-using StepLauncher = void (*)(const StepParams<IO>&, cudaStream_t);
+using GuidedStepLauncher = void (*)(const GuidedStepParams<IO>&, cudaStream_t);
 
 template <class IO, int MASK>
-void launch_vectorized(const StepParams<IO>& p, cudaStream_t stream) {
-  launch_step<IO, kVec16<IO>, vector_items(MASK)>(p, StaticFeatures<MASK>{}, stream);
+void launch_vectorized(const GuidedStepParams<IO>& p, cudaStream_t stream) {
+  launch_guided_step<IO, kVec16<IO>, vector_items(MASK)>(p, StaticFeatures<MASK>{}, stream);
 }
 
 // Sigma only feeds the g_mean and noise terms, so feature_mask() never sets kLearnedVar without one of
@@ -229,15 +229,15 @@ constexpr int canonical_mask(int mask) {
 }
 
 template <class IO, int... MASKS>
-constexpr std::array<StepLauncher<IO>, sizeof...(MASKS)> vectorized_launchers(
+constexpr std::array<GuidedStepLauncher<IO>, sizeof...(MASKS)> vectorized_launchers(
     std::integer_sequence<int, MASKS...>) {
   return {&launch_vectorized<IO, canonical_mask(MASKS)>...};
 }
 
 template <class IO>
-StepParams<IO> typed_params(const StepArgs& a) {
+GuidedStepParams<IO> typed_params(const GuidedStepArgs& a) {
   using Bits = typename IO::Bits;
-  StepParams<IO> p;
+  GuidedStepParams<IO> p;
   p.batch = a.batch;
   p.n = a.n;
   p.sample = static_cast<const Bits*>(a.sample);
@@ -271,7 +271,7 @@ StepParams<IO> typed_params(const StepArgs& a) {
 
 // The streams this call actually reads. Terms that only feed x_out are dropped for an x0-only call, and
 // the variance channels are read only when a term uses Sigma, so nothing unused is ever loaded.
-int feature_mask(const StepArgs& a) {
+int feature_mask(const GuidedStepArgs& a) {
   const bool write_out = a.out != nullptr;
   int mask = 0;
   if (a.has_cfg) mask |= kCfg;
@@ -283,7 +283,7 @@ int feature_mask(const StepArgs& a) {
   return mask;
 }
 
-bool vectorizable(const StepArgs& a, int mask, int64_t elem_size) {
+bool vectorizable(const GuidedStepArgs& a, int mask, int64_t elem_size) {
   const int64_t vec = 16 / elem_size;
   if (a.n % vec != 0) return false;
   return rows_aligned16(a.sample, a.sample_stride, elem_size) &&
@@ -298,18 +298,18 @@ bool vectorizable(const StepArgs& a, int mask, int64_t elem_size) {
 
 }  // namespace
 
-void guided_step(const StepArgs& args, void* stream) {
+void guided_step(const GuidedStepArgs& args, void* stream) {
   if (args.batch <= 0 || args.n <= 0 || (args.out == nullptr && args.x0_out == nullptr)) return;
   const int mask = feature_mask(args);
   dispatch_dtype(args.dtype, "guided_step", [&](auto io) {
     using IO = decltype(io);
-    const StepParams<IO> p = typed_params<IO>(args);
+    const GuidedStepParams<IO> p = typed_params<IO>(args);
     if (vectorizable(args, mask, sizeof(typename IO::Bits))) {
       static constexpr auto launchers =
           vectorized_launchers<IO>(std::make_integer_sequence<int, kNumFeatureMasks>{});
       launchers[mask](p, as_stream(stream));
     } else {
-      launch_step<IO, 1, kScalarItems>(p, RuntimeFeatures{mask}, as_stream(stream));
+      launch_guided_step<IO, 1, kScalarItems>(p, RuntimeFeatures{mask}, as_stream(stream));
     }
   });
   check_launch("guided_step");

@@ -118,13 +118,13 @@ class Launch:
         self._alive.clear()
 
 
-def step_args(args: StepArgs) -> Launch:
-    """A ``StepArgs`` launch for ``guided_step``: the kernels' argument block filled from ``args``."""
+def guided_step_args(args: StepArgs) -> Launch:
+    """A ``GuidedStepArgs`` launch for ``guided_step``: the kernels' argument block filled from ``args``."""
     sample, table, step = args.sample, args.table, args.step
     dtype = storage_dtype(sample.dtype)
     device = sample.device
     batch = sample.shape[0]
-    launch = Launch(extension().StepArgs())
+    launch = Launch(extension().GuidedStepArgs())
     a = launch.args
     a.batch = batch
     a.n = row_length(sample)
@@ -170,14 +170,14 @@ def step_args(args: StepArgs) -> Launch:
     return launch
 
 
-def rescale_args(model_output: torch.Tensor, scale, rescale: float,
-                 learned_variance: bool = False) -> Tuple[Launch, torch.Tensor]:
-    """A ``RescaleArgs`` launch and the [B] fp32 factor tensor it fills."""
+def cfg_rescale_factor_args(model_output: torch.Tensor, scale, rescale: float,
+                            learned_variance: bool = False) -> Tuple[Launch, torch.Tensor]:
+    """A ``CfgRescaleFactorArgs`` launch and the [B] fp32 factor tensor it fills."""
     dtype = storage_dtype(model_output.dtype)
     device = model_output.device
     batch = model_output.shape[0] // 2
     row = row_length(model_output)
-    launch = Launch(extension().RescaleArgs())
+    launch = Launch(extension().CfgRescaleFactorArgs())
     a = launch.args
     a.batch = batch
     a.n = row // 2 if learned_variance else row
@@ -190,11 +190,11 @@ def rescale_args(model_output: torch.Tensor, scale, rescale: float,
     return launch, factor
 
 
-def lse_grad_args(logits: torch.Tensor, labels: torch.Tensor, tau1: float, tau2: float, scale,
-                  out: torch.Tensor) -> Launch:
-    """A ``LseGradArgs`` launch writing ``out`` ([B, K], the logits' dtype)."""
+def temperature_lse_grad_args(logits: torch.Tensor, labels: torch.Tensor, tau1: float, tau2: float, scale,
+                              out: torch.Tensor) -> Launch:
+    """A ``TemperatureLseGradArgs`` launch writing ``out`` ([B, K], the logits' dtype)."""
     dtype = storage_dtype(logits.dtype)
-    launch = Launch(extension().LseGradArgs())
+    launch = Launch(extension().TemperatureLseGradArgs())
     a = launch.args
     a.rows, a.k = logits.shape
     a.dtype = DTYPE_CODES[dtype]
@@ -206,10 +206,10 @@ def lse_grad_args(logits: torch.Tensor, labels: torch.Tensor, tau1: float, tau2:
     return launch
 
 
-def rms_args(x: torch.Tensor) -> Tuple[Launch, torch.Tensor]:
-    """A ``RmsArgs`` launch and the [B] fp32 tensor it fills."""
+def per_sample_rms_args(x: torch.Tensor) -> Tuple[Launch, torch.Tensor]:
+    """A ``PerSampleRmsArgs`` launch and the [B] fp32 tensor it fills."""
     dtype = storage_dtype(x.dtype)
-    launch = Launch(extension().RmsArgs())
+    launch = Launch(extension().PerSampleRmsArgs())
     a = launch.args
     a.rows = x.shape[0]
     a.n = row_length(x)

@@ -27,14 +27,14 @@ def unavailable_reason() -> str:
 
 
 def guided_step(args: StepArgs) -> None:
-    launch = abi.step_args(args)
+    launch = abi.guided_step_args(args)
     abi.extension().cpu_guided_step(launch.args)
     launch.finish()
 
 
 def cfg_rescale_factor(model_output: torch.Tensor, scale: torch.Tensor, rescale: float,
                        learned_variance: bool = False) -> torch.Tensor:
-    launch, factor = abi.rescale_args(model_output, scale, rescale, learned_variance)
+    launch, factor = abi.cfg_rescale_factor_args(model_output, scale, rescale, learned_variance)
     abi.extension().cpu_cfg_rescale_factor(launch.args)
     launch.finish()
     return factor
@@ -42,13 +42,13 @@ def cfg_rescale_factor(model_output: torch.Tensor, scale: torch.Tensor, rescale:
 
 def temperature_lse_grad(logits: torch.Tensor, labels: torch.Tensor, tau1: float, tau2: float,
                          scale: Optional[torch.Tensor], out: torch.Tensor) -> None:
-    launch = abi.lse_grad_args(logits, labels, tau1, tau2, scale, out)
+    launch = abi.temperature_lse_grad_args(logits, labels, tau1, tau2, scale, out)
     abi.extension().cpu_temperature_lse_grad(launch.args)
     launch.finish()
 
 
 def per_sample_rms(x: torch.Tensor) -> torch.Tensor:
-    launch, out = abi.rms_args(x)
+    launch, out = abi.per_sample_rms_args(x)
     abi.extension().cpu_per_sample_rms(launch.args)
     launch.finish()
     return out

@@ -54,14 +54,14 @@ def _run(kernel: Callable, launch: abi.Launch, device: torch.device) -> None:
 
 def guided_step(args: StepArgs) -> None:
     """One fused guided step (see ``fastguide.backends.reference.guided_step``), written into the outputs."""
-    launch = abi.step_args(args)
+    launch = abi.guided_step_args(args)
     _run(abi.extension().cuda_guided_step, launch, args.sample.device)
 
 
 def cfg_rescale_factor(model_output: torch.Tensor, scale: torch.Tensor, rescale: float,
                        learned_variance: bool = False) -> torch.Tensor:
     """Per-sample CFG-rescale factor (see ``fastguide.backends.reference.cfg_rescale_factor``), [B] fp32."""
-    launch, factor = abi.rescale_args(model_output, scale, rescale, learned_variance)
+    launch, factor = abi.cfg_rescale_factor_args(model_output, scale, rescale, learned_variance)
     _run(abi.extension().cuda_cfg_rescale_factor, launch, model_output.device)
     return factor
 
@@ -69,12 +69,12 @@ def cfg_rescale_factor(model_output: torch.Tensor, scale: torch.Tensor, rescale:
 def temperature_lse_grad(logits: torch.Tensor, labels: torch.Tensor, tau1: float, tau2: float,
                          scale: Optional[torch.Tensor], out: torch.Tensor) -> None:
     """Temperature log-sum-exp gradient (see ``fastguide.backends.reference.temperature_lse_grad``) into ``out``."""
-    launch = abi.lse_grad_args(logits, labels, tau1, tau2, scale, out)
+    launch = abi.temperature_lse_grad_args(logits, labels, tau1, tau2, scale, out)
     _run(abi.extension().cuda_temperature_lse_grad, launch, logits.device)
 
 
 def per_sample_rms(x: torch.Tensor) -> torch.Tensor:
     """Per-sample root mean square (see ``fastguide.backends.reference.per_sample_rms``), [B] fp32."""
-    launch, out = abi.rms_args(x)
+    launch, out = abi.per_sample_rms_args(x)
     _run(abi.extension().cuda_per_sample_rms, launch, x.device)
     return out

@@ -44,8 +44,8 @@ def _load_kernels():
     """Import the kernels on first use: triton decides at decoration time whether to interpret."""
     global _kernels
     if _kernels is None:
-        from ..kernels import cfg_rescale, guided_step, lse_grad, rms
-        _kernels = (guided_step, cfg_rescale, lse_grad, rms)
+        from ..kernels import cfg_rescale_factor, guided_step, per_sample_rms, temperature_lse_grad
+        _kernels = (guided_step, cfg_rescale_factor, temperature_lse_grad, per_sample_rms)
     return _kernels
 
 

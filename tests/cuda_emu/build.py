@@ -45,7 +45,7 @@ CUDA_FLAGS = [
 ]
 # The bindings and the C++ CPU kernels are only linked in (this module's tests run no CPU kernel): no
 # optimisation. A pybind11 internals id of its own: the emulated module registers the same C++ classes
-# (StepArgs, ...) as the real fastguide._C, which may be loaded in the same process.
+# (GuidedStepArgs, ...) as the real fastguide._C, which may be loaded in the same process.
 BINDINGS_FLAGS = ["-O0", "-DFASTGUIDE_WITH_CUDA", '-DPYBIND11_COMPILER_TYPE="_fastguide_cuda_emu"']
 CPU_FLAGS = ["-O0", "-fopenmp"]
 RUNTIME_FLAGS = ["-O2", "-U_FORTIFY_SOURCE"]

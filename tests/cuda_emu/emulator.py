@@ -1,5 +1,5 @@
 """Python side of the CUDA host emulation: loads the module that ``build.build()`` made, drives the runtime's
-control API through ctypes, and stands in for ``fastguide.backend_cuda._run``.
+control API through ctypes, and stands in for ``fastguide.backends.cuda._run``.
 
 Before each kernel call, ``Emulator.run`` registers the global memory the kernel may touch, derived from its
 argument block by the contract of ``csrc/fastguide_abi.h`` (rows x row length for every tensor, the [B]
@@ -118,7 +118,7 @@ class Emulator:
     # ---------------------------------------------------------------------------- backend_cuda._run
 
     def run(self, kernel, launch, device) -> None:
-        """``fastguide.backend_cuda._run`` for the emulated module: stream 0, the kernel's memory registered."""
+        """``fastguide.backends.cuda._run`` for the emulated module: stream 0, the kernel's memory registered."""
         self.register(launch.args)
         try:
             kernel(launch.args, 0)
@@ -137,7 +137,7 @@ class Emulator:
         """The global memory a kernel may touch, from its argument block (csrc/fastguide_abi.h)."""
         kind = type(a).__name__
         region = self._region
-        if kind == "StepArgs":
+        if kind == "GuidedStepArgs":
             es = ELEMENT_BYTES[a.dtype]
             rows_in = a.batch * (2 if a.has_cfg else 1)
             region("sample", a.sample, a.batch, a.n * es, a.sample_stride * es)
@@ -158,19 +158,19 @@ class Emulator:
             region(f"table[{step}]", a.table + step * NUM_COLS * 4, 1, NUM_COLS * 4, 0)
             region("out", a.out, a.batch, a.n * es, a.out_stride * es, writable=True)
             region("x0_out", a.x0_out, a.batch, a.n * es, a.x0_out_stride * es, writable=True)
-        elif kind == "RescaleArgs":
+        elif kind == "CfgRescaleFactorArgs":
             es = ELEMENT_BYTES[a.dtype]
             # Only the prediction (the first n elements) of each of the 2B rows.
             region("model_output", a.model_output, 2 * a.batch, a.n * es, a.model_output_stride * es)
             region("scale", a.scale, a.batch, 4, a.scale_stride * 4)
             region("factor", a.factor, 1, a.batch * 4, 0, writable=True)
-        elif kind == "LseGradArgs":
+        elif kind == "TemperatureLseGradArgs":
             es = ELEMENT_BYTES[a.dtype]
             region("logits", a.logits, a.rows, a.k * es, a.logits_stride * es)
             region("labels", a.labels, 1, a.rows * 8, 0)
             region("scale", a.scale, 1, a.rows * 4, 0)
             region("out", a.out, a.rows, a.k * es, a.out_stride * es, writable=True)
-        elif kind == "RmsArgs":
+        elif kind == "PerSampleRmsArgs":
             es = ELEMENT_BYTES[a.dtype]
             region("x", a.x, a.rows, a.n * es, a.x_stride * es)
             region("out", a.out, 1, a.rows * 4, 0, writable=True)

@@ -1,4 +1,4 @@
-// Kernels that check the emulation itself (tests/test_cuda_emulated.py::test_emulator_*): that shuffles move
+// Kernels that check the emulation itself (tests/test_backends_cuda_emulated.py::test_emulator_*): that shuffles move
 // the right values, that barriers and clusters order threads, and that each fault the emulator promises to
 // catch (out-of-bounds and read-only accesses, misaligned vector loads, array overruns, barriers not reached
 // by every thread, bad launch configurations) does fail. Built into the emulated module like csrc/cuda

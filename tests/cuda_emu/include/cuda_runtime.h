@@ -1,5 +1,5 @@
 // Host emulation of the CUDA runtime API and device builtins that csrc/cuda uses, so that the kernels' logic
-// can be compiled with g++ and run on a CPU (tests/test_cuda_emulated.py). tests/cuda_emu/build.py first
+// can be compiled with g++ and run on a CPU (tests/test_backends_cuda_emulated.py). tests/cuda_emu/build.py first
 // rewrites every `kernel<<<grid, block, smem, stream>>>(args)` into emu::launch(...) and every
 // `__shared__ T name[...]` into a per-block buffer (emu::block_shared); the runtime behind the emu::
 // declarations below is tests/cuda_emu/emu_runtime.cpp.

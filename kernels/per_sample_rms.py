@@ -18,8 +18,8 @@ COMBINE_BLOCK = 256
 
 
 @triton.jit(do_not_specialize=["row0"])
-def rms_partial_kernel(x_ptr, x_stride, n, row0, partial_ptr, out_ptr, chunks,
-                       SINGLE_CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def per_sample_rms_partial_kernel(x_ptr, x_stride, n, row0, partial_ptr, out_ptr, chunks,
+                                  SINGLE_CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     chunk = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64) + row0
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -33,7 +33,7 @@ def rms_partial_kernel(x_ptr, x_stride, n, row0, partial_ptr, out_ptr, chunks,
 
 
 @triton.jit
-def rms_combine_kernel(partial_ptr, out_ptr, n, chunks, BLOCK: tl.constexpr):
+def per_sample_rms_combine_kernel(partial_ptr, out_ptr, n, chunks, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     acc = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, chunks, BLOCK):
@@ -53,9 +53,10 @@ def per_sample_rms(x: torch.Tensor, block: Optional[int] = None) -> torch.Tensor
     single = chunks == 1
     partial = out if single else torch.empty(batch * chunks, device=x.device, dtype=torch.float32)
     for row0, rows in row_slices(batch):
-        rms_partial_kernel[(chunks, rows)](x, x.stride(0), n, row0, partial, out, chunks, SINGLE_CHUNK=single,
-                                           BLOCK=block, num_warps=warps_for(block), enable_fp_fusion=True)
+        per_sample_rms_partial_kernel[(chunks, rows)](x, x.stride(0), n, row0, partial, out, chunks,
+                                                      SINGLE_CHUNK=single, BLOCK=block,
+                                                      num_warps=warps_for(block), enable_fp_fusion=True)
     if not single:
-        rms_combine_kernel[(batch,)](partial, out, n, chunks, BLOCK=COMBINE_BLOCK, num_warps=4,
-                                     enable_fp_fusion=True)
+        per_sample_rms_combine_kernel[(batch,)](partial, out, n, chunks, BLOCK=COMBINE_BLOCK, num_warps=4,
+                                                enable_fp_fusion=True)
     return out

@@ -17,7 +17,7 @@ from .launch_utils import REDUCTION_MAX_BLOCK, pow2_at_least, warps_for
 
 
 @triton.jit
-def lse_grad_kernel(
+def temperature_lse_grad_kernel(
     logits_ptr, logits_stride, labels_ptr, labels_stride, scale_ptr, scale_stride, out_ptr, out_stride,
     k, tau1, tau2, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -61,7 +61,7 @@ def temperature_lse_grad(logits: torch.Tensor, labels: torch.Tensor, tau1: float
     if rows == 0 or k == 0:
         return
     block = block or min(REDUCTION_MAX_BLOCK, pow2_at_least(k))
-    lse_grad_kernel[(rows,)](
+    temperature_lse_grad_kernel[(rows,)](
         logits, logits.stride(0), labels, labels.stride(0),
         scale if scale is not None else out, scale.stride(0) if scale is not None else 0,
         out, out.stride(0), k, float(tau1), float(tau2),

@@ -24,7 +24,7 @@ struct MergeSums {
 };
 
 template <class IO>
-struct RmsParams {
+struct PerSampleRmsParams {
   using Bits = typename IO::Bits;
   int64_t rows, n;
   const Bits* x;
@@ -35,7 +35,7 @@ struct RmsParams {
 constexpr int kRmsItems = 4;
 
 template <class IO, int VEC>
-__global__ void __launch_bounds__(kReduceThreads) per_sample_rms_kernel(const RmsParams<IO> p) {
+__global__ void __launch_bounds__(kReduceThreads) per_sample_rms_kernel(const PerSampleRmsParams<IO> p) {
   using Bits = typename IO::Bits;
   using P = Pack<IO, VEC>;
   const MergeSums merge;
@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kReduceThreads) per_sample_rms_kernel(const Rm
 }
 
 template <class IO, int VEC>
-void launch_rms(const RmsParams<IO>& p, cudaStream_t stream) {
+void launch_per_sample_rms(const PerSampleRmsParams<IO>& p, cudaStream_t stream) {
   const DeviceInfo info = current_device_info("per_sample_rms");
   const int blocks = blocks_per_row(p.rows, p.n, 16384, info);
   launch_row_reduction(&per_sample_rms_kernel<IO, VEC>, blocks, p.rows, stream, "per_sample_rms", p);
@@ -84,12 +84,12 @@ void launch_rms(const RmsParams<IO>& p, cudaStream_t stream) {
 
 }  // namespace
 
-void per_sample_rms(const RmsArgs& args, void* stream) {
+void per_sample_rms(const PerSampleRmsArgs& args, void* stream) {
   if (args.rows <= 0) return;
   dispatch_dtype(args.dtype, "per_sample_rms", [&](auto io) {
     using IO = decltype(io);
     using Bits = typename IO::Bits;
-    RmsParams<IO> p;
+    PerSampleRmsParams<IO> p;
     p.rows = args.rows;
     p.n = args.n;
     p.x = static_cast<const Bits*>(args.x);
@@ -97,9 +97,9 @@ void per_sample_rms(const RmsArgs& args, void* stream) {
     p.out = args.out;
     constexpr int kVec = kVec16<IO>;
     if (args.n % kVec == 0 && rows_aligned16(args.x, args.x_stride, sizeof(Bits))) {
-      launch_rms<IO, kVec>(p, as_stream(stream));
+      launch_per_sample_rms<IO, kVec>(p, as_stream(stream));
     } else {
-      launch_rms<IO, 1>(p, as_stream(stream));
+      launch_per_sample_rms<IO, 1>(p, as_stream(stream));
     }
   });
 }

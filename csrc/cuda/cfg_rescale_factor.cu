@@ -38,7 +38,7 @@ struct MergeMoments {
 };
 
 template <class IO>
-struct RescaleParams {
+struct CfgRescaleFactorParams {
   using Bits = typename IO::Bits;
   int64_t batch, n;
   const Bits* model_output;
@@ -52,7 +52,8 @@ struct RescaleParams {
 constexpr int kRescaleItems = 2;
 
 template <class IO, int VEC>
-__global__ void __launch_bounds__(kReduceThreads) cfg_rescale_kernel(const RescaleParams<IO> p) {
+__global__ void __launch_bounds__(kReduceThreads)
+    cfg_rescale_factor_kernel(const CfgRescaleFactorParams<IO> p) {
   using Bits = typename IO::Bits;
   using P = Pack<IO, VEC>;
   const MergeMoments merge;
@@ -121,20 +122,20 @@ __global__ void __launch_bounds__(kReduceThreads) cfg_rescale_kernel(const Resca
 }
 
 template <class IO, int VEC>
-void launch_rescale(const RescaleParams<IO>& p, cudaStream_t stream) {
+void launch_cfg_rescale_factor(const CfgRescaleFactorParams<IO>& p, cudaStream_t stream) {
   const DeviceInfo info = current_device_info("cfg_rescale_factor");
   const int blocks = blocks_per_row(p.batch, p.n, 8192, info);
-  launch_row_reduction(&cfg_rescale_kernel<IO, VEC>, blocks, p.batch, stream, "cfg_rescale_factor", p);
+  launch_row_reduction(&cfg_rescale_factor_kernel<IO, VEC>, blocks, p.batch, stream, "cfg_rescale_factor", p);
 }
 
 }  // namespace
 
-void cfg_rescale_factor(const RescaleArgs& args, void* stream) {
+void cfg_rescale_factor(const CfgRescaleFactorArgs& args, void* stream) {
   if (args.batch <= 0) return;
   dispatch_dtype(args.dtype, "cfg_rescale_factor", [&](auto io) {
     using IO = decltype(io);
     using Bits = typename IO::Bits;
-    RescaleParams<IO> p;
+    CfgRescaleFactorParams<IO> p;
     p.batch = args.batch;
     p.n = args.n;
     p.model_output = static_cast<const Bits*>(args.model_output);
@@ -145,9 +146,9 @@ void cfg_rescale_factor(const RescaleArgs& args, void* stream) {
     p.factor = args.factor;
     constexpr int kVec = kVec16<IO>;
     if (args.n % kVec == 0 && rows_aligned16(args.model_output, args.model_output_stride, sizeof(Bits))) {
-      launch_rescale<IO, kVec>(p, as_stream(stream));
+      launch_cfg_rescale_factor<IO, kVec>(p, as_stream(stream));
     } else {
-      launch_rescale<IO, 1>(p, as_stream(stream));
+      launch_cfg_rescale_factor<IO, 1>(p, as_stream(stream));
     }
   });
 }

@@ -40,7 +40,7 @@ struct MergeLse {
 };
 
 template <class IO>
-struct LseParams {
+struct TemperatureLseGradParams {
   using Bits = typename IO::Bits;
   int64_t rows, k;
   const Bits* logits;
@@ -63,7 +63,8 @@ __device__ __forceinline__ int64_t head_elements(const void* row, int64_t k) {
 }
 
 template <class IO, int VEC>
-__global__ void __launch_bounds__(kLseThreads) temperature_lse_grad_kernel(const LseParams<IO> p) {
+__global__ void __launch_bounds__(kLseThreads)
+    temperature_lse_grad_kernel(const TemperatureLseGradParams<IO> p) {
   using Bits = typename IO::Bits;
   using P = Pack<IO, VEC>;
   const MergeLse merge;
@@ -129,12 +130,12 @@ __global__ void __launch_bounds__(kLseThreads) temperature_lse_grad_kernel(const
 
 }  // namespace
 
-void temperature_lse_grad(const LseGradArgs& args, void* stream) {
+void temperature_lse_grad(const TemperatureLseGradArgs& args, void* stream) {
   if (args.rows <= 0 || args.k <= 0) return;
   dispatch_dtype(args.dtype, "temperature_lse_grad", [&](auto io) {
     using IO = decltype(io);
     using Bits = typename IO::Bits;
-    LseParams<IO> p;
+    TemperatureLseGradParams<IO> p;
     p.rows = args.rows;
     p.k = args.k;
     p.logits = static_cast<const Bits*>(args.logits);

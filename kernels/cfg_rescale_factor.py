@@ -31,7 +31,7 @@ def _rescale_factor(m2_c, m2_g, n, phi):
 
 
 @triton.jit(do_not_specialize=["row0"])
-def cfg_rescale_partial_kernel(
+def cfg_rescale_factor_partial_kernel(
     m_ptr, m_stride, n, batch, row0, scale_ptr, scale_stride, phi, stats_ptr, factor_ptr, chunks,
     SINGLE_CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -61,8 +61,8 @@ def cfg_rescale_partial_kernel(
 
 
 @triton.jit
-def cfg_rescale_combine_kernel(stats_ptr, factor_ptr, n, chunks, phi, CHUNK: tl.constexpr,
-                               BLOCK: tl.constexpr):
+def cfg_rescale_factor_combine_kernel(stats_ptr, factor_ptr, n, chunks, phi, CHUNK: tl.constexpr,
+                                      BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = stats_ptr + row * chunks * NUM_STATS
     # Pass 1: the row means, weighted by each chunk's element count (only the last chunk is short).
@@ -105,11 +105,11 @@ def cfg_rescale_factor(model_output: torch.Tensor, n: int, scale: torch.Tensor, 
     stats = factor if single else torch.empty(batch * chunks * NUM_STATS.value, device=factor.device,
                                              dtype=torch.float32)
     for row0, rows in row_slices(batch):
-        cfg_rescale_partial_kernel[(chunks, rows)](
+        cfg_rescale_factor_partial_kernel[(chunks, rows)](
             model_output, model_output.stride(0), n, batch, row0, scale, scale.stride(0), float(phi),
             stats, factor, chunks, SINGLE_CHUNK=single, BLOCK=block, num_warps=warps_for(block),
             enable_fp_fusion=True)
     if not single:
-        cfg_rescale_combine_kernel[(batch,)](stats, factor, n, chunks, float(phi), CHUNK=block,
-                                             BLOCK=COMBINE_BLOCK, num_warps=4, enable_fp_fusion=True)
+        cfg_rescale_factor_combine_kernel[(batch,)](stats, factor, n, chunks, float(phi), CHUNK=block,
+                                                    BLOCK=COMBINE_BLOCK, num_warps=4, enable_fp_fusion=True)
     return factor
