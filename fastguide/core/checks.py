@@ -117,7 +117,7 @@ def check_tensor(name: str, t, *, like: Optional[torch.Tensor] = None, float_onl
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if float_only and t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating-point tensor (float32/float16/bfloat16), got {t.dtype}")
+        raise TypeError(f"{name} must be a floating-point tensor (float32/float16/bfloat16/float64), got {t.dtype}")
     if like is not None:
         if t.device != like.device:
             raise ValueError(f"{name} is on {t.device} but sample is on {like.device}")

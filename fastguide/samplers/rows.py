@@ -24,6 +24,11 @@ def _div(a: float, b: float) -> float:
         return float(np.float64(a) / np.float64(b))
 
 
+def sqrt(v: float) -> float:
+    """The square root, NaN for a negative argument (as torch's arithmetic gives in diffusers' own step)."""
+    return math.sqrt(v) if v >= 0 else math.nan
+
+
 def prediction_coeffs(prediction_type: str, alpha: float, sigma: float, c_in: float = 1.0,
                       with_eps: bool = True) -> Cols:
     """x0 (and eps, with ``with_eps``) as linear functions of (x, m) on the state ``x = alpha x0 + sigma eps``
@@ -80,13 +85,13 @@ def ddpm_mean(abar: float, abar_prev: float) -> Dict[str, float]:
     ``mu = c0 x0^ + ct x_t`` with ``beta = 1 - abar/abar_prev``,
     ``c0 = sqrt(abar_prev) beta / (1 - abar)``, ``ct = sqrt(1 - beta) (1 - abar_prev) / (1 - abar)``."""
     beta = 1.0 - abar / abar_prev
-    return dict(A=math.sqrt(abar / abar_prev) * (1.0 - abar_prev) / (1.0 - abar),
-                B=math.sqrt(abar_prev) * beta / (1.0 - abar))
+    return dict(A=_div(sqrt(abar / abar_prev) * (1.0 - abar_prev), 1.0 - abar),
+                B=_div(sqrt(abar_prev) * beta, 1.0 - abar))
 
 
 def ddim_noise_std(eta: float, abar: float, abar_prev: float) -> float:
     """Song et al. 2021 eq. 16: ``sigma = eta sqrt((1 - abar_prev)/(1 - abar)) sqrt(1 - abar/abar_prev)``."""
-    return eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
+    return eta * sqrt(_div(1.0 - abar_prev, 1.0 - abar) * (1.0 - abar / abar_prev))
 
 
 def ddim_update(alpha: float, sigma: float, alpha_prev: float, direction: float, clipped: bool) -> Dict[str, float]:
@@ -94,5 +99,5 @@ def ddim_update(alpha: float, sigma: float, alpha_prev: float, direction: float,
     caller's). With ``clipped`` eps is re-derived from the clipped x0^, ``eps = (x - alpha x0^) / sigma``,
     folded into the x and x0^ columns (guided-diffusion's ``ddim_sample``, diffusers' use_clipped_model_output)."""
     if clipped:
-        return dict(A=direction / sigma, B=alpha_prev - direction * alpha / sigma)
+        return dict(A=_div(direction, sigma), B=alpha_prev - _div(direction * alpha, sigma))
     return dict(B=alpha_prev, C=direction)

@@ -9,12 +9,12 @@ timestep, Euler's v-prediction sigma, DPM-Solver's lower-order final step).
 
 diffusers computes these coefficients in float32; fastguide computes them in float64 and rounds the row
 once, so results can differ from diffusers' by diffusers' own fp32 rounding (e.g. ~5e-5 relative in
-DDPM's first betas).
+DDPM's first betas). A degenerate step (e.g. a non-monotone sigma schedule) gets a NaN row where
+diffusers' own step returns NaN; the other rows stay finite, and building never raises a math error.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..core.layout import Col
-from .rows import ddim_noise_std, ddim_update, ddpm_mean, euler_update, prediction_coeffs, row
+from .rows import ddim_noise_std, ddim_update, ddpm_mean, euler_update, prediction_coeffs, row, sqrt
 
 DDPM, DDIM, EULER, EULER_ANCESTRAL, DPM = "ddpm", "ddim", "euler", "euler_ancestral", "dpmsolver++"
 
@@ -133,7 +133,7 @@ def ddpm_plan(scheduler) -> SchedulerPlan:
         ap = abar[prev] if prev >= 0 else 1.0
         beta = 1.0 - at / ap
         post_var = max((1.0 - ap) / (1.0 - at) * beta, 1e-20)  # clamped as diffusers does
-        a, s = math.sqrt(at), math.sqrt(1.0 - at)
+        a, s = sqrt(at), sqrt(1.0 - at)
         if learned:
             # log Sigma = f log beta_t + (1 - f) log(posterior variance), f = (v + 1) / 2; noise sqrt(Sigma).
             with np.errstate(divide="ignore"):
@@ -141,7 +141,7 @@ def ddpm_plan(scheduler) -> SchedulerPlan:
             variance[i] = np.nan
         else:
             var = beta if vtype == "fixed_large" else post_var  # fixed_small_log: same std, via exp(log/2)
-            upd = dict(D=var, E=math.sqrt(var) if draws[i] else 0.0)
+            upd = dict(D=var, E=sqrt(var) if draws[i] else 0.0)
             variance[i] = var
         rows.append(row(prediction_coeffs(pred, a, s, with_eps=False), a, s, **ddpm_mean(at, ap), **upd))
         alpha[i], sigma[i] = a, s
@@ -163,12 +163,11 @@ def ddim_plan(scheduler, eta: float, use_clipped: bool) -> SchedulerPlan:
         prev = t - stride
         at = abar[t]
         ap = abar[prev] if prev >= 0 else final
-        a, s = math.sqrt(at), math.sqrt(1.0 - at)
+        a, s = sqrt(at), sqrt(1.0 - at)
         std = ddim_noise_std(eta, at, ap)
-        rest = 1.0 - ap - std * std
         # eta > 1 can make this negative; diffusers then returns NaN, and so does the row.
-        direction = math.sqrt(rest) if rest >= 0 else math.nan
-        upd = ddim_update(a, s, math.sqrt(ap), direction, use_clipped)
+        direction = sqrt(1.0 - ap - std * std)
+        upd = ddim_update(a, s, sqrt(ap), direction, use_clipped)
         pred_cols = prediction_coeffs(pred, a, s, with_eps=not use_clipped)
         rows.append(row(pred_cols, a, s, E=std if eta > 0 else 0.0, **upd))
         alpha[i], sigma[i] = a, s
@@ -179,7 +178,7 @@ def ddim_plan(scheduler, eta: float, use_clipped: bool) -> SchedulerPlan:
 def _sigma_prediction(prediction_type: str, sigma_in: float, sigma_hat: float) -> dict:
     """x0 on the state x = x0 + sigma eps; diffusers' Euler converts a v-prediction with the un-churned
     sigma (``sigma_in``) and the others with the churned ``sigma_hat``."""
-    c_in = 1.0 / math.sqrt(sigma_in * sigma_in + 1.0)
+    c_in = 1.0 / sqrt(sigma_in * sigma_in + 1.0)
     sigma = sigma_in if prediction_type == "v_prediction" else sigma_hat
     return prediction_coeffs(prediction_type, 1.0, sigma, c_in, with_eps=False)
 
@@ -198,10 +197,11 @@ def euler_plan(scheduler, s_churn: float, s_tmin: float, s_tmax: float, s_noise:
         s, nxt = sig[i], sig[i + 1]
         gamma = min(s_churn / n, 2 ** 0.5 - 1) if tmin32 <= np.float32(s) <= tmax32 else 0.0
         sh = s * (gamma + 1.0)
-        churn = s_noise * math.sqrt(sh * sh - s * s) if gamma > 0 else 0.0
+        churn = s_noise * sqrt(sh * sh - s * s) if gamma > 0 else 0.0
         pred_cols = _sigma_prediction(pred, s, sh)
         upd = euler_update(sh, nxt)
-        # The churn noise enters the state the model sees: x0^ and the update read it through P_Z and E.
+        # The churn noise is added after the model ran on the un-churned sample (as diffusers does): x0^ and the
+        # update read it through P_Z and E.
         r = row(pred_cols, 1.0, sh, P_Z=pred_cols.get(Col.P_X, 0.0) * churn, E=upd["A"] * churn, **upd)
         rows.append(r)
         draws[i] = gamma > 0
@@ -210,15 +210,17 @@ def euler_plan(scheduler, s_churn: float, s_tmin: float, s_tmax: float, s_noise:
 
 
 def euler_ancestral_plan(scheduler) -> SchedulerPlan:
-    """Euler ancestral: step to sigma_down, add sigma_up noise (drawn on every step, even when 0)."""
+    """Euler ancestral: step to sigma_down, add sigma_up noise (drawn on every step, even when 0). A step
+    with sigma_next > sigma (a non-monotone schedule) has no real sigma_up: its row is NaN, as diffusers'
+    step returns NaN there."""
     sig = _f64(scheduler.sigmas)
     n = len(sig) - 1
     pred = config(scheduler, "prediction_type")
     rows, sigma = [], np.zeros(n)
     for i in range(n):
         s, nxt = sig[i], sig[i + 1]
-        up = math.sqrt(nxt * nxt * (s * s - nxt * nxt) / (s * s))
-        down = math.sqrt(nxt * nxt - up * up)
+        up = sqrt(nxt * nxt * (s * s - nxt * nxt) / (s * s))
+        down = sqrt(nxt * nxt - up * up)
         rows.append(row(_sigma_prediction(pred, s, s), 1.0, s, E=up, **euler_update(s, down)))
         sigma[i] = s
     return SchedulerPlan(EULER_ANCESTRAL, np.stack(rows), n, np.ones(n), sigma, np.ones(n, dtype=bool))
@@ -242,7 +244,7 @@ def dpm_plan(scheduler) -> SchedulerPlan:
     first_rows, second_rows, alpha, sigma = [], [], np.zeros(n), np.zeros(n)
 
     def vp(x: float) -> Tuple[float, float]:
-        a = 1.0 / math.sqrt(x * x + 1.0)
+        a = 1.0 / sqrt(x * x + 1.0)
         return a, x * a
 
     for i in range(n):
