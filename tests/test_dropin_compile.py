@@ -127,3 +127,49 @@ def test_prepare_alone_is_enough_in_a_fresh_process():
     env = dict(os.environ, TORCH_COMPILE_DYNAMIC_SOURCES="L\\['unrelated'\\]")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cls", [DDIMScheduler, EulerDiscreteScheduler])
+def test_prepare_on_index_less_cuda_serves_compiled_cuda_steps(cls):
+    """``prepare(scheduler, "cuda")`` with the scheduler's timesteps on the CPU: the tables must be cached for the
+    device the samples live on (``cuda:<current>``; ``torch.device("cuda") != torch.device("cuda:0")``), so the
+    compiled step finds them instead of failing with "prepare"."""
+    scheduler = cls(num_train_timesteps=1000)
+    scheduler.set_timesteps(STEPS)
+    fastguide.dropin.prepare(scheduler, "cuda")
+
+    def denoise(x, t, z):
+        return fastguide.step(unet(torch.cat([x, x]), t), t, x, scheduler=scheduler, guidance_scale=3.0, noise=z)
+
+    fn = torch.compile(denoise, backend="eager", fullgraph=True)
+    x = torch.randn(2, 3, 4, 4, device="cuda")
+    for t in scheduler.timesteps:
+        x = fn(x, t.to("cuda") if cls is DDIMScheduler else t, torch.randn_like(x))
+    assert torch.isfinite(x).all()
+
+
+def test_compiled_euler_without_scale_model_input_logs_nothing_and_does_not_break():
+    """diffusers' scale_model_input warning is logged by eager calls only: a log call inside the compiled step
+    would break the graph (fullgraph=True would fail)."""
+    import logging
+    records = []
+
+    class Handler(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(4)
+    fastguide.dropin.prepare(scheduler)
+    fn = torch.compile(lambda x, t, z: fastguide.step(unet(torch.cat([x, x]), t), t, x, scheduler=scheduler,
+                                                      guidance_scale=3.0, noise=z), backend="eager", fullgraph=True)
+    handler = Handler()
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        x = torch.randn(2, 3, 4, 4)
+        for t in scheduler.timesteps:
+            x = fn(x, t, torch.randn_like(x))
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert torch.isfinite(x).all() and scheduler.step_index == 4
+    assert not [r for r in records if "scale_model_input" in r.getMessage()]

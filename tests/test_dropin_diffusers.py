@@ -9,7 +9,9 @@ loops, mid-loop switching, aliasing and bad input are tested separately.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import math
 
 import pytest
@@ -610,3 +612,201 @@ def test_g_mean_rejected_where_undefined():
     t = sched.timesteps[0]
     with pytest.raises(ValueError, match="g_mean"):
         scheduler_step(fake_model(x, t), t, x, scheduler=sched, guidance_scale=2.0, g_mean=torch.zeros_like(x))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Guidance networks returning the wrong shape: named, with the expected shape, before anything changes
+
+
+def _clf_flat_sum(x, t):          # [B], not [B, K]
+    return x.reshape(x.shape[0], -1).sum(1)
+
+
+def _clf_wrong_batch(x, t):       # [B - 1, K]
+    return x.reshape(x.shape[0], -1)[1:, :5]
+
+
+def _disc_2d(x, t, y=None):       # [B, 2], not [B]
+    return x.reshape(x.shape[0], -1)[:, :2]
+
+
+def _disc_wrong_batch(x, t, y=None):  # [B + 1]
+    return torch.cat([x.reshape(x.shape[0], -1).sum(1), torch.zeros(1)])
+
+
+BAD_GUIDANCE = [
+    ("clf-1d", lambda: fastguide.ClassifierGuidance(_clf_flat_sum), "classifier", f"[{B}, K]"),
+    ("clf-batch", lambda: fastguide.ClassifierGuidance(_clf_wrong_batch, scale=2.0), "classifier", f"[{B}, K]"),
+    ("disc-2d", lambda: fastguide.DiscriminatorGuidance(_disc_2d), "discriminator", f"[{B}]"),
+    ("disc-batch", lambda: fastguide.DiscriminatorGuidance(_disc_wrong_batch, weight=2.0), "discriminator",
+     f"[{B}]"),
+]
+GUIDED_SETUPS = [("euler-a", _make(EulerAncestralDiscreteScheduler)),  # draws noise on every step
+                 ("ddpm", _make(DDPMScheduler)),                        # mean shift, draws noise
+                 ("ddim-eta", _ddim),
+                 ("dpm-mid-loop", _dpm_mid_loop)]                      # keeps model_outputs
+
+
+@pytest.mark.parametrize("setup_id,setup", GUIDED_SETUPS, ids=[s[0] for s in GUIDED_SETUPS])
+@pytest.mark.parametrize("case,make_spec,network,shape", BAD_GUIDANCE, ids=[b[0] for b in BAD_GUIDANCE])
+def test_guidance_network_wrong_shape_changes_nothing(setup_id, setup, case, make_spec, network, shape):
+    sched, x = setup()
+    t = sched.timesteps[sched.step_index] if getattr(sched, "step_index", None) is not None else sched.timesteps[0]
+    x_in = sched.scale_model_input(x, t)
+    mo = fake_model(x_in, t)
+    gen = torch.Generator().manual_seed(5)
+    out = torch.full((B, C, H, W), 7.0)
+    before, gen_before = state_of(sched), gen.get_state()
+    step_index = getattr(sched, "step_index", None)
+    x_before, mo_before = x.clone(), mo.clone()
+    kw = dict(eta=1.0) if setup_id == "ddim-eta" else {}
+    with pytest.raises(ValueError) as info:
+        step(mo, t, x, scheduler=sched, guidance_scale=2.0, guidance=[make_spec()], y=torch.tensor([1, 3]),
+             generator=gen, out=out, **kw)
+    msg = str(info.value)
+    assert network in msg and shape in msg, msg
+    assert getattr(sched, "step_index", None) == step_index
+    assert_same_state(state_of(sched), before, tol=0.0)
+    assert torch.equal(gen.get_state(), gen_before), "the generator was drawn from before the error"
+    assert torch.equal(out, torch.full((B, C, H, W), 7.0)), "out was written before the error"
+    assert torch.equal(x, x_before) and torch.equal(mo, mo_before)
+    # and the scheduler still steps normally afterwards, like diffusers from the same state
+    twin, twin_gen = copy.deepcopy(sched), clone_gen(gen)
+    ref = twin.step(diffusers_cfg(mo, 2.0), t, x, generator=twin_gen, **kw).prev_sample
+    got = step(mo, t, x, scheduler=sched, guidance_scale=2.0, generator=gen, **kw)
+    assert rel_err(got, ref) <= STEP_TOL
+    assert torch.equal(gen.get_state(), twin_gen.get_state())
+
+
+def test_guidance_network_that_raises_changes_nothing():
+    sched, x = _make(EulerAncestralDiscreteScheduler)()
+    t = sched.timesteps[0]
+    mo = fake_model(sched.scale_model_input(x, t), t)
+    gen, out = torch.Generator().manual_seed(5), torch.full((B, C, H, W), 7.0)
+    before, gen_before = state_of(sched), gen.get_state()
+
+    def broken(x, t):
+        raise RuntimeError("classifier exploded")
+    with pytest.raises(RuntimeError, match="exploded"):
+        step(mo, t, x, scheduler=sched, guidance_scale=2.0, guidance=[fastguide.ClassifierGuidance(broken)],
+             y=torch.tensor([0, 1]), generator=gen, out=out)
+    assert_same_state(state_of(sched), before, tol=0.0)
+    assert torch.equal(gen.get_state(), gen_before) and torch.equal(out, torch.full((B, C, H, W), 7.0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# prepare(scheduler, device): an unusable device is a ValueError naming it, before anything is built
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda")])
+def test_prepare_on_cuda_without_cuda_names_device(device):
+    from fastguide.dropin.schedulers import STATE_ATTR
+    sched = EulerDiscreteScheduler()
+    sched.set_timesteps(6)
+    with pytest.raises(ValueError, match="device") as info:
+        dropin.prepare(sched, device)
+    assert "cuda" in str(info.value) and "Torch not compiled" not in str(info.value)
+    assert getattr(sched, STATE_ATTR, None) is None, "prepare built state before reporting the device"
+
+
+@pytest.mark.parametrize("device,exc", [("gpu", ValueError), ("cuda:x", ValueError), ("", ValueError),
+                                        (1.5, TypeError), (True, TypeError), ([0], TypeError)])
+def test_prepare_with_an_invalid_device_names_device(device, exc):
+    sched = DDIMScheduler()
+    sched.set_timesteps(6)
+    with pytest.raises(exc, match="device"):
+        dropin.prepare(sched, device)
+
+
+def test_prepare_on_a_cuda_index_that_does_not_exist():
+    sched = DDIMScheduler()
+    sched.set_timesteps(6)
+    with pytest.raises(ValueError, match="device"):
+        dropin.prepare(sched, f"cuda:{torch.cuda.device_count() + 3}")
+
+
+@pytest.mark.parametrize("device", [None, "cpu", torch.device("cpu"), "cpu:0"])
+def test_prepare_on_a_usable_device(device):
+    sched = EulerDiscreteScheduler()
+    sched.set_timesteps(6)
+    plan = dropin.prepare(sched, device)
+    assert plan.num_steps == 6
+
+
+# ---------------------------------------------------------------------------------------------------
+# diffusers' warning when scale_model_input was never called (Euler, Euler ancestral)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def diffusers_logs():
+    """The records diffusers' loggers emit (its library root logger does not propagate to the root)."""
+    logger, handler = logging.getLogger("diffusers"), _Records()
+    logger.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
+
+
+def _summary(records):
+    return [(r.name, r.levelno, r.getMessage()) for r in records]
+
+
+@pytest.mark.parametrize("cls", [EulerDiscreteScheduler, EulerAncestralDiscreteScheduler])
+def test_warns_like_diffusers_when_scale_model_input_was_never_called(cls):
+    ref_sched, sched = cls(), cls()
+    for s in (ref_sched, sched):
+        s.set_timesteps(4)
+    x = initial_latents(sched)
+    for t in sched.timesteps[:2]:
+        mo = fake_model(x, t)
+        with diffusers_logs() as theirs:
+            ref = ref_sched.step(diffusers_cfg(mo, 2.0), t, x, generator=torch.Generator().manual_seed(0))
+        with diffusers_logs() as ours:
+            got = step(mo, t, x, scheduler=sched, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+        assert len(theirs) == 1 and "scale_model_input" in theirs[0].getMessage()
+        assert _summary(ours) == _summary(theirs)    # same logger, level (WARNING) and text, once per call
+        assert rel_err(got, ref.prev_sample) <= STEP_TOL
+        x = ref.prev_sample
+    # once scale_model_input has been called, neither warns
+    t = sched.timesteps[2]
+    for s in (ref_sched, sched):
+        s.scale_model_input(x, t)
+    mo = fake_model(x, t)
+    with diffusers_logs() as theirs:
+        ref_sched.step(diffusers_cfg(mo, 2.0), t, x)
+    with diffusers_logs() as ours:
+        step(mo, t, x, scheduler=sched, guidance_scale=2.0)
+    assert theirs == [] and ours == []
+
+
+def test_scale_model_input_warning_follows_diffusers_verbosity_and_scheduler_kind():
+    from diffusers.utils import logging as diffusers_logging
+    sched = EulerDiscreteScheduler()
+    sched.set_timesteps(4)
+    x, t = initial_latents(sched), sched.timesteps[0]
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        with diffusers_logs() as ours:
+            step(fake_model(x, t), t, x, scheduler=sched, guidance_scale=2.0)
+    finally:
+        diffusers_logging.set_verbosity(level)
+    assert ours == []
+    # schedulers whose step() has no such warning (no is_scale_input_called) get none from fastguide.step
+    for make in (_ddim, _make(DDPMScheduler), _make(DPMSolverMultistepScheduler)):
+        sched, x = make()
+        t = sched.timesteps[0]
+        with diffusers_logs() as ours:
+            step(fake_model(x, t), t, x, scheduler=sched, guidance_scale=2.0)
+        assert ours == []

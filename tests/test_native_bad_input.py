@@ -351,3 +351,41 @@ def test_x_T_unmodified_when_the_model_fails_midway():
     with pytest.raises(RuntimeError, match="boom"):
         fastguide.sample(flaky, x, schedule=VP, sampler="ddim", steps=5)
     assert torch.equal(x, keep) and math.isfinite(float(x.sum()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# heun (and euler) on a VP schedule: supported, and their churn options checked the same way
+
+@pytest.mark.parametrize("sampler", ["heun", "euler"])
+@pytest.mark.parametrize("kw,name", [(dict(s_churn=-1.0), "s_churn"), (dict(s_noise=float("nan")), "s_noise"),
+                                     (dict(s_tmin=5.0, s_tmax=1.0), "s_tmin"), (dict(s_tmax="inf"), "s_tmax")])
+def test_bad_churn_options_on_vp_schedule(sampler, kw, name):
+    _raises_before_model((ValueError, TypeError), name, sampler=sampler, schedule=VP, **kw)
+
+
+def test_heun_on_vp_schedule_runs_and_leaves_x_T_alone():
+    x = _x()
+    keep = x.clone()
+    model = _Counting()
+    out = fastguide.sample(model, x, schedule=VP, sampler="heun", steps=4, s_churn=2.0,
+                           generator=torch.Generator().manual_seed(0))
+    assert model.calls == 2 * 4 - 1 and torch.isfinite(out).all() and torch.equal(x, keep)
+
+
+# ---------------------------------------------------------------------------------------------------
+# schedule parameters: rejected when the schedule is built, before any sample() call
+
+@pytest.mark.parametrize("kw,name", [(dict(beta_start=-1), "beta_start"),
+                                     (dict(beta_start=0.5, beta_end=0.1), "beta_start=0.5"),
+                                     (dict(steps_offset=-2), "steps_offset"),
+                                     (dict(use_karras_sigmas="no"), "use_karras_sigmas")])
+def test_bad_vp_schedule_fails_at_construction(kw, name):
+    with pytest.raises((ValueError, TypeError), match=name):
+        Schedule.ddpm(**kw)
+
+
+@pytest.mark.parametrize("kw,name", [(dict(sigma_min=0.0), "sigma_min"), (dict(rho=-1.0), "rho"),
+                                     (dict(sigma_data=float("inf")), "sigma_data")])
+def test_bad_edm_schedule_fails_at_construction(kw, name):
+    with pytest.raises((ValueError, TypeError), match=name):
+        Schedule.edm(**kw)

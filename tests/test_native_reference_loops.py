@@ -806,6 +806,105 @@ def test_score_guidance_on_sigma_sampler_vp_schedule():
     _differs(fast, ref_euler_ancestral(base, x_T, sig, _gen(21), init_scale=init))
 
 
+# ---- heun on a VP schedule: k-diffusion sample_heun with a VP denoiser wrapper (diffusers' HeunDiscreteScheduler),
+# written from the formulas: sigma(t) = sqrt((1 - abar_t) / abar_t), linear in t between training timesteps
+# (diffusers), and t(sigma) by interpolating log sigma (k-diffusion DiscreteSchedule.sigma_to_t, clamped).
+
+def ref_sigma_of_t(abar_train, ts):
+    """diffusers set_timesteps: np.interp of the training sigmas at (fractional) timesteps, written out."""
+    sig = np.sqrt((1 - abar_train) / abar_train)
+    out = []
+    for t in ts:
+        lo = min(int(math.floor(t)), len(sig) - 2)
+        w = t - lo
+        out.append((1 - w) * sig[lo] + w * sig[lo + 1])
+    return np.array(out)
+
+
+def ref_t_of_sigma(abar_train, sigma):
+    """k-diffusion DiscreteSchedule.sigma_to_t: the fractional training timestep of ``sigma``."""
+    log_sigmas = np.log(np.sqrt((1 - abar_train) / abar_train))
+    log_sigma = math.log(sigma)
+    low_idx = min(int(np.cumsum(log_sigma - log_sigmas >= 0).argmax()), len(log_sigmas) - 2)
+    low, high = log_sigmas[low_idx], log_sigmas[low_idx + 1]
+    w = min(max((low - log_sigma) / (low - high), 0.0), 1.0)
+    return (1 - w) * low_idx + w * (low_idx + 1)
+
+
+def ref_vp_denoiser(model, prediction_type, calls, y=None):
+    """k-diffusion DiscreteEpsDDPMDenoiser / DiscreteVDDPMDenoiser: the VP model sees the VP view
+    x_vp = x / sqrt(1 + sigma^2) = a x0 + s eps (a = c_in, s = sigma c_in) and its training timestep t."""
+    def denoise(x, sigma, t):
+        calls.append(float(t))
+        c_in = 1 / math.sqrt(1 + sigma ** 2)
+        out = model(x * c_in, torch.full((x.shape[0],), t, dtype=F64), y)
+        if prediction_type == "epsilon":
+            return x - sigma * out                       # x0 = x - sigma eps
+        return c_in * (c_in * x) - sigma * c_in * out    # x0 = a x_vp - s v
+    return denoise
+
+
+def ref_vp_heun(denoise, x_T, sigmas, ts, abar_train, g, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
+                s_noise=1.0):
+    """k-diffusion sampling.py sample_heun (EDM Alg. 2) on the sigma state x = x0 + sigma eps of a VP model,
+    starting from the VP x_T (x_T * sqrt(1 + sigma_max^2)); a churned sigma_hat's timestep is t(sigma_hat)."""
+    n = len(ts)
+    sig = list(sigmas) + [0.0]
+    x = x_T.to(F64) * math.sqrt(1 + sig[0] ** 2)
+    for i in range(n):
+        s_cur, s_next = sig[i], sig[i + 1]
+        gamma = min(s_churn / n, math.sqrt(2) - 1) if s_churn > 0 and s_tmin <= s_cur <= s_tmax else 0.0
+        s_hat, t_hat = s_cur * (1 + gamma), ts[i]
+        if gamma > 0:
+            x = x + math.sqrt(s_hat ** 2 - s_cur ** 2) * s_noise * _noise(x.shape, g)
+            t_hat = ref_t_of_sigma(abar_train, s_hat)
+        d = (x - denoise(x, s_hat, t_hat)) / s_hat
+        x_next = x + (s_next - s_hat) * d
+        if s_next > 0:  # Heun's correction, except on the step to sigma = 0 (Euler)
+            d_2 = (x_next - denoise(x_next, s_next, ts[i + 1])) / s_next
+            x_next = x + (s_next - s_hat) * (d + d_2) / 2
+        x = x_next
+    return x
+
+
+@pytest.mark.parametrize("prediction_type,karras,churn", [
+    ("epsilon", False, {}),
+    ("v_prediction", False, {}),
+    ("epsilon", True, {}),
+    ("epsilon", False, dict(s_churn=4.0, s_tmin=0.5, s_tmax=50.0, s_noise=1.007)),   # some steps churn
+    ("v_prediction", True, dict(s_churn=4.0, s_tmin=0.5, s_tmax=50.0)),
+    ("epsilon", False, dict(s_churn=4.0)),   # the first step churns above the largest training sigma: t clamps
+])
+def test_heun_on_vp_schedule_matches_reference(prediction_type, karras, churn):
+    """``sampler="heun"`` on ``Schedule.ddpm`` against a float64 Heun written from k-diffusion's sample_heun and
+    its VP wrappers: linspace (fractional) timesteps or Karras sigmas, eps and v, with and without churn; the
+    model's timesteps are compared too (2 N - 1 calls, plus none extra for churn)."""
+    steps = 8
+    sch = Schedule.ddpm(prediction_type=prediction_type, timestep_spacing="linspace", use_karras_sigmas=karras)
+    abar = np.cumprod(1 - ref_linear_betas(1000))
+    ts = np.linspace(0, 999, steps)[::-1]
+    sig = ref_sigma_of_t(abar, ts)
+    if karras:
+        sig = ref_karras_sigmas(steps, sigma_min=sig[-1], sigma_max=sig[0])[:-1]
+        ts = np.array([ref_t_of_sigma(abar, s) for s in sig])
+    if churn.get("s_tmax", math.inf) < math.inf:
+        assert any(0.5 <= s <= 50.0 for s in sig) and not all(0.5 <= s <= 50.0 for s in sig)
+    fast_calls, ref_calls = [], []
+
+    def recording(x, t, y=None):
+        fast_calls.append(float(t[0]))
+        return eps_model(x, t, y)
+    x_T = _xT(23)
+    fast = fastguide.sample(recording, x_T, schedule=sch, sampler="heun", steps=steps, generator=_gen(24), **churn)
+    want = ref_vp_heun(ref_vp_denoiser(eps_model, prediction_type, ref_calls), x_T, sig, ts, abar, _gen(24),
+                       **churn)
+    _close(fast, want)
+    assert len(fast_calls) == len(ref_calls) == 2 * steps - 1
+    np.testing.assert_allclose(fast_calls, ref_calls, rtol=1e-6, atol=1e-3)  # the model's t are fp32
+    if churn:
+        _differs(fast, ref_vp_heun(ref_vp_denoiser(eps_model, prediction_type, []), x_T, sig, ts, abar, None))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Prediction types: one exact denoiser expressed as eps, v and x0 gives the same samples
 
@@ -1038,3 +1137,31 @@ def test_smooth_replaces_nested_relus_and_keeps_original():
     torch.testing.assert_close(sm(x), manual(x))
     # weights are copies, not shared
     assert sm.head.weight.data_ptr() != net.head.weight.data_ptr()
+
+
+# ---------------------------------------------------------------------------------------------------
+# fastguide.guided_step reads a fastguide.samplers.Plan as its table
+
+def test_guided_step_accepts_a_plan_as_table():
+    """A ``Plan`` (what ``fastguide.samplers.build`` returns) works as ``table``: the same result as its
+    ``plan.table``, and that is DDIM (Song et al. 2021 eq. 12, eta = 0) written out at the plan's step 2."""
+    plan = fastguide.samplers.build("ddim", Schedule.ddpm(timestep_spacing="trailing"), steps=10)
+    x = _xT(30)
+    g = _gen(31)
+    eps_u, eps_c = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)
+    w = 3.0
+    got = fastguide.guided_step(x, torch.cat([eps_u, eps_c]), plan, 2, scale=w)
+    assert torch.equal(got, fastguide.guided_step(x, torch.cat([eps_u, eps_c]), plan.table, 2, scale=w))
+    abar = np.cumprod(1 - ref_linear_betas(1000))
+    ts = ref_vp_timesteps("trailing", 10).astype(int)
+    a, a_prev = abar[ts[2]], abar[ts[3]]
+    eps = (eps_u + w * (eps_c - eps_u)).to(F64)
+    x0 = (x.to(F64) - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    _close(got, math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps)
+    # out= and the step index are checked against the plan's table as for a tensor
+    out = torch.empty_like(x)
+    assert fastguide.guided_step(x, eps_c, plan, 0, out=out) is out
+    with pytest.raises(ValueError, match="step"):
+        fastguide.guided_step(x, eps_c, plan, len(plan.stages))
+    with pytest.raises(TypeError, match="table"):
+        fastguide.guided_step(x, eps_c, plan.rows, 0)   # the float64 host rows are not a table

@@ -111,3 +111,141 @@ def test_schedule_bad_input():
         Schedule.ddpm().timesteps(0)
     with pytest.raises(ValueError, match="betas"):
         Schedule.ddpm(betas=[0.1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schedule parameters are checked where the schedule is built, by name
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(beta_start=-1), "beta_start"),                       # was: sample() -> "math domain error"
+    (dict(beta_start=0.0), "beta_start"),
+    (dict(beta_start=1.0), "beta_start"),
+    (dict(beta_end=1.5), "beta_end"),
+    (dict(beta_end=0.0), "beta_end"),
+    (dict(beta_start=float("nan")), "beta_start"),
+    (dict(beta_end=float("inf")), "beta_end"),
+    (dict(beta_start="1e-4"), "beta_start"),
+    (dict(beta_start=None), "beta_start"),
+    (dict(beta_schedule="scaled_linear", beta_start=-0.01), "beta_start"),   # sqrt of a negative beta
+    (dict(beta_schedule="scaled_linear", beta_end=1.0), "beta_end"),
+    (dict(beta_schedule="cosine", beta_start="x"), "beta_start"),           # ignored by cosine, but a number
+    # alphā underflows fp32 (1e-161): was accepted, then inf/NaN samples
+    (dict(beta_start=0.5, beta_end=0.1), "beta_start=0.5, beta_end=0.1"),
+    (dict(beta_start=0.1, beta_end=0.5), "beta_start=0.1, beta_end=0.5"),
+    (dict(num_train_timesteps=100000, beta_end=0.02), "num_train_timesteps=100000"),
+    # 1 - beta rounds to 1: alphā does not decrease, sigma(t) is not invertible
+    (dict(beta_start=1e-20, beta_end=1e-20), "beta_start=1e-20"),
+    (dict(num_train_timesteps=1), "num_train_timesteps"),
+    (dict(num_train_timesteps=0), "num_train_timesteps"),
+    (dict(num_train_timesteps=1000.0), "num_train_timesteps"),
+    (dict(num_train_timesteps=True), "num_train_timesteps"),
+    (dict(steps_offset=-1), "steps_offset"),
+    (dict(steps_offset=1.0), "steps_offset"),
+    (dict(steps_offset=None), "steps_offset"),
+    (dict(rescale_betas_zero_snr=1), "rescale_betas_zero_snr"),
+    (dict(rescale_betas_zero_snr="False"), "rescale_betas_zero_snr"),
+    (dict(use_karras_sigmas=0), "use_karras_sigmas"),
+    (dict(use_karras_sigmas=None), "use_karras_sigmas"),
+    (dict(beta_schedule="squaredcos_cap_v2"), "beta_schedule"),
+    (dict(variance_type="learned"), "variance_type"),
+    (dict(betas=[0.1, 0.0, 0.2]), "betas"),
+    (dict(betas=[0.1, float("nan")]), "betas"),
+    (dict(betas=[[0.1, 0.2]]), "betas"),
+    (dict(betas="0.1,0.2"), "betas"),
+    (dict(betas=[0.5] * 2000), "betas"),                      # alphā = 2^-2000 underflows
+])
+def test_ddpm_bad_parameters_are_named_at_construction(kw, name):
+    with pytest.raises((ValueError, TypeError)) as info:
+        Schedule.ddpm(**kw)
+    assert name in str(info.value), str(info.value)
+
+
+def test_ddpm_checked_schedule_samples_finite_values():
+    """What the checks let through samples finite values, on every sampler family; a decreasing linear beta
+    schedule is valid (betas in (0, 1), alphā decreasing) and is accepted, and so is a schedule whose
+    alphā falls to 3e-23 (sigma_max ~ 2e11), which the fp32 tables still hold."""
+    def model(x, t, y=None):
+        return 0.5 * torch.tanh(x)
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    decreasing = Schedule.ddpm(beta_start=0.02, beta_end=1e-4)
+    assert np.all(np.diff(decreasing.alphas_cumprod) < 0)
+    np.testing.assert_allclose(decreasing.alphas_cumprod[-1], Schedule.ddpm().alphas_cumprod[-1], rtol=1e-9)
+    for schedule in (decreasing, Schedule.ddpm(beta_end=0.1), Schedule.ddpm(beta_schedule="cosine",
+                                                                            beta_start=0, beta_end=0)):
+        for sampler in ("ddpm", "ddim", "euler", "heun", "dpmpp_2m"):
+            x = fastguide.sample(model, x_T, schedule=schedule, sampler=sampler, steps=6,
+                                 generator=torch.Generator().manual_seed(1))
+            assert torch.isfinite(x).all(), sampler
+
+
+def test_ddpm_zero_snr_and_explicit_betas_still_accepted():
+    s = Schedule.ddpm(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    assert s.alphas_cumprod[-1] == 2.0 ** -24
+    s = Schedule.ddpm(betas=np.linspace(1e-4, 0.02, 50))
+    assert s.num_train_timesteps == 50
+    s = Schedule.ddpm(steps_offset=np.int64(1), num_train_timesteps=np.int32(500))  # numpy ints are ints
+    assert s.steps_offset == 1 and isinstance(s.steps_offset, int) and s.num_train_timesteps == 500
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(sigma_min=0.0), "sigma_min"), (dict(sigma_min=-0.1), "sigma_min"),
+    (dict(sigma_min=float("nan")), "sigma_min"), (dict(sigma_min="0.002"), "sigma_min"),
+    (dict(sigma_min=True), "sigma_min"),
+    (dict(sigma_max=float("inf")), "sigma_max"), (dict(sigma_max=float("nan")), "sigma_max"),
+    (dict(sigma_max=0.001), "sigma_min"), (dict(sigma_max=None), "sigma_max"),
+    (dict(rho=0.0), "rho"), (dict(rho=-7.0), "rho"), (dict(rho=float("inf")), "rho"), (dict(rho="7"), "rho"),
+    (dict(sigma_data=0.0), "sigma_data"), (dict(sigma_data=float("nan")), "sigma_data"),
+    (dict(sigma_data=None), "sigma_data"),
+    (dict(prediction_type="v_prediction"), "prediction_type"),
+])
+def test_edm_bad_parameters_are_named_at_construction(kw, name):
+    with pytest.raises((ValueError, TypeError)) as info:
+        Schedule.edm(**kw)
+    assert name in str(info.value), str(info.value)
+
+
+def test_edm_parameters_are_stored_as_floats():
+    s = Schedule.edm(sigma_min=1, sigma_max=np.float32(50.0), rho=3, sigma_data=1)
+    assert (s.sigma_min, s.sigma_max, s.rho, s.sigma_data) == (1.0, 50.0, 3.0, 1.0)
+    assert all(type(v) is float for v in (s.sigma_min, s.sigma_max, s.rho, s.sigma_data))
+
+
+# ---------------------------------------------------------------------------------------------------
+# heun on a VP schedule is diffusers' HeunDiscreteScheduler
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("karras", [False, True])
+def test_native_heun_on_vp_equals_the_diffusers_heun_loop(prediction_type, karras):
+    """``sampler="heun"`` on a VP schedule against diffusers' ``HeunDiscreteScheduler`` loop (leading spacing,
+    whose ``init_noise_sigma`` is fastguide's ``sqrt(1 + sigma_max^2)``): 2 N - 1 model calls, the model
+    seeing ``x / sqrt(1 + sigma^2)`` and the training timestep of each stage."""
+    from diffusers import HeunDiscreteScheduler
+    steps = 8
+    theirs = HeunDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                   prediction_type=prediction_type, timestep_spacing="leading", steps_offset=1,
+                                   use_karras_sigmas=karras)
+    theirs.set_timesteps(steps)
+    schedule = Schedule.from_diffusers(theirs)
+    w = torch.linspace(-0.5, 0.5, 3 * 4 * 4).reshape(1, 3, 4, 4)
+
+    def model(x, t, y=None):  # deterministic, t-dependent (t: a [B] tensor here, a scalar from diffusers)
+        tt = torch.as_tensor(t, dtype=x.dtype).reshape(-1, 1, 1, 1) / 1000
+        return torch.tanh(x) * 0.7 + w * (1 + tt) - 0.2 * tt * x
+
+    calls = []
+
+    def counting(x, t, y=None):
+        calls.append(t.clone())
+        return model(x, t, y)
+
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    got = fastguide.sample(counting, x_T, schedule=schedule, sampler="heun", steps=steps)
+    assert len(calls) == 2 * steps - 1
+    x = x_T * theirs.init_noise_sigma
+    seen = []
+    for t in theirs.timesteps:
+        seen.append(float(t))
+        x = theirs.step(model(theirs.scale_model_input(x, t), t), t, x).prev_sample
+    np.testing.assert_allclose([float(c[0]) for c in calls], seen, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(got, x, rtol=2e-4, atol=2e-4)

@@ -22,31 +22,74 @@ from .checks import (Scale, check_clip, check_finite, check_fraction, check_mode
 from .layout import CLIP_RANGE, CLIP_THRESHOLD
 
 
-def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table: torch.Tensor,
-                step: Union[int, torch.Tensor], *, scale: Optional[Scale] = None, rescale: float = 0.0,
+def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table, step: Union[int, torch.Tensor], *,
+                scale: Optional[Scale] = None, rescale: float = 0.0,
                 g_score: Optional[torch.Tensor] = None, g_mean: Optional[torch.Tensor] = None,
                 noise: Optional[torch.Tensor] = None, x0_prev: Optional[torch.Tensor] = None,
                 clip: Optional[Sequence[float]] = None, threshold: Optional[torch.Tensor] = None,
                 learned_variance: bool = False, out: Optional[torch.Tensor] = None,
                 x0_out: Optional[torch.Tensor] = None, write_out: bool = True,
                 check_outputs_finite: bool = False, backend: str = "auto") -> Optional[torch.Tensor]:
-    """One fused guided step over row ``step`` of a coefficient ``table`` (see ``fastguide.core.layout``).
+    """One fused guided step over row ``step`` of a coefficient ``table`` (see ``fastguide.core.layout``):
+    CFG combine, optional rescale, x0/eps prediction, clipping, guidance terms, noise and the sampler update
+    in one kernel.
 
-    ``model_output`` is ``[uncond; cond]`` (2B rows) when ``scale`` is given, else B rows; ``rescale`` is
-    diffusers' ``guidance_rescale``. Returns ``out`` (allocated when None) or None when ``write_out`` is
-    False (x0-only "predict" call, which then needs ``x0_out``).
+    Args:
+        sample: ``[B, ...]`` floating-point state x (fp32, fp16, bf16 or fp64), at least 2-D.
+        model_output: the network output for ``sample``: ``[2B, ...]`` as ``[uncond; cond]`` when ``scale``
+            is given, else ``[B, ...]``; the sample's per-row shape (channels doubled with
+            ``learned_variance``), on its device.
+        table: the sampler's coefficient table, a float32 ``[steps, NUM_COLS]`` tensor on the sample's device
+            (``fastguide.samplers.build(...).table`` moved there), or a ``fastguide.samplers.Plan``, whose
+            ``plan.table`` is then used, moved to the sample's device on every call: a host-to-device copy per
+            step on a GPU, so in a loop pass ``plan.table.to(device)`` once instead.
+        step: the row of ``table``: a host int in ``[0, steps)`` (checked) or a one-element int32/int64 tensor
+            on the sample's device (e.g. a loop's step counter; trusted, since checking it would sync).
+        scale: CFG scale w, ``eps~ = u + w (c - u)``: a float >= 0 or a ``[B]`` float tensor (per-sample
+            scales); default None (no CFG: ``model_output`` has B rows).
+        rescale: float in [0, 1], default 0: diffusers' ``guidance_rescale`` (Lin et al. 2023); needs
+            ``scale``.
+        g_score: optional tensor of the sample's shape, default None: a score-correction gradient, already
+            scaled (``eps -= sigma g``, guided-diffusion ``condition_score``).
+        g_mean: optional tensor of the sample's shape, default None: a mean-shift gradient, already scaled
+            (``mu += Sigma g``, guided-diffusion ``condition_mean``).
+        noise: optional tensor of the sample's shape, default None: the step's standard-normal noise z (rows
+            whose noise column is 0 ignore it; a row that needs noise without it adds none).
+        x0_prev: optional tensor of the sample's shape, default None: the previous stage's x0^ (DPM-Solver++
+            2M, Heun's second stage).
+        clip: optional ``(low, high)`` with low < high, default None: clamp x0^ to this range (e.g. (-1, 1)).
+        threshold: optional ``[B]`` float tensor, default None: per-sample dynamic threshold s (Saharia et al.
+            2022): ``x0^ = clamp(x0^, -s, s) / s``. Not together with ``clip``.
+        learned_variance: bool, default False: ``model_output`` carries 2C channels (eps, then the
+            learned-range value v in [-1, 1]; the cond half's v is used).
+        out: optional tensor of the sample's shape and dtype, default None (allocated): receives the result;
+            it may be ``sample`` itself.
+        x0_out: optional tensor of the sample's shape and dtype, default None: receives x0^.
+        write_out: bool, default True; False computes only x0^ (into ``x0_out``, which is then required) and
+            returns None.
+        check_outputs_finite: bool, default False: raise ``ValueError`` if ``model_output`` holds NaN/Inf
+            (a host read: CPU tensors only).
+        backend: ``"auto"`` (default: the fastest built backend that runs on the sample's device, C++ then
+            torch on the CPU, CUDA then Triton then torch on a GPU), or ``"torch"``, ``"cpp"``, ``"triton"``,
+            ``"cuda"`` (an error if that one cannot run here).
+
+    Returns ``out`` (allocated when None), or None when ``write_out`` is False.
 
     Computation is fp32; the result has the sample's dtype. The compiled backends store every large input
     in the sample's dtype, so a fp32 ``model_output`` with a fp16 ``sample`` is rounded to fp16 first (the
-    torch reference reads the fp32 values): results agree to fp16 tolerance.
+    torch reference reads the fp32 values): results agree to fp16 tolerance. Every argument is checked before
+    any kernel runs, so a bad call leaves ``sample`` and ``out`` untouched.
 
-    ``step`` is a host int (checked against the table) or a one-element integer tensor on the sample's
-    device, e.g. a loop's step counter; a device index is trusted, since checking it would sync.
-
-    >>> table = fastguide.samplers.build("ddim", fastguide.Schedule.ddpm(), steps=50).table
+    >>> plan = fastguide.samplers.build("ddim", fastguide.Schedule.ddpm(), steps=50)
+    >>> table = plan.table.to(x.device)                                   # once, outside the loop
     >>> x = fastguide.guided_step(x, torch.cat([eps_u, eps_c]), table, 0, scale=7.5)
+    >>> x = fastguide.guided_step(x, eps_c, plan, 1)                      # a Plan works too (copied per call)
     """
     batch = check_sample("sample", sample)
+    if not isinstance(table, torch.Tensor):
+        from ..samplers.native import Plan  # (lazy: the samplers import this package's checks)
+        if isinstance(table, Plan):
+            table = table.table.to(sample.device)
     check_model_output(model_output, sample, scale is not None, learned_variance)
     check_table(table, step, sample.device)
     w = check_scale("guidance_scale", scale, batch, sample.device) if scale is not None else None
@@ -102,6 +145,8 @@ def run_step(args: StepArgs, backend: str) -> Optional[torch.Tensor]:
         args.mfactor = impl.cfg_rescale_factor(args.model_output, args.scale, args.rescale,
                                                args.learned_variance)
     sample = args.sample
+    if not args.write_out:
+        args.out = None  # an x0-only call leaves a given ``out`` alone, as the traced path does
     out, x0_out = args.out, args.x0_out
     # Kernels read every input of an element before writing it, so an output may be one of the inputs
     # exactly (out=sample); any other overlap, or a strided output, goes through a temporary.
@@ -158,9 +203,23 @@ def _writable_in_place(dst: torch.Tensor, inputs) -> bool:
 
 def temperature_lse_grad(logits: torch.Tensor, labels: torch.Tensor, tau1: float = 1.0, tau2: float = 1.0,
                          scale: Optional[Scale] = None, backend: str = "auto") -> torch.Tensor:
-    """Gradient of ``J = tau1 * l_y - logsumexp(tau2 * l)`` w.r.t. logits ``l`` ([B, K]), times ``scale``.
+    """Gradient of ``J = tau1 * l_y - logsumexp(tau2 * l)`` w.r.t. logits ``l``, times ``scale``, in one kernel
+    (tau1 = tau2 = 1: the log-softmax of ADM classifier guidance; Ma et al. 2023's temperature objective).
 
-    Feed it to autograd to get the classifier-guidance gradient without building J:
+    Args:
+        logits: ``[B, K]`` floating-point classifier logits.
+        labels: ``[B]`` int32/int64 tensor of target classes in ``[0, K)``, on the logits' device (values
+            checked on the CPU only: reading device labels would sync).
+        tau1: finite float, default 1.0: the weight of the target logit.
+        tau2: finite float, default 1.0: the temperature inside the logsumexp (0 drops that term's gradient).
+        scale: optional float >= 0 or ``[B]`` float tensor, default None (1): multiplies each row's gradient
+            (the guidance scale).
+        backend: ``"auto"`` (default: the fastest built backend that runs on the logits' device, C++ then
+            torch on the CPU, CUDA then Triton then torch on a GPU), or ``"torch"``, ``"cpp"``, ``"triton"``,
+            ``"cuda"``.
+
+    Returns ``dJ/dl``, ``[B, K]`` in the logits' dtype: ``scale * (tau1 onehot(y) - tau2 softmax(tau2 l))``,
+    computed stably in fp32. Feed it to autograd to get the classifier-guidance gradient without building J:
 
     >>> logits = classifier(x)
     >>> g = torch.autograd.grad(logits, x, grad_outputs=fastguide.temperature_lse_grad(logits, y, 1.0, 0.5))[0]
@@ -201,11 +260,18 @@ def per_sample_rms(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """``sqrt(mean(x**2))`` over all but the batch dimension, as a [B] fp32 tensor (Ma et al.'s EDM recipe
     normalises the classifier input and gradient by it).
 
-    ``x``: any ``[B, ...]`` floating-point tensor; ``backend``: ``"auto"`` (the fastest built backend that
-    runs on ``x``'s device), or ``"torch"``, ``"cpp"``, ``"triton"``, ``"cuda"``.
+    Args:
+        x: any ``[B, ...]`` floating-point tensor with B >= 1 (a 1-D ``[B]`` tensor gives ``|x|``).
+        backend: ``"auto"`` (default: the fastest built backend that runs on ``x``'s device, C++ then torch
+            on the CPU, CUDA then Triton then torch on a GPU), or ``"torch"``, ``"cpp"``, ``"triton"``,
+            ``"cuda"``.
+
+    Returns a ``[B]`` float32 tensor on ``x``'s device, accumulated in fp32 whatever ``x``'s dtype.
 
     >>> fastguide.per_sample_rms(torch.ones(2, 3, 8, 8))
     tensor([1., 1.])
+    >>> fastguide.per_sample_rms(torch.tensor([[3.0, 4.0], [0.0, 0.0]]), backend="torch")
+    tensor([3.5355, 0.0000])
     """
     check_tensor("x", x)
     if x.dim() < 1 or x.shape[0] == 0:

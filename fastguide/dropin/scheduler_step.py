@@ -18,6 +18,7 @@ Anything else raises ``ValueError`` naming the scheduler or the option.
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from dataclasses import dataclass
@@ -42,6 +43,14 @@ _DEFAULT_CHURN = (0.0, 0.0, math.inf, 1.0)
 @dataclass
 class StepOutput:
     """What ``fastguide.step(..., return_dict=True)`` returns (the fields of diffusers' step outputs).
+
+    Attributes:
+        prev_sample: the next state x_{t-1}, the sample's shape, dtype and device (the tensor ``out`` when one
+            was given): ``scheduler.step(...).prev_sample``.
+        pred_original_sample: the step's predicted x0^ (clipped / thresholded as the scheduler does; with a
+            score-correction guidance term, the corrected x0^, as guided-diffusion's ``condition_score``
+            recomputes it), the sample's shape, dtype and device: diffusers' ``pred_original_sample`` (for
+            DPMSolverMultistepScheduler, which returns none, the x0 it keeps in ``model_outputs``).
 
     >>> res = fastguide.step(noise_pred, t, latents, scheduler=scheduler, guidance_scale=7.5, return_dict=True)
     >>> latents, x0 = res.prev_sample, res.pred_original_sample
@@ -254,6 +263,21 @@ def _draw_noise(call: _Call, index: Optional[int]) -> None:
         a.noise = _noise.randn(a.sample.shape, call.generator, a.model_output.device, a.model_output.dtype)
 
 
+# diffusers' EulerDiscreteScheduler / EulerAncestralDiscreteScheduler ``step`` log this (``logger.warning``, on
+# every call) while ``scale_model_input`` has never been called on the scheduler (``is_scale_input_called``).
+SCALE_INPUT_WARNING = ("The `scale_model_input` function should be called before `step` to ensure correct "
+                       "denoising. See `StableDiffusionPipeline` for a usage example.")
+
+
+def _warn_if_input_not_scaled(scheduler) -> None:
+    """Log diffusers' warning, with diffusers' logger of the scheduler's ``step`` (so diffusers' verbosity
+    settings apply alike), for schedulers that track ``is_scale_input_called`` and have not scaled yet."""
+    if getattr(scheduler, "is_scale_input_called", True):
+        return
+    module = getattr(getattr(type(scheduler), "step", None), "__module__", None) or __name__
+    logging.getLogger(module).warning(SCALE_INPUT_WARNING)
+
+
 def _advance(scheduler, call: _Call, index: int, init_index: bool, timestep, x0: Optional[torch.Tensor]) -> None:
     """Advance the scheduler exactly as its step() does."""
     state = call.state
@@ -299,6 +323,8 @@ def scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *
     if call.check_finite:
         check_finite("model_output", model_output)
     # Checks are done: from here on the generator, out and the scheduler may change.
+    if not torch.compiler.is_compiling():  # (a log call would break the graph)
+        _warn_if_input_not_scaled(scheduler)
     _draw_noise(call, index)
     need_x0 = want_x0 or call.state.kind == DPM
     x0 = call.args.x0_out = torch.empty_like(sample, memory_format=torch.contiguous_format) if need_x0 else None
@@ -318,20 +344,60 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
 
     With a 2B-row ``[uncond; cond]`` ``model_output`` and ``guidance_scale`` (a float or a [B] tensor) the
     result equals ``scheduler.step(u + w * (c - u), timestep, sample, ...).prev_sample``; with B rows and no
-    ``guidance_scale`` it is the plain step. ``guidance_rescale`` is diffusers' ``rescale_noise_cfg``.
-    ``eta``/``use_clipped_model_output`` are DDIMScheduler's step options, ``s_churn``/``s_tmin``/``s_tmax``/
-    ``s_noise`` EulerDiscreteScheduler's. The scheduler's step state (step index, DPM-Solver's model
+    ``guidance_scale`` it is the plain step. The scheduler's step state (step index, DPM-Solver's model
     outputs) advances as its own ``step`` would, and noise is drawn from ``generator`` exactly as it draws
-    it. ``out`` receives the result (it may be ``sample``). ``return_dict=True`` returns a ``StepOutput``
-    with ``prev_sample`` and ``pred_original_sample``.
+    it, so a pipeline may switch between the two mid-loop. Like diffusers' Euler / Euler ancestral ``step``,
+    it logs diffusers' warning ("The `scale_model_input` function should be called before `step` ...", with
+    the scheduler module's logger, level WARNING, once per call) while ``scheduler.scale_model_input`` has
+    never been called (not inside ``torch.compile``, where a log call would break the graph).
 
-    ``guidance=[ClassifierGuidance(...), DiscriminatorGuidance(...)]`` with target labels ``y`` adds those
-    methods to the loop: DDPMScheduler shifts the mean by ``Sigma g`` (ADM ``condition_mean``; Ma et al.'s
-    x0-input recipe, the only one here that needs DDPM), the others correct the score (``eps -= sigma g``).
-    ``check_finite=True`` raises on NaN/Inf in ``model_output`` (a host sync on GPU). ``noise`` (the
-    sample's shape and dtype) is used instead of drawing from ``generator`` on steps that draw noise.
-    ``backend`` picks the kernel: ``"auto"`` (the fastest built backend for the sample's device), or
-    ``"torch"``, ``"cpp"``, ``"triton"``, ``"cuda"``.
+    Args:
+        model_output: the network output for ``sample``: ``[2B, ...]`` as ``[uncond; cond]`` with
+            ``guidance_scale``, else ``[B, ...]``; the sample's per-row shape, dtype and device. For
+            DDPMScheduler with ``variance_type="learned_range"`` each half carries 2C channels (noise, then
+            variance); the cond half's variance is used.
+        timestep: the current value of ``scheduler.timesteps`` (a number or a one-element tensor; for
+            Euler / Euler ancestral not an integer index, as diffusers requires).
+        sample: ``[B, ...]`` floating-point latents x_t, at least 2-D (computed in fp32, stored in its
+            dtype).
+        scheduler: keyword only; a supported diffusers scheduler after ``set_timesteps``:
+            ``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``,
+            ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler`` (``dpmsolver++``, order 1 or 2).
+            Anything else raises ``ValueError`` naming the scheduler or the config option.
+        guidance_scale: CFG scale w: a float >= 0 or a ``[B]`` float tensor (per-sample); default None (no CFG,
+            ``model_output`` has B rows).
+        guidance_rescale: float in [0, 1], default 0: diffusers' ``rescale_noise_cfg`` phi; needs
+            ``guidance_scale``.
+        generator: None (default; torch's global RNG), a ``torch.Generator``, or a list of B generators (one
+            per sample), on the CPU or the sample's device type, as diffusers takes it (a CPU generator with
+            CUDA latents draws on the CPU and copies).
+        eta: float >= 0, default 0: DDIMScheduler's ``eta``.
+        use_clipped_model_output: bool, default False: DDIMScheduler's option of that name.
+        s_churn: float >= 0, default 0; s_tmin: default 0; s_tmax: default inf; s_noise: default 1:
+            EulerDiscreteScheduler's churn options (sigma units).
+        out: optional tensor of the sample's shape, dtype and device, default None: receives the result (it
+            may be ``sample`` itself).
+        guidance: sequence of ``ClassifierGuidance`` / ``DiscriminatorGuidance`` specs, default ``()``; needs
+            ``y`` for classifiers. DDPMScheduler shifts the mean by ``Sigma g`` (ADM ``condition_mean``;
+            Ma et al.'s x0-input recipe, the only one here that needs DDPM), the others correct the score
+            (``eps -= sigma g``). The networks see the VP view of the state and the scheduler's timestep.
+            CFG goes in ``guidance_scale``, not here. Not traceable by ``torch.compile``.
+        y: ``[B]`` tensor of target labels (or any per-sample condition) on the sample's device, default None.
+        check_finite: bool, default False: raise ``ValueError`` on NaN/Inf in ``model_output`` (read on the host,
+            so only for CPU tensors; skipped on a GPU, where it would sync).
+        backend: ``"auto"`` (default: the fastest built backend that runs on the sample's device, C++ then
+            torch on the CPU, CUDA then Triton then torch on a GPU), or ``"torch"``, ``"cpp"``, ``"triton"``,
+            ``"cuda"``.
+        noise: optional tensor of the sample's shape and dtype, default None: used instead of drawing from
+            ``generator`` on steps that draw noise (needed inside ``torch.compile`` for a seeded loop).
+        return_dict: bool, default False: return a ``StepOutput`` (``prev_sample``, ``pred_original_sample``)
+            instead of the tensor.
+
+    Returns ``prev_sample`` (the tensor ``out`` when given), or a ``StepOutput`` with ``return_dict=True``.
+
+    Every argument is checked, and the guidance networks run (their outputs checked: a wrong shape is a
+    ``ValueError`` naming the network and the expected shape), before ``generator``, ``out`` or the scheduler
+    is touched: a failing call leaves them as they were.
 
     Inside ``torch.compile(fullgraph=True)`` the step traces without graph breaks once the scheduler's
     tables exist (``fastguide.dropin.prepare(scheduler, device)``, or one eager call): DDPM/DDIM find a
@@ -342,10 +408,6 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
     and only its name, to ``torch.compiler.config.dynamic_sources``), so one graph serves every step
     (DPM-Solver++ 2M: four, for its first, second, middle and final steps). Noise must come as ``noise=``
     (or ``generator=None``, drawn by the compiled code's own RNG); ``guidance=`` is not traced.
-
-    ``model_output`` and ``sample`` must share dtype and device. For DDPMScheduler with
-    ``variance_type="learned_range"`` each half carries 2C channels (noise, then variance); the variance
-    of the cond half is used.
 
     >>> scheduler.set_timesteps(50)
     >>> for t in scheduler.timesteps:

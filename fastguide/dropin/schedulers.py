@@ -189,14 +189,61 @@ def plan_for(scheduler, *, eta: float = 0.0, use_clipped_model_output: bool = Fa
                                              s_noise))
 
 
+def check_device(name: str, device) -> torch.device:
+    """``device`` as a ``torch.device`` that can hold tensors here: a valid device string / ``torch.device`` /
+    index, and for an accelerator type (``cuda``, ``mps``, ``xpu``, ...) one that torch reports available,
+    with its index in range (an index-less ``"cuda"`` becomes the current device, where its tensors live).
+    Raises ``ValueError`` naming ``name`` (instead of torch's ``AssertionError: Torch not compiled with CUDA
+    enabled`` at the first copy)."""
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+        raise TypeError(f"{name} must be a device string, a torch.device or an int index, got "
+                        f"{type(device).__name__} {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(f"{name}={device!r} is not a valid torch device: {exc}") from None
+    if dev.type in ("cpu", "meta"):
+        return dev
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ValueError(f"{name}={device!r}: no {dev.type} device is available here "
+                         f"(torch.{dev.type}.is_available() is False); use device='cpu' or None (where "
+                         f"scheduler.timesteps lives)")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and count is not None and not dev.index < count():
+        raise ValueError(f"{name}={device!r}: there are only {count()} {dev.type} device(s) here")
+    current = getattr(backend, "current_device", None)
+    if dev.index is None and current is not None:
+        # Tensors made on "cuda" live on "cuda:<current>", and torch.device("cuda") != torch.device("cuda:0"):
+        # tables cached under the index-less device would not be found for the samples' device.
+        dev = torch.device(dev.type, current())
+    return dev
+
+
 def prepare(scheduler, device: Union[None, str, torch.device] = None, **step_options) -> SchedulerPlan:
-    """Build and cache everything ``fastguide.step`` needs for ``scheduler``'s current schedule on ``device``
-    (default: where ``scheduler.timesteps`` lives), so that ``fastguide.step`` runs inside
-    ``torch.compile(fullgraph=True)`` without graph breaks. ``step_options`` are the step's scheduler options
-    (``eta``, ``use_clipped_model_output``, ``s_churn``, ...). Call it after ``set_timesteps`` (and
-    ``set_begin_index``, if any) and outside the compiled function, once per sampling loop: it also sets the
-    step counter that compiled calls of index-based schedulers read, and probes the kernel backends (an import
-    cannot be traced). An eager ``fastguide.step`` call prepares the same way.
+    """Build and cache everything ``fastguide.step`` needs for ``scheduler``'s current schedule on ``device``,
+    so that ``fastguide.step`` runs inside ``torch.compile(fullgraph=True)`` without graph breaks.
+
+    Call it after ``set_timesteps`` (and ``set_begin_index``, if any) and outside the compiled function, once
+    per sampling loop: it also sets the step counter that compiled calls of index-based schedulers read, and
+    probes the kernel backends (an import cannot be traced). An eager ``fastguide.step`` call prepares the
+    same way.
+
+    Args:
+        scheduler: a supported diffusers scheduler (``DDPMScheduler``, ``DDIMScheduler``,
+            ``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler``)
+            after ``set_timesteps``; its config is validated here.
+        device: where the samples will live: a device string (``"cuda"``, ``"cuda:1"``, ``"cpu"``), a
+            ``torch.device`` or an index; default None: where ``scheduler.timesteps`` lives (the tables are
+            built there too in any case). It must be usable here: an invalid string or an accelerator that
+            torch reports unavailable (``"cuda"`` without CUDA) is a ``ValueError`` naming ``device``, raised
+            before anything is built or changed.
+        **step_options: the step options the loop will pass to ``fastguide.step``: ``eta`` and
+            ``use_clipped_model_output`` (DDIMScheduler), ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``
+            (EulerDiscreteScheduler); defaults as in ``fastguide.step``.
+
+    Returns the scheduler's coefficient plan for those options (``fastguide.dropin.SchedulerPlan``).
 
     >>> scheduler.set_timesteps(50)
     >>> fastguide.dropin.prepare(scheduler, "cuda")
@@ -204,13 +251,13 @@ def prepare(scheduler, device: Union[None, str, torch.device] = None, **step_opt
     ...                                                      scheduler=scheduler, guidance_scale=7.5),
     ...                         fullgraph=True)
     """
+    target = check_device("device", device) if device is not None else None
     plan = plan_for(scheduler, **step_options)
     if plan.kind in INDEX_BASED:
         start = scheduler.step_index if scheduler.step_index is not None else scheduler.begin_index
         scheduler_state(scheduler).next_index = int(start or 0)
     _dispatch.backends()  # probe the backends now: importing one is not traceable
-    devices = {torch.device(device) if device is not None else scheduler.timesteps.device,
-               scheduler.timesteps.device}
+    devices = {target if target is not None else scheduler.timesteps.device, scheduler.timesteps.device}
     for d in devices:
         plan.table(d)
         if plan.kind in (DDPM, DDIM):

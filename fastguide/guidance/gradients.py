@@ -101,8 +101,9 @@ def discriminator_grad_core(spec: DiscriminatorGuidance, x: torch.Tensor, t: tor
     with torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
         logit = spec.discriminator(leaf * input_scale if input_scale is not None else leaf, t, y)
-        if logit.dim() != 1 or logit.shape[0] != x.shape[0]:
-            raise ValueError(f"discriminator must return a logit of shape [{x.shape[0]}], got {tuple(logit.shape)}")
+        if not isinstance(logit, torch.Tensor) or logit.dim() != 1 or logit.shape[0] != x.shape[0]:
+            got = tuple(logit.shape) if isinstance(logit, torch.Tensor) else type(logit).__name__
+            raise ValueError(f"discriminator must return a logit of shape [{x.shape[0]}], got {got}")
         clipped = logit.float().clamp(-DG_LOGIT_BOUND, DG_LOGIT_BOUND)
         (grad,) = torch.autograd.grad(clipped.sum() * weight, leaf)
     return grad

@@ -27,12 +27,25 @@ from ..core.checks import check_fraction, check_nonneg, check_real, check_window
 
 @dataclass(frozen=True)
 class CFG:
-    """Classifier-free guidance ``eps~ = u + scale (c - u)``, optionally rescaled (Lin et al. 2023).
+    """Classifier-free guidance ``eps~ = u + scale (c - u)``, optionally rescaled (Lin et al. 2023), for
+    ``fastguide.sample`` (``fastguide.step`` takes the same as ``guidance_scale=`` / ``guidance_rescale=``).
 
-    ``scale`` is a float or a [B] tensor (per-sample scales for mixed batches). The uncond half gets
-    ``null_label`` as its label (one model call on the 2B batch); with ``null_label=None`` the uncond half
-    is a second call with ``y=None``. Outside the guidance window ``[start, stop)`` (fractions of the
-    steps; Kynkäänniemi et al. 2024) only the cond half is evaluated.
+    Args:
+        scale: float >= 0 or a ``[B]`` floating-point tensor (per-sample scales for mixed batches): w in
+            ``u + w (c - u)``, applied to the model's prediction (eps, v or x0); 1 is the conditional model
+            alone, 0 the unconditional one.
+        rescale: float in [0, 1], default 0: diffusers' ``guidance_rescale`` phi (Lin et al. 2023: the guided
+            output's per-sample std is pulled towards the cond output's; 0.7 in the paper).
+        null_label: default None. The label the uncond half gets: a number (``torch.full_like(y, null_label)``)
+            or a tensor broadcastable to ``y`` (e.g. the null class 1000 of an ImageNet DiT); the model then
+            runs once on the 2B batch ``[x; x]`` with labels ``[null; y]``. None: the uncond half is a
+            second call ``model(x, t, None)``.
+        start: float in [0, 1], default 0, and
+        stop: float in [start, 1], default 1: the guidance window ``start <= i / steps < stop`` over the
+            sampling steps i = 0 .. steps-1 (Kynkäänniemi et al. 2024); outside it only the cond half is
+            evaluated (one model call on B rows).
+
+    Every argument is checked when the spec is made (``ValueError``/``TypeError`` naming it).
 
     >>> fastguide.sample(model, x_T, schedule=s, sampler="ddim", steps=50, y=y,
     ...                  guidance=[fastguide.CFG(4.0, null_label=10)])
@@ -59,12 +72,13 @@ class CFG:
 
 @dataclass(frozen=True)
 class ClassifierGuidance:
-    """Classifier guidance with ``classifier(x, t) -> logits [B, K]`` towards the labels ``y``.
+    """Classifier guidance with ``classifier(x, t) -> logits [B, K]`` towards the labels ``y`` (passed to
+    ``fastguide.sample(..., y=...)`` / ``fastguide.step(..., y=...)`` as a ``[B]`` integer tensor).
 
     ``input="xt"`` (ADM): the classifier sees the noisy state (its VP view and timestep); DDPM shifts the
     mean by ``scale * Sigma * g`` (guided-diffusion ``condition_mean``), the other samplers correct the
-    score (``condition_score``). Objective ``tau1 l_y - logsumexp(tau2 l)``; tau1 = tau2 = 1 is
-    log-softmax.
+    score (``condition_score``); on Heun only the first (Euler) stage is guided. Objective
+    ``tau1 l_y - logsumexp(tau2 l)``; tau1 = tau2 = 1 is log-softmax.
 
     ``input="x0"`` (Ma et al. 2023): on DDPM/DDIM the classifier sees the predicted x0^ (clipped when the
     loop clips) and ``g = scale * grad_{x0^} J`` shifts the mean by
@@ -72,9 +86,32 @@ class ClassifierGuidance:
     (EluCD) — DDIM has no model variance, so Sigma_t is the DDPM posterior variance of the step pair.
     On sigma samplers it follows their EDM recipe: the classifier sees ``x / max(1, rms(x))``, and
     ``g / rms(g) * rms(x) * w_i * scale`` with ``w_i = max(g_max/(N+1) (N+1-i), 1e-5) + sin(pi i/N) g_max add``
-    is added to the state before the denoiser (the Heun correction is unguided).
+    is added to the state before the denoiser (the Heun correction is unguided). ``fastguide.step`` has
+    ``input="x0"`` for DDPMScheduler only.
     ImageNet-128 defaults of the paper: scale=1, tau1=1, tau2=0.5, gamma=0.3 with ``smooth(clf, 3.0)``;
     EDM: tau1=1, tau2=0, g_max=0.004, add=0.3 with ``smooth(clf, 5.0)``.
+
+    Args:
+        classifier: callable ``classifier(x, t) -> logits`` of shape ``[B, K]``. ``x`` has the sample's shape
+            (the VP view ``x_t`` for ``"xt"``, x0^ or the rms-normalised state for ``"x0"``); ``t`` is a
+            ``[B]`` float32 tensor: the training timestep on VP schedules (and in ``fastguide.step``), the VP
+            time tau(sigma) in [0, 1] (beta_min = 0.1, beta_max = 20) on EDM schedules. Any other output
+            shape is a ``ValueError`` naming the classifier and the expected shape.
+        scale: float >= 0, default 1.0: the guidance scale s multiplying ``grad J``.
+        input: ``"xt"`` (default; ADM, a noise-aware classifier) or ``"x0"`` (Ma et al., an off-the-shelf one).
+        tau1: finite float, default 1.0: the target logit's weight in J.
+        tau2: finite float, default 1.0: the logsumexp temperature in J.
+        gamma: float >= 0, default 0: Ma et al.'s extra-variance factor (``input="x0"`` on DDPM/DDIM).
+        g_max: float >= 0, default 0.004: the EDM recipe's peak weight (``input="x0"`` on sigma samplers).
+        add: float >= 0, default 0.3: the EDM recipe's sine bump, relative to ``g_max``.
+
+    Every argument is checked when the spec is made (``ValueError``/``TypeError`` naming it).
+
+    >>> clf = lambda x, t: x.flatten(1)[:, :10]            # any classifier(x, t) -> logits [B, 10]
+    >>> adm = fastguide.ClassifierGuidance(clf, scale=2.0)                   # ADM on x_t
+    >>> x = fastguide.sample(model, torch.randn(4, 3, 8, 8), schedule=fastguide.Schedule.ddpm(),
+    ...                      sampler="ddpm", steps=25, y=torch.tensor([0, 1, 2, 3]), guidance=[adm])
+    >>> ma = fastguide.ClassifierGuidance(clf, input="x0", tau1=1.0, tau2=0.5, gamma=0.3)  # Ma et al.
     """
 
     classifier: Callable[..., torch.Tensor]
@@ -101,13 +138,33 @@ class ClassifierGuidance:
 class DiscriminatorGuidance:
     """Discriminator guidance (Kim et al. 2022) with ``discriminator(x, t, y) -> logit [B]``.
 
-    Adds ``weight * grad_x log(d / (1 - d))`` (d clipped to [1e-5, 1 - 1e-5]) to the score: on EDM Heun
+    Adds ``weight * grad_x log(d / (1 - d))`` (d clipped to [1e-5, 1 - 1e-5]) to the score: on Heun
     ``D' = D + weight sigma^2 c`` in the first stage and ``weight2`` in the second; on DDPM a mean shift
     ``Sigma * weight * c``; on other samplers a score correction. Only where the VP time (t/T for VP
     schedules, tau(sigma) with beta0=0.1, beta1=20 for EDM) lies in ``[t_min, t_max]``. The
     discriminator sees the VP view of the state (x / sqrt(1 + sigma^2) for EDM) and the VP time tau for
     EDM schedules, the training timestep for VP schedules. Papers' recipes: EDM ``weight=2`` (uncond) or
     1 (cond), ``t_min=0.01``; DiT/ADM DDPM ``t_min=0.101`` (t > 100 of 1000).
+
+    Args:
+        discriminator: callable ``discriminator(x, t, y) -> logit`` of shape ``[B]``: the pre-sigmoid logit of
+            d = P(real | x). ``x`` has the sample's shape (the VP view of the state); ``t`` is a ``[B]``
+            float32 tensor (training timestep on VP schedules and in ``fastguide.step``, VP time tau on EDM);
+            ``y`` the labels or None. Any other output shape is a ``ValueError`` naming the discriminator and
+            the expected shape.
+        weight: float >= 0, default 1.0: w, the guidance weight (every guided stage; Heun's first stage).
+        weight2: float >= 0, default 0.0: the weight in Heun's correction stage (0: the correction is
+            unguided).
+        t_min: float in [0, 1], default 0.0, and
+        t_max: float in [t_min, 1], default 1.0: the window of VP time (t / T on VP schedules,
+            tau(sigma) on EDM) in which the discriminator guides; outside it it is not called.
+
+    Every argument is checked when the spec is made (``ValueError``/``TypeError`` naming it).
+
+    >>> disc = lambda x, t, y: x.flatten(1).mean(1)        # any discriminator(x, t, y) -> logit [B]
+    >>> dg = fastguide.DiscriminatorGuidance(disc, weight=2.0, t_min=0.01)
+    >>> x = fastguide.sample(denoiser, torch.randn(4, 3, 8, 8), schedule=fastguide.Schedule.edm(),
+    ...                      sampler="heun", steps=18, guidance=[dg])
     """
 
     discriminator: Callable[..., torch.Tensor]
@@ -132,9 +189,16 @@ class DiscriminatorGuidance:
 
 
 def smooth(classifier: nn.Module, beta: float) -> nn.Module:
-    """A copy of ``classifier`` with every ``nn.ReLU`` module replaced by ``nn.Softplus(beta)`` (Ma et al.).
+    """A copy of ``classifier`` with every ``nn.ReLU`` module replaced by ``nn.Softplus(beta)`` (Ma et al.):
+    smooth activations give the classifier-guidance gradients of an off-the-shelf ReLU network.
 
-    Functional ``F.relu`` calls inside ``forward`` cannot be found this way and stay ReLU.
+    Args:
+        classifier: an ``nn.Module``; it is deep-copied (weights included) and left unchanged.
+        beta: finite float > 0: the Softplus sharpness, ``softplus(x) = log(1 + exp(beta x)) / beta``
+            (ReLU as beta -> inf); Ma et al. use 3.0 (ImageNet-128 DDPM) and 5.0 (EDM).
+
+    Returns the smoothed copy. Functional ``F.relu`` calls inside ``forward`` cannot be found this way and stay
+    ReLU.
 
     >>> guided_clf = fastguide.smooth(resnet, beta=3.0)
     """

@@ -35,12 +35,48 @@ def sample(model: Callable[..., torch.Tensor], x_T: torch.Tensor, *, schedule: S
            backend: str = "auto", **sampler_options) -> torch.Tensor:
     """Run a whole guided sampling loop and return the samples.
 
-    ``model(x, t, y)`` returns the schedule's prediction type (2C channels for a learned-range DDPM
-    variance); ``t`` is a [B] tensor of training timesteps (VP schedules) or sigmas (EDM). ``x_T`` is
-    unit Gaussian noise of the sample shape (scaled to the sampler's starting noise level here).
-    ``clip_denoised=(-1, 1)`` clips x0^; ``None`` leaves it alone. ``eta`` applies to ``ddim`` and
-    ``euler_ancestral``; other sampler keywords (``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``) pass
-    through to ``fastguide.samplers``.
+    Args:
+        model: callable ``model(x, t, y)`` returning the schedule's prediction type (eps, v or x0; for EDM the
+            denoised D or eps) of x's shape (2C channels for a ``learned_range`` DDPM variance). ``t`` is a
+            ``[B]`` (``[2B]`` with a CFG null label) float32 tensor: training timesteps on VP schedules
+            (fractional for sigma samplers with ``linspace`` spacing or Karras sigmas), sigmas on EDM; ``y`` is
+            the labels (``[null; y]`` with CFG's ``null_label``, None for a label-free uncond call).
+        x_T: ``[B, ...]`` floating-point unit-Gaussian noise of the sample shape, at least 2-D;
+            scaled here to the sampler's starting noise level (``plan.init_scale``). Never modified.
+        schedule: keyword only; a ``fastguide.Schedule`` (``Schedule.ddpm``, ``Schedule.edm``,
+            ``Schedule.from_diffusers``).
+        sampler: ``"ddpm"``, ``"ddim"`` (VP schedules only), ``"euler"``, ``"euler_ancestral"``, ``"heun"`` or
+            ``"dpmpp_2m"`` (EDM or VP schedules). On a VP schedule the sigma samplers run on the sigma state
+            ``x = x0 + sigma eps``, the model seeing ``x / sqrt(1 + sigma^2)`` and its training timestep:
+            ``heun`` there is Heun's 2nd-order method on the probability-flow ODE, as k-diffusion's
+            ``sample_heun`` with a VP denoiser wrapper and diffusers' ``HeunDiscreteScheduler``
+            (``fastguide.samplers.native.heun``).
+        steps: int >= 1, the number of sampling steps (at most ``num_train_timesteps`` on VP schedules). Heun
+            makes ``2 steps - 1`` model calls.
+        y: optional ``[B]`` tensor (labels, or any per-sample condition the model takes) on x_T's device,
+            default None. Required by ``ClassifierGuidance`` (int32/int64 class labels) and by CFG with a
+            ``null_label``.
+        guidance: sequence of ``CFG`` (at most one), ``ClassifierGuidance`` and ``DiscriminatorGuidance``
+            specs, default ``()`` (unguided).
+        generator: None (default; torch's global RNG), a ``torch.Generator`` or a list of B generators, for
+            the noise the sampler draws.
+        eta: optional float >= 0, default None (the sampler's own default: 0 for ``ddim``, 1 for
+            ``euler_ancestral``); only those two take it.
+        clip_denoised: optional ``(low, high)`` with low < high, default None: clamp x0^ to the range, e.g.
+            ``(-1, 1)`` (``ddim`` then re-derives eps from the clipped x0^, as guided-diffusion).
+        compile: None (default), ``"inductor"`` or ``"graph"``, see below.
+        compile_options: optional dict of ``torch.compile`` keywords, for ``compile="inductor"`` only.
+        progress: bool, default False: show a tqdm bar (eager mode).
+        backend: ``"auto"`` (default: the fastest built backend that runs on x_T's device, C++ then torch on
+            the CPU, CUDA then Triton then torch on a GPU), or ``"torch"``, ``"cpp"``, ``"triton"``,
+            ``"cuda"``; an unknown or unusable one is reported before any model call.
+        **sampler_options: the sampler's other keywords, passed to ``fastguide.samplers.build``: ``s_churn``,
+            ``s_tmin``, ``s_tmax``, ``s_noise`` (``euler``, ``heun``; sigma units), ``s_noise``
+            (``euler_ancestral``).
+
+    Returns the samples x_0, x_T's shape, dtype and device. Every argument is checked before the model runs
+    (``ValueError``/``TypeError`` naming it); a network output of the wrong shape is reported naming the
+    network and the expected shape.
 
     ``compile`` runs the same loop three ways, with the same samples for the same seed (to rounding):
 
@@ -50,7 +86,7 @@ def sample(model: Callable[..., torch.Tensor], x_T: torch.Tensor, *, schedule: S
       graph); ``compile_options`` go to ``torch.compile``, e.g. ``{"mode": "reduce-overhead"}``. The noise
       is drawn outside the compiled code, exactly as eager draws it.
     * ``"graph"``: the whole loop captured once as one CUDA graph and replayed on later calls with the same
-      configuration (``x_T`` on a CUDA device; see ``fastguide.cudagraph`` for the cache and how seeded
+      configuration (``x_T`` on a CUDA device; see ``fastguide.native.cudagraph`` for the cache and how seeded
       generators are honoured).
 
     Compiled bodies and graphs are cached per model / guidance-network object: pass the same callable on
@@ -141,7 +177,7 @@ def _built_loop(sampler, schedule, steps, options, guidance, batch, clip) -> Tup
 
 def _run(model, x_T, gp: GuidedPlan, spec, y, generator, cfg_scale, progress, backend, compile,
          compile_options) -> torch.Tensor:
-    """Run the built loop (``fastguide.loop``) in the asked mode."""
+    """Run the built loop (``fastguide.native.loop``) in the asked mode."""
     batch, device = x_T.shape[0], x_T.device
     classifiers, discriminators = tuple(gp.classifiers), tuple(gp.discriminators)
     if compile == "graph":

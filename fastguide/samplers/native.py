@@ -7,8 +7,11 @@ guidance networks see). VP samplers (``ddpm``, ``ddim``) run on the VP state ``x
 k-diffusion/EDM state ``x = x0 + sigma eps``, also for VP schedules (the model then sees
 ``x / sqrt(1 + sigma^2)`` and the training timestep). A unit-Gaussian ``x_T`` starts a sigma sampler at
 ``sigma_max x_T`` for EDM and at ``sqrt(1 + sigma_max^2) x_T`` for a VP schedule (the VP ``x_T`` in sigma
-state; diffusers' ``init_noise_sigma`` with linspace/trailing spacing), where k-diffusion's samplers start
-a VP model at ``sigma_max x_T`` (a difference of ``1 / (2 sigma_max^2)`` relative, 1e-4 at sigma_max = 80).
+state; diffusers' ``init_noise_sigma`` with ``leading`` spacing), where k-diffusion's samplers, and diffusers'
+with ``linspace``/``trailing`` spacing, start a VP model at ``sigma_max x_T`` (a difference of
+``1 / (2 sigma_max^2)`` relative, 1e-4 at sigma_max = 80). Otherwise the sigma samplers on a VP schedule are
+k-diffusion's with its VP denoiser wrappers and diffusers' Euler / Euler ancestral / Heun / DPM-Solver++
+schedulers, step for step.
 """
 
 from __future__ import annotations
@@ -258,11 +261,37 @@ def euler_ancestral(schedule: Schedule, steps: int, eta: float = 1.0, s_noise: f
 
 def heun(schedule: Schedule, steps: int, s_churn: float = 0.0, s_tmin: float = 0.0,
          s_tmax: float = float("inf"), s_noise: float = 1.0) -> Plan:
-    """EDM's 2nd-order Heun sampler (Karras et al. 2022 Alg. 2).
+    """Heun's 2nd-order method on the probability-flow ODE ``dx/dsigma = (x - D(x; sigma)) / sigma`` (Karras et
+    al. 2022 Alg. 2), on an EDM or a VP schedule: ``2 steps - 1`` model calls.
 
-    Stage 1 is Euler from sigma_hat; stage 2 (skipped when sigma_next = 0) averages the two slopes:
-    ``x_next = x_hat + h (d1 + d2) / 2``. Stage 2's kernel sees x = the Euler result and x0_prev = D1,
-    from which x_hat is recovered exactly: ``x_hat = (t_hat x_e + h D1) / t_next``.
+    * EDM schedule: EDM's sampler; the model is D(x; sigma) (or its eps) at the Karras sigmas.
+    * VP schedule (``Schedule.ddpm`` / ``from_diffusers``): the same method on the sigma state
+      ``x = x0 + sigma eps`` with ``sigma = sqrt((1 - alphā_t) / alphā_t)`` at the schedule's sampling
+      timesteps (Karras-spaced with ``use_karras_sigmas``); the VP model sees ``x / sqrt(1 + sigma^2)`` and its
+      training timestep t. This is k-diffusion's ``sample_heun`` with a VP denoiser wrapper
+      (``DiscreteEpsDDPMDenoiser`` / ``DiscreteVDDPMDenoiser``) and diffusers' ``HeunDiscreteScheduler``
+      (which it equals step for step when ``x_T`` is scaled alike, see the module docstring).
+
+    Stage 1 is Euler from sigma_hat; stage 2 (skipped when sigma_next = 0, so the last step is Euler) averages
+    the two slopes: ``x_next = x_hat + h (d1 + d2) / 2``, ``h = sigma_next - sigma_hat``. Stage 2's kernel
+    sees x = the Euler result and x0_prev = D1, from which x_hat is recovered exactly:
+    ``x_hat = (t_hat x_e + h D1) / t_next``.
+
+    Churn (EDM's stochastic sampler; all four in sigma units on either schedule): where
+    ``s_tmin <= sigma <= s_tmax`` the step starts by raising the noise level to
+    ``sigma_hat = sigma (1 + gamma)``, ``gamma = min(s_churn / steps, sqrt(2) - 1)``, adding
+    ``sqrt(sigma_hat^2 - sigma^2) s_noise z`` to the state. On a VP schedule the model then gets the timestep
+    of sigma_hat by interpolating log sigma over the training timesteps (diffusers' ``_sigma_to_t``,
+    k-diffusion's ``sigma_to_t``), clamped to ``[0, T - 1]``: a churned first step above the schedule's
+    largest sigma is given ``T - 1``, as k-diffusion does. ``s_churn = 0`` (default) is deterministic.
+
+    Args:
+        schedule: a ``Schedule`` (EDM or VP).
+        steps: int >= 1, the number of noise levels (the last step goes to sigma = 0).
+        s_churn: finite float >= 0, default 0 (no churn). EDM's S_churn, the total churn over the run.
+        s_tmin, s_tmax: floats, ``0 <= s_tmin <= s_tmax`` (``s_tmax`` may be inf), defaults 0 and inf: the
+            sigma range in which steps churn.
+        s_noise: finite float >= 0, default 1. EDM's S_noise, the churn noise's scale.
     """
     _check_churn(s_churn, s_tmin, s_tmax, s_noise)
     sigmas, ts = sigma_schedule(schedule, steps)
@@ -319,10 +348,26 @@ _BUILDERS = {"ddpm": ddpm, "ddim": ddim, "euler": euler, "euler_ancestral": eule
 
 
 def build(sampler: str, schedule: Schedule, steps: int, **options) -> Plan:
-    """The plan of ``sampler`` over ``steps`` steps of ``schedule``; options are the sampler's keywords.
+    """The plan of ``sampler`` over ``steps`` steps of ``schedule``: its coefficient rows and stages.
+
+    Args:
+        sampler: ``"ddpm"``, ``"ddim"`` (VP schedules only), ``"euler"``, ``"euler_ancestral"``, ``"heun"``,
+            ``"dpmpp_2m"`` (any schedule: EDM, or a VP schedule run in the sigma state ``x = x0 + sigma eps``,
+            the VP model seeing ``x / sqrt(1 + sigma^2)`` and its training timestep; ``heun`` on VP is
+            k-diffusion's ``sample_heun`` with a VP denoiser wrapper and diffusers' ``HeunDiscreteScheduler``).
+        schedule: a ``fastguide.Schedule``.
+        steps: int >= 1, the number of sampling steps (at most the training steps for a VP schedule).
+        **options: the sampler's own keywords: ``ddim``: ``eta`` (default 0), ``clipped``; ``euler`` and
+            ``heun``: ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``; ``euler_ancestral``: ``eta`` (default 1),
+            ``s_noise``. An option the sampler does not take is a ``TypeError`` naming it.
+
+    Returns a ``Plan``; ``plan.table`` is the fp32 ``[stages, NUM_COLS]`` host tensor ``fastguide.guided_step``
+    reads (move it to the sample's device once: ``plan.table.to(device)``).
 
     >>> plan = fastguide.samplers.build("heun", fastguide.Schedule.edm(), steps=18, s_churn=0.0)
     >>> plan.table.shape      # 35 stages: 18 Euler stages + 17 Heun corrections
+    torch.Size([35, 18])
+    >>> vp = fastguide.samplers.build("heun", fastguide.Schedule.ddpm(timestep_spacing="trailing"), steps=10)
     """
     if sampler not in _BUILDERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")

@@ -12,6 +12,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from ..core.checks import check_bool, check_int, check_real
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
@@ -21,6 +23,44 @@ SPACINGS = ("leading", "trailing", "linspace", "guided", "guided-ddim")
 def _choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+# The coefficient tables are fp32 and hold 1/alphā-sized numbers (sigma^2 = (1 - alphā)/alphā, 1/sqrt(alphā)):
+# a schedule whose alphā falls below fp32's smallest normal number would give inf/NaN samples.
+MIN_ALPHAS_CUMPROD = float(np.finfo(np.float32).tiny)
+
+
+def _positive(name: str, value) -> float:
+    """A finite float > 0 (``check_real`` with the bound exclusive)."""
+    v = check_real(name, value)
+    if not v > 0.0:
+        raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
+    return v
+
+
+def _open_unit(name: str, value, why: str) -> float:
+    """A float strictly inside (0, 1) (``check_real`` with both bounds exclusive)."""
+    v = check_real(name, value)
+    if not 0.0 < v < 1.0:
+        raise ValueError(f"{name} must be a float in (0, 1) ({why}), got {value!r}")
+    return v
+
+
+def _check_alphas_cumprod(abar: np.ndarray, what: str) -> None:
+    """alphā of betas in (0, 1) must decrease strictly (else sigma(t) is not invertible and a step's beta is 0)
+    and stay representable in the fp32 tables (``MIN_ALPHAS_CUMPROD``); ``what`` names the parameters."""
+    if not abar[-1] >= MIN_ALPHAS_CUMPROD:
+        with np.errstate(over="ignore", divide="ignore"):
+            sigma = float(np.sqrt(np.float64(1.0) / abar[-1] - 1.0))
+        raise ValueError(f"{what}: alphas_cumprod falls to {abar[-1]:.3g} (terminal noise level sigma = "
+                         f"{sigma:.3g}), below float32's smallest normal number {MIN_ALPHAS_CUMPROD:.3g}, so the "
+                         f"fp32 coefficient tables (1/alphas_cumprod) would overflow and the samples would be "
+                         f"inf/NaN; use smaller betas or fewer training timesteps")
+    steps = np.diff(abar)
+    if not np.all(steps < 0):
+        i = int(np.argmax(steps >= 0))
+        raise ValueError(f"{what}: alphas_cumprod must decrease strictly, but 1 - beta rounds to 1 at training "
+                         f"step {i + 1} (beta = {1.0 - abar[i + 1] / abar[i]:.3g}); use larger betas")
 
 
 def make_betas(num_train_timesteps: int, beta_schedule: str, beta_start: float, beta_end: float) -> np.ndarray:
@@ -103,23 +143,79 @@ class Schedule:
              beta_end: float = 0.02, prediction_type: str = "epsilon", variance_type: str = "fixed_small",
              rescale_betas_zero_snr: bool = False, timestep_spacing: str = "leading", steps_offset: int = 0,
              use_karras_sigmas: bool = False, betas: Optional[Sequence[float]] = None) -> "Schedule":
-        """A VP schedule over ``num_train_timesteps`` training steps (or explicit ``betas``).
+        """A VP (DDPM) schedule: ``x_t = sqrt(alphā_t) x0 + sqrt(1 - alphā_t) eps``, ``alphā_t = prod_{s<=t}
+        (1 - beta_s)`` over ``num_train_timesteps`` training steps (or explicit ``betas``).
 
-        ``timestep_spacing`` picks the sampling timesteps: diffusers' ``leading``/``trailing``/``linspace``
-        or guided-diffusion's respacing (``guided``: evenly strided with rounding, ``guided-ddim``: the
-        ``ddimN`` integer stride). ``use_karras_sigmas`` applies to the sigma samplers.
+        Args:
+            num_train_timesteps: int >= 2, default 1000. The number T of training steps; the model's
+                timesteps are training-step indices 0 .. T-1. Ignored with ``betas`` (T = ``len(betas)``).
+            beta_schedule: ``"linear"`` (default; betas evenly spaced from ``beta_start`` to ``beta_end``),
+                ``"scaled_linear"`` (their square roots evenly spaced: Stable Diffusion) or ``"cosine"``
+                (Nichol & Dhariwal 2021, diffusers' ``squaredcos_cap_v2``, betas capped at 0.999; it ignores
+                ``beta_start``/``beta_end``).
+            beta_start: float in (0, 1), default 1e-4. beta of the first training step (a per-step noise
+                variance, unitless), for ``linear``/``scaled_linear``.
+            beta_end: float in (0, 1), default 0.02. beta of the last training step. It may be smaller than
+                ``beta_start``: decreasing betas are a valid schedule (alphā still decreases).
+            prediction_type: what the model returns: ``"epsilon"`` (default, the noise), ``"v_prediction"``
+                (Salimans & Ho 2022) or ``"sample"`` (x0).
+            variance_type: the ``ddpm`` sampler's variance: ``"fixed_small"`` (default, the posterior
+                variance), ``"fixed_large"`` (beta_t) or ``"learned_range"`` (the model returns 2C channels,
+                the second C interpolating the log variance between the two, as guided-diffusion).
+            rescale_betas_zero_snr: bool, default False. Rescale to zero terminal SNR (Lin et al. 2023); the
+                terminal alphā is then 2^-24, as diffusers does, so samplers that divide by it still run.
+            timestep_spacing: which training timesteps a run of ``steps`` steps visits: diffusers'
+                ``"leading"`` (default), ``"trailing"``, ``"linspace"`` (fractional for the sigma samplers),
+                or guided-diffusion's respacing ``"guided"`` (evenly strided with rounding) and
+                ``"guided-ddim"`` (the ``ddimN`` integer stride).
+            steps_offset: int >= 0, default 0. Added to the ``"leading"`` timesteps (Stable Diffusion: 1).
+            use_karras_sigmas: bool, default False. The sigma samplers (``euler``, ``euler_ancestral``,
+                ``heun``, ``dpmpp_2m``) space their noise levels as Karras et al. 2022 between the schedule's
+                smallest and largest sampled sigma.
+            betas: optional 1-D sequence of at least 2 floats in (0, 1), default None. Explicit betas; they
+                replace ``num_train_timesteps``, ``beta_schedule``, ``beta_start`` and ``beta_end``.
+
+        Every parameter is checked here, by name (``ValueError``/``TypeError``), including the resulting
+        schedule: alphā must decrease strictly and stay above float32's smallest normal number, since the
+        fp32 coefficient tables hold 1/alphā-sized numbers (``beta_start=0.5, beta_end=0.1`` over 1000 steps
+        falls to 1e-161 and is rejected).
+
+        >>> s = fastguide.Schedule.ddpm()                 # DDPM / ADM: linear 1e-4 .. 0.02 over 1000 steps
+        >>> s.num_train_timesteps, s.timesteps(4).tolist()
+        (1000, [750, 500, 250, 0])
+        >>> sd = fastguide.Schedule.ddpm(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        ...                              steps_offset=1)                   # Stable Diffusion 1.x / 2.x
+        >>> adm = fastguide.Schedule.ddpm(beta_schedule="cosine", variance_type="learned_range",
+        ...                               timestep_spacing="guided")        # improved-diffusion / ADM
         """
         _choice("prediction_type", prediction_type, PREDICTION_TYPES)
         _choice("variance_type", variance_type, VARIANCE_TYPES)
         _choice("timestep_spacing", timestep_spacing, SPACINGS)
+        check_bool("rescale_betas_zero_snr", rescale_betas_zero_snr)
+        check_bool("use_karras_sigmas", use_karras_sigmas)
+        steps_offset = check_int("steps_offset", steps_offset, minimum=0)
         if betas is None:
-            if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
-                raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
+            num_train_timesteps = check_int("num_train_timesteps", num_train_timesteps, minimum=2)
+            _choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+            if beta_schedule == "cosine":
+                check_real("beta_start", beta_start)   # unused by the cosine schedule, but still a number
+                check_real("beta_end", beta_end)
+                what = f"beta_schedule='cosine' over num_train_timesteps={num_train_timesteps}"
+            else:
+                why = f"a per-step noise variance of beta_schedule={beta_schedule!r}"
+                beta_start, beta_end = _open_unit("beta_start", beta_start, why), _open_unit("beta_end", beta_end, why)
+                what = (f"beta_start={beta_start:g}, beta_end={beta_end:g} ({beta_schedule}) over "
+                        f"num_train_timesteps={num_train_timesteps}")
             b = make_betas(num_train_timesteps, beta_schedule, beta_start, beta_end)
         else:
-            b = np.asarray(betas, dtype=np.float64)
+            try:
+                b = np.asarray(betas, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise TypeError(f"betas must be a 1-D sequence of floats, got {type(betas).__name__}") from None
             if b.ndim != 1 or len(b) < 2 or not np.all((b > 0) & (b < 1)):
                 raise ValueError("betas must be a 1-D sequence of at least 2 values in (0, 1)")
+            what = f"betas ({len(b)} values in [{b.min():.3g}, {b.max():.3g}])"
+        _check_alphas_cumprod(np.cumprod(1.0 - b), what)
         if rescale_betas_zero_snr:
             b = rescale_zero_terminal_snr(b)
         abar = np.cumprod(1.0 - b)
@@ -128,24 +224,64 @@ class Schedule:
             abar[-1] = 2.0 ** -24
         return Schedule(kind="vp", prediction_type=prediction_type, alphas_cumprod=abar,
                         variance_type=variance_type, timestep_spacing=timestep_spacing,
-                        steps_offset=int(steps_offset), use_karras_sigmas=bool(use_karras_sigmas))
+                        steps_offset=steps_offset, use_karras_sigmas=use_karras_sigmas)
 
     @staticmethod
     def edm(sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, sigma_data: float = 0.5,
             prediction_type: str = "sample") -> "Schedule":
-        """Karras et al. 2022 sigma schedule; the model ``model(x, sigma, y)`` returns the denoised D(x; sigma)
-        (``prediction_type="sample"``) or the noise (``"epsilon"``)."""
-        if not 0 < sigma_min < sigma_max or not math.isfinite(sigma_max):
-            raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}")
-        if rho <= 0:
-            raise ValueError(f"rho must be > 0, got {rho}")
+        """The Karras et al. 2022 (EDM) sigma schedule on the state ``x = x0 + sigma eps``; the model is called
+        as ``model(x, sigma, y)`` with ``sigma`` a [B] tensor of noise levels.
+
+        Args:
+            sigma_min: finite float > 0, default 0.002. The smallest noise level visited (the last step then
+                goes to 0), in data units (the standard deviation of the added noise).
+            sigma_max: finite float > ``sigma_min``, default 80.0. The starting noise level: unit-Gaussian
+                ``x_T`` is scaled by it.
+            rho: finite float > 0, default 7.0. Exponent of the Karras ramp ``sigma_i = (sigma_max^(1/rho) +
+                i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``; larger rho spends more steps at low noise.
+            sigma_data: finite float > 0, default 0.5. The data's standard deviation (EDM's preconditioning
+                constant), kept with the schedule for the user's own denoiser; the samplers do not read it.
+            prediction_type: ``"sample"`` (default: the model returns the denoised D(x; sigma)) or
+                ``"epsilon"`` (it returns the noise, ``(x - D) / sigma``).
+
+        Every parameter is checked here, by name (``ValueError``/``TypeError``).
+
+        >>> edm = fastguide.Schedule.edm()                       # EDM's defaults: 0.002 .. 80, rho = 7
+        >>> edm.karras_sigmas(3).round(3).tolist()
+        [80.0, 2.515, 0.002]
+        >>> dg = fastguide.Schedule.edm(sigma_min=0.002, sigma_max=80.0, rho=7.0, prediction_type="epsilon")
+        """
+        sigma_min = _positive("sigma_min", sigma_min)
+        sigma_max = _positive("sigma_max", sigma_max)
+        if not sigma_min < sigma_max:
+            raise ValueError(f"sigma_min must be < sigma_max, got sigma_min={sigma_min!r} >= sigma_max={sigma_max!r}")
+        rho = _positive("rho", rho)
+        sigma_data = _positive("sigma_data", sigma_data)
         _choice("prediction_type", prediction_type, ("sample", "epsilon"))
-        return Schedule(kind="edm", prediction_type=prediction_type, sigma_min=float(sigma_min),
-                        sigma_max=float(sigma_max), rho=float(rho), sigma_data=float(sigma_data))
+        return Schedule(kind="edm", prediction_type=prediction_type, sigma_min=sigma_min, sigma_max=sigma_max,
+                        rho=rho, sigma_data=sigma_data)
 
     @staticmethod
     def from_diffusers(scheduler) -> "Schedule":
-        """The schedule of a diffusers scheduler, read from its config and its own ``alphas_cumprod``."""
+        """The schedule of a diffusers scheduler, read from its config and its own ``alphas_cumprod``.
+
+        Args:
+            scheduler: a diffusers VP scheduler instance (``DDPMScheduler``, ``DDIMScheduler``,
+                ``EulerDiscreteScheduler``, ``HeunDiscreteScheduler``, ``DPMSolverMultistepScheduler``, ...: any
+                with ``alphas_cumprod``). Read: ``alphas_cumprod`` (copied, float64) and the config's
+                ``prediction_type`` (default ``"epsilon"``), ``variance_type`` (None: ``"fixed_small"``),
+                ``timestep_spacing`` (``leading``/``trailing``/``linspace``; default ``"leading"``),
+                ``steps_offset`` (default 0) and ``use_karras_sigmas`` (default False). The scheduler is not
+                changed, and the sampler is chosen separately (``fastguide.sample(..., sampler=...)``).
+
+        Raises ``ValueError`` naming the config entry that fastguide's samplers do not have.
+
+        >>> from diffusers import DDIMScheduler
+        >>> s = fastguide.Schedule.from_diffusers(DDIMScheduler(beta_schedule="scaled_linear",
+        ...                                                     beta_start=0.00085, beta_end=0.012))
+        >>> s.prediction_type, s.num_train_timesteps
+        ('epsilon', 1000)
+        """
         cfg = scheduler.config
         abar = getattr(scheduler, "alphas_cumprod", None)
         if abar is None:
