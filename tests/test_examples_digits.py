@@ -1,7 +1,9 @@
 """fastguide.examples.digits: data contract, shipped weights, documented accuracies, the demo."""
 
+import io
 import math
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -163,12 +165,61 @@ def test_shipped_weights_reproduce_documented_accuracy(bundle, setting, method):
 
 # ---- the demo ------------------------------------------------------------------------------------------
 
-def test_demo_quick_runs_and_writes_the_grid(tmp_path, capsys):
+class FakeTTY(io.StringIO):
+    """A stderr that says it is a terminal."""
+
+    def isatty(self):
+        return True
+
+
+def test_demo_quick_runs_and_writes_the_labelled_grid(tmp_path, capsys, monkeypatch, bundle):
+    from PIL import Image
+
+    from fastguide.examples.digits import demo
+
+    err = FakeTTY()
+    monkeypatch.setattr(sys, "stderr", err)   # a terminal: the demo shows its stages there
     assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for name in digits.METHODS + ("x0^", "+ softplus", "+ joint temperatures", "+ sine schedule"):
         assert name in out
+    assert "fastguide demo:" in err.getvalue() and "sampling and scoring offshelf (unconditional)" in err.getvalue()
+    assert "sampling and scoring" not in out and "\r" not in out
     blob = (tmp_path / "digits_demo.png").read_bytes()
     width, height = struct.unpack(">II", blob[16:24])
     assert blob[:8] == b"\x89PNG\r\n\x1a\n" and width > height / 10 > 0
     assert "class acc" in (tmp_path / "digits_demo.txt").read_text()
+
+    # Labelled: the bare grid (2 sample rows per band, one band per table row) sits at the bottom right, with
+    # a margin of method/model labels to its left and class labels above it.
+    n_bands = len(demo.configs(bundle)) + len(demo.ablation_configs(bundle))
+    bands = [torch.zeros(2, 10, 1, 8, 8)] * n_bands
+    bare = evaluate.grid_image(bands)
+    image = np.asarray(Image.open(tmp_path / "digits_demo.png").convert("L"))
+    h, w = bare.shape
+    assert image.shape[0] > h and image.shape[1] > w
+    top, left = image.shape[0] - h, image.shape[1] - w
+    assert (image[top:top + 6, left:] == 96).all()             # the grid's own gray border, where expected
+    band_rows, lefts, _ = evaluate._grid_layout(bands, 3, 1, 6)
+    for band_top, band_h in band_rows:                           # every band has ink in its label margin
+        margin = image[top + band_top:top + band_top + band_h, :left]
+        assert (margin < 128).sum() > 20 and (margin > 200).mean() > 0.5
+    header = image[:top, left:]
+    for x in lefts:                                              # every column has a label above it
+        assert (header[:, x:x + 24] < 128).sum() > 5
+    assert "(labelled;" in out
+
+
+def test_demo_grid_without_pillow_is_the_bare_grid(tmp_path, monkeypatch):
+    from fastguide.examples.digits import demo
+
+    rows = [demo.Row(f"m{i}", "conditional", 1.0, 1.0, None, 0.0, torch.rand(30, 1, 8, 8) * 2 - 1)
+            for i in range(3)]
+    path = str(tmp_path / "g.png")
+    assert demo.write_grid(path, rows[:2], rows[2:], per_class=3)           # labelled, with Pillow
+    labelled = struct.unpack(">II", open(path, "rb").read()[16:24])
+    monkeypatch.setitem(sys.modules, "PIL", None)                              # no Pillow: bare grid
+    assert not demo.write_grid(path, rows[:2], rows[2:], per_class=3)
+    bare = evaluate.grid_image([r.samples[:20].reshape(2, 10, 1, 8, 8) for r in rows])
+    assert struct.unpack(">II", open(path, "rb").read()[16:24]) == (bare.shape[1], bare.shape[0])
+    assert labelled[0] > bare.shape[1] and labelled[1] > bare.shape[0]

@@ -366,25 +366,41 @@ def build_cases(device: torch.device, quick: bool) -> List[Case]:
     return cases
 
 
-def measure(cases: List[Case], device: torch.device, repeats: int, sample_s: float) -> List[dict]:
+def _case_label(case: Case) -> str:
+    return f"{case.section}:{case.network}/B{case.batch}" + ("" if case.section == "cfg" else
+                                                             f"/{case.guidance.split()[0]}")
+
+
+def measure(cases: List[Case], device: torch.device, repeats: int, sample_s: float,
+            progress=None) -> List[dict]:
     """Warm every contender up (compiles, captures), then time them interleaved ``repeats`` times; each timed
     sample runs a contender's loop often enough to last about ``sample_s`` seconds (timer and scheduler
-    noise of these shared cores would swamp a single sub-millisecond loop)."""
+    noise of these shared cores would swamp a single sub-millisecond loop). ``progress``: a
+    ``fastguide.tools.cli.Progress`` told each stage (warm-ups, repeats, op counts) as it starts and ends."""
+    if progress is None:
+        from fastguide.tools.cli import Progress
+        progress = Progress(None, "", enabled=False)
+    progress.set_total(sum(len(c.contenders) + 1 for c in cases) + repeats + len(cases))
     inner: Dict[tuple, int] = {}
     for case in cases:
         case.contenders["_networks"] = lambda c=case: [c.networks_alone() for _ in range(c.steps)]
         for name, fn in case.contenders.items():
+            progress.stage(f"warm-up {_case_label(case)} {name.lstrip('_')}")
             fn()
             inner[(id(case), name)] = max(1, math.ceil(sample_s / max(time_once(fn, device), 1e-6)))
-    for _ in range(repeats):
+            progress.advance()
+    for r in range(repeats):
+        progress.stage(f"timing, repeat {r + 1}/{repeats}")
         for case in cases:
             for name, fn in case.contenders.items():
                 n = inner[(id(case), name)]
                 case.times.setdefault(name, []).append(time_once(lambda: [fn() for _ in range(n)], device) / n)
+        progress.advance()
     for case in cases:
         del case.contenders["_networks"]
     rows = []
     for case in cases:
+        progress.stage(f"counting ops {_case_label(case)}")
         net_ops = count_ops(case.networks_alone)
         net_ms = 1e3 * statistics.median(case.times["_networks"]) / case.steps
         base_ms = 1e3 * statistics.median(case.times[case.baseline]) / case.steps
@@ -403,6 +419,7 @@ def measure(cases: List[Case], device: torch.device, repeats: int, sample_s: flo
                              guidance=case.guidance, contender=name, samples_per_s="", ms_per_step="",
                              net_ms_per_step="", overhead_ms_per_step="", speedup="", sampler_ops_per_step="",
                              note=note))
+        progress.advance()
     return rows
 
 
@@ -438,6 +455,23 @@ def version(module: str) -> str:
         return "none"
 
 
+def within_noise(overhead_ms_per_step: float) -> bool:
+    """The loop ran no slower than its networks timed alone: the sampler's overhead is below what this
+    measurement resolves (the two medians differ by timing noise), so it is shown as "within noise" in the
+    table and as an x in the plot, never as a negative cost."""
+    return overhead_ms_per_step <= 0
+
+
+WITHIN_NOISE = "within noise"
+
+
+def format_overhead(v) -> str:
+    """The overhead column's cell: ``WITHIN_NOISE`` where ``within_noise``, else the number."""
+    if isinstance(v, (int, float)) and within_noise(v):
+        return WITHIN_NOISE
+    return _fmt(v)
+
+
 def _fmt(v, digits=3) -> str:
     if v == "" or v is None:
         return "-"
@@ -452,7 +486,8 @@ def print_table(rows: List[dict], out=None) -> None:
               "overhead ms/step", "speedup", "ops/step")
     keys = ("section", "network", "batch", "guidance", "contender", "samples_per_s", "ms_per_step",
             "net_ms_per_step", "overhead_ms_per_step", "speedup", "sampler_ops_per_step")
-    table = [header] + [tuple(_fmt(r[k]) for k in keys) for r in rows if r["note"] == ""]
+    table = [header] + [tuple(format_overhead(r[k]) if k == "overhead_ms_per_step" else _fmt(r[k]) for k in keys)
+                        for r in rows if r["note"] == ""]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for i, row in enumerate(table):
         print("  ".join(cell.ljust(w) if j < 5 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))),
@@ -500,19 +535,20 @@ def plot(rows: List[dict], path: Path, title: str) -> str:
     except ImportError:
         _plot_pil(groups, contenders, value, path, title)
         return "PIL"
+    floor = min([v for v in value.values() if not within_noise(v)] or [1.0]) / 2  # where the x marks sit
     fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(groups)), 4.5))
     width = 0.8 / len(contenders)
     for j, c in enumerate(contenders):
         xs = [i + j * width for i, g in enumerate(groups) if (g, c) in value]
         ys = [value[(g, c)] for g in groups if (g, c) in value]
-        ax.bar([x for x, y in zip(xs, ys) if y > 0], [y for y in ys if y > 0], width, label=c,
-               color=f"C{j}")
-        ax.plot([x for x, y in zip(xs, ys) if y <= 0], [min(v for v in value.values() if v > 0) / 2] *
-                sum(y <= 0 for y in ys), "x", color=f"C{j}")
+        ax.bar([x for x, y in zip(xs, ys) if not within_noise(y)], [y for y in ys if not within_noise(y)], width,
+               label=c, color=f"C{j}")
+        ax.plot([x for x, y in zip(xs, ys) if within_noise(y)], [floor] * sum(within_noise(y) for y in ys), "x",
+                color=f"C{j}")
     ax.set_yscale("log")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
     ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("sampler overhead per step (ms, log; x: <= 0, within timing noise)")
+    ax.set_ylabel(f"sampler overhead per step (ms, log; x: {WITHIN_NOISE})")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -532,7 +568,7 @@ def _plot_pil(groups, contenders, value, path: Path, title: str) -> None:
     width = left + len(groups) * (len(contenders) * bar_w + gap) + 190
     img = Image.new("RGB", (width, top + height + bottom), "white")
     draw = ImageDraw.Draw(img)
-    values = [v for v in value.values() if v > 0] or [1.0]
+    values = [v for v in value.values() if not within_noise(v)] or [1.0]
     lo = math.floor(math.log10(min(values)))
     hi = math.ceil(math.log10(max(values)))
     hi = hi if hi > lo else lo + 1
@@ -552,10 +588,10 @@ def _plot_pil(groups, contenders, value, path: Path, title: str) -> None:
         for j, c in enumerate(contenders):
             if (g, c) in value:
                 x = x0 + j * bar_w
-                if value[(g, c)] > 0:
+                if not within_noise(value[(g, c)]):
                     draw.rectangle((x, y_of(value[(g, c)]), x + bar_w - 2, top + height),
                                    fill=_COLORS[j % len(_COLORS)])
-                else:  # the loop ran no slower than its networks alone: within timing noise
+                else:  # within_noise: drawn as an x
                     y = top + height - 8
                     draw.line((x, y - 5, x + bar_w - 3, y + 5), fill=_COLORS[j % len(_COLORS)], width=2)
                     draw.line((x, y + 5, x + bar_w - 3, y - 5), fill=_COLORS[j % len(_COLORS)], width=2)
@@ -568,25 +604,53 @@ def _plot_pil(groups, contenders, value, path: Path, title: str) -> None:
         draw.rectangle((width - 180, y, width - 170, y + 10), fill=_COLORS[j % len(_COLORS)])
         draw.text((width - 165, y), c, fill="black")
     draw.text((width - 180, top + 14 * len(contenders) + 6), "overhead ms/step", fill="black")
-    draw.text((width - 180, top + 14 * len(contenders) + 20), "x: <= 0 (timing noise)", fill="black")
+    draw.text((width - 180, top + 14 * len(contenders) + 20), f"x: {WITHIN_NOISE}", fill="black")
     img.save(path)
+
+
+DESCRIPTION = """\
+End-to-end guided sampling throughput on the device at hand, side by side:
+diffusers' DDIM loop and a guided-diffusion cond_fn loop against fastguide (its
+diffusers drop-in step, eager, torch.compile and, on CUDA, CUDA-graph loops),
+for CFG and classifier guidance. k-diffusion joins only where it is installed
+(it is no dependency: its own dependencies can replace the installed torch).
+
+A table goes to stdout (an overhead at or below zero reads "within noise"),
+rows are appended to OUT/bench_<device>.csv and a bar chart of the overhead per
+step is written to OUT/bench_<device>.png. Progress goes to stderr when it is a
+terminal."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fastguide bench`` parser."""
+    from fastguide.tools.cli import QUIET_HELP
+
+    parser = argparse.ArgumentParser(prog="fastguide bench", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CI-sized run: fewer configurations and steps")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device to measure on, e.g. cpu or cuda (default: cuda when torch sees a GPU, "
+                             "else cpu)")
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results"),
+                        help="folder for bench_<device>.csv (appended) and bench_<device>.png "
+                             "(default: benchmarks/results)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repeats per contender, reported as the median (default 7, --quick 5)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default on CPU: 1; tiny loops only lose to thread wake-ups)")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``fastguide bench``; returns the exit status.
 
-    >>> from fastguide import bench
+    >>> from fastguide.tools import bench
     >>> bench.main(["--quick", "--out", "/tmp/bench"])     # table on stdout, CSV and PNG in /tmp/bench
     """
-    parser = argparse.ArgumentParser(prog="fastguide bench", description="End-to-end guided sampling throughput "
-                                     "on the device at hand: diffusers, k-diffusion and fastguide side by side.")
-    parser.add_argument("--quick", action="store_true", help="CI-sized run: fewer configurations and steps")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=os.path.join("benchmarks", "results"),
-                        help="folder for bench_<device>.csv (appended) and bench_<device>.png")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per contender (median)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default on CPU: 1; tiny loops only lose to thread wake-ups)")
+    from fastguide.tools.cli import Progress, progress_enabled
+
+    parser = build_parser()
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -597,9 +661,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.set_num_threads(threads)
     try:
         started = time.perf_counter()
-        cases = build_cases(device, args.quick)
-        with torch.no_grad():
-            rows = measure(cases, device, repeats, sample_s=0.03 if args.quick else 0.1)
+        with Progress(None, "fastguide bench", enabled=progress_enabled(args.quiet)) as progress:
+            progress.stage("building the networks and contenders")
+            cases = build_cases(device, args.quick)
+            with torch.no_grad():
+                rows = measure(cases, device, repeats, sample_s=0.03 if args.quick else 0.1, progress=progress)
         elapsed = time.perf_counter() - started
     finally:
         torch.set_num_threads(previous_threads)

@@ -1,15 +1,17 @@
-"""The ``fastguide`` command line.
+"""The ``fastguide`` command line: ``fastguide COMMAND [options]`` (also ``python -m fastguide``).
 
-  fastguide demo [--out DIR] [--quick]   every guidance method on the shipped digits networks (real data)
-  fastguide demo --mixture               every guidance method on an exact Gaussian mixture (known answers)
-  fastguide train-digits [--out DIR]     retrain the digits networks (seeded, CPU minutes)
-  fastguide backends                     which kernel backends can run here
+Every subcommand is registered on the parser built by ``build_parser``; its ``help=`` is its one line in
+``fastguide --help``, which argparse lists from the subparsers, so a new subcommand appears there by being
+added. ``bench`` owns its whole command line (``fastguide.tools.bench.main``); its entry here is for the
+listing. ``Progress`` is the stderr progress display that the long commands share.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import textwrap
 import time
 from typing import List, Optional
 
@@ -17,6 +19,110 @@ import torch
 
 import fastguide
 from fastguide.examples.mixture import GaussianMixture
+
+DESCRIPTION = """\
+fastguide: fused, sync-free guided diffusion sampling for PyTorch.
+
+For the options of a command: fastguide COMMAND --help"""
+
+EPILOG = """\
+examples:
+  fastguide demo --quick         every guidance method on real digits, in seconds
+  fastguide bench --quick        a short throughput benchmark on this machine
+  fastguide backends             which kernel backends can run here
+
+Long commands show progress on stderr when it is a terminal (--quiet turns it
+off); results go to stdout."""
+
+QUIET_HELP = "show no progress on stderr (it is shown only when stderr is a terminal)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Progress on stderr, shared by the long commands (demo, bench, train-digits)
+
+
+def progress_enabled(quiet: bool = False) -> bool:
+    """Whether a command shows progress: not with ``--quiet``, and only when stderr is a terminal (so logs,
+    pipes and captured output get none)."""
+    stream = sys.stderr
+    return not quiet and stream is not None and hasattr(stream, "isatty") and stream.isatty()
+
+
+class Progress:
+    """Stage-by-stage progress on stderr: a tqdm bar when tqdm is importable, else one line per stage, flushed
+    as the stage starts; nothing at all when ``enabled`` is false. Results never go here: they go to stdout.
+
+    >>> with Progress(total=3, desc="fastguide demo", enabled=progress_enabled()) as progress:
+    ...     for name in ("a", "b", "c"):
+    ...         progress.stage(name)      # what runs now
+    ...         work(name)
+    ...         progress.advance()        # one stage done
+    """
+
+    def __init__(self, total: Optional[int], desc: str, enabled: bool = True):
+        self.total, self.desc, self.enabled, self.done = total, desc, enabled, 0
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:  # tqdm is optional: a line per stage instead
+                tqdm = None
+            if tqdm is not None:
+                try:  # a terminal that reports no size (some CI ttys) would get no bar at all from tqdm
+                    size = os.get_terminal_size(sys.stderr.fileno())
+                    sized = size.columns > 0 and size.lines > 0
+                except (AttributeError, OSError, ValueError):
+                    sized = False
+                self._bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=sized,
+                                 bar_format="{desc}: {percentage:3.0f}%|{bar:16}| {n_fmt}/{total_fmt} "
+                                            "[{elapsed}{postfix}]",
+                                 **({} if sized else {"ncols": 100, "nrows": 24}))
+
+    def set_total(self, total: int) -> None:
+        """The number of stages, once it is known."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
+    def stage(self, text: str) -> None:
+        """Show what runs now."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.set_postfix_str(text, refresh=True)
+        else:
+            total = "?" if self.total is None else self.total
+            print(f"{self.desc} [{self.done}/{total}] {text}", file=sys.stderr, flush=True)
+
+    def advance(self, n: int = 1) -> None:
+        """``n`` more stages done."""
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def stderr_log(enabled: bool):
+    """A ``log(line)`` callable for library functions that report progress by lines: each line to stderr,
+    flushed, when ``enabled``; else ``None`` (their "say nothing")."""
+    if not enabled:
+        return None
+    return lambda line: print(line, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Subcommands
 
 
 def _mixture_demo(args) -> int:
@@ -32,8 +138,10 @@ def _mixture_demo(args) -> int:
     model = mix.eps_model(schedule, null_label=null)
     wrong = torch.full((classes,), 1.0 / classes)
     rows = []
+    progress = Progress(total=7, desc="fastguide demo --mixture", enabled=progress_enabled(args.quiet))
 
     def run(name, net, labels, guidance, target):
+        progress.stage(name.strip())
         gen = torch.Generator().manual_seed(args.seed)
         x_T = torch.randn(n, 2, 1, 1, generator=gen)
         t0 = time.perf_counter()
@@ -46,20 +154,22 @@ def _mixture_demo(args) -> int:
         tv = 0.5 * (freq - true_weights.double()).abs().sum().item()
         spread = (x.double().flatten(1) - mix.means[comp]).square().sum(1).mean().sqrt().item()
         rows.append((name, acc, tv, spread, 1e3 * seconds / n))
+        progress.advance()
 
-    clf = mix.noisy_classifier(schedule)
-    run("unconditional", model, torch.full_like(y, null), [], False)
-    run("conditional (y)", model, y, [], True)
-    run("CFG w=3", model, y, [fastguide.CFG(3.0, null_label=null)], True)
-    uncond_model = mix.eps_model(schedule)
-    run("ADM classifier s=1", lambda x, t, _y: uncond_model(x, t, None), y,
-        [fastguide.ClassifierGuidance(clf, 1.0)], True)
-    run("ADM classifier s=4", lambda x, t, _y: uncond_model(x, t, None), y,
-        [fastguide.ClassifierGuidance(clf, 4.0)], True)
-    wrong_model = mix.eps_model(schedule, weights=wrong)
-    run("mis-specified model", lambda x, t, _y: wrong_model(x, t, None), None, [], False)
-    run("  + discriminator guidance", lambda x, t, _y: wrong_model(x, t, None), None,
-        [fastguide.DiscriminatorGuidance(mix.density_ratio_logit(schedule, wrong), weight=1.0)], False)
+    with progress:
+        clf = mix.noisy_classifier(schedule)
+        run("unconditional", model, torch.full_like(y, null), [], False)
+        run("conditional (y)", model, y, [], True)
+        run("CFG w=3", model, y, [fastguide.CFG(3.0, null_label=null)], True)
+        uncond_model = mix.eps_model(schedule)
+        run("ADM classifier s=1", lambda x, t, _y: uncond_model(x, t, None), y,
+            [fastguide.ClassifierGuidance(clf, 1.0)], True)
+        run("ADM classifier s=4", lambda x, t, _y: uncond_model(x, t, None), y,
+            [fastguide.ClassifierGuidance(clf, 4.0)], True)
+        wrong_model = mix.eps_model(schedule, weights=wrong)
+        run("mis-specified model", lambda x, t, _y: wrong_model(x, t, None), None, [], False)
+        run("  + discriminator guidance", lambda x, t, _y: wrong_model(x, t, None), None,
+            [fastguide.DiscriminatorGuidance(mix.density_ratio_logit(schedule, wrong), weight=1.0)], False)
 
     weights = [round(w, 2) for w in true_weights.tolist()]
     print(f"fastguide demo: exact 2-D Gaussian mixture ({classes} classes, weights {weights}), "
@@ -103,7 +213,7 @@ def _demo(args) -> int:
     _set_threads(args.threads)
     start = time.perf_counter()
     run_demo(args.out, quick=args.quick, per_class=args.per_class, steps=args.steps, seed=args.seed,
-             weights_dir=args.weights)
+             weights_dir=args.weights, progress=progress_enabled(args.quiet))
     print(f"total {time.perf_counter() - start:.0f} s")
     return 0
 
@@ -114,7 +224,11 @@ def _train_digits(args) -> int:
     from fastguide.examples.digits.train import TrainConfig, train_all
 
     _set_threads(args.threads)
-    train_all(args.out or WEIGHTS_DIR, TrainConfig(seed=args.seed))
+    out = args.out or WEIGHTS_DIR
+    start = time.perf_counter()
+    paths = train_all(out, TrainConfig(seed=args.seed), log=stderr_log(progress_enabled(args.quiet)))
+    print(f"trained the digits networks (seed {args.seed}) in {time.perf_counter() - start:.0f} s: "
+          f"{', '.join(os.path.basename(p) for p in paths.values())} in {out}")
     return 0
 
 
@@ -124,16 +238,51 @@ def _backends(args) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # the benchmark owns its whole command line (fastguide bench --help)
-        from fastguide.tools import bench
-        return bench.main(argv[1:])
-    parser = argparse.ArgumentParser(prog="fastguide", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run every guidance method on real digits (or --mixture: an exact "
-                                       "Gaussian mixture) and print the scores")
+def _bench_placeholder(args) -> int:  # never reached: main() hands `bench ...` to bench.main first
+    from fastguide.tools import bench
+    return bench.main([])
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's and epilog's line breaks (``_paragraphs`` wraps them) and keeps each command's
+    help on its name's line: argparse (before 3.13) measures the command names without the extra indent it
+    prints them with, so a long name such as ``train-digits`` would push its help onto a line of its own."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=30)
+
+    def add_argument(self, action):
+        super().add_argument(action)
+        if isinstance(action, argparse._SubParsersAction):
+            longest = max(map(len, action.choices), default=0)
+            self._action_max_length = max(self._action_max_length, longest + self._current_indent + 2)
+
+
+def _paragraphs(*texts: str) -> str:
+    """Paragraphs wrapped to 79 columns, for descriptions (the formatter keeps line breaks as written)."""
+    return "\n\n".join(textwrap.fill(t, 79) for t in texts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fastguide`` parser. Add a subcommand with ``sub.add_parser(name, help=ONE_LINE, description=...)``:
+    its ``help`` is its line in ``fastguide --help`` (keep it under ~50 characters so it stays one line)."""
+    parser = argparse.ArgumentParser(prog="fastguide", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fastguide {fastguide.__version__}",
+                        help="print the fastguide version and exit")
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+
+    def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=description, formatter_class=_HelpFormatter)
+
+    demo = command("demo", "every guidance method on real digits, scored",
+                   _paragraphs("Sample every guidance method (none, CFG, ADM classifier guidance, naive and "
+                               "Ma et al. off-the-shelf classifier guidance, discriminator guidance) with the "
+                               "shipped digits networks, score the samples with judges no method uses (class "
+                               "accuracy, Frechet distance, integral ECE), print the table and write a "
+                               "labelled PNG grid and the table to --out.",
+                               "With --mixture: the same methods on an exact 2-D Gaussian mixture, where the "
+                               "right answers are known."))
     demo.add_argument("--out", default="fastguide_demo", help="where the digits demo writes its PNG grid and table "
                       "(default: ./fastguide_demo)")
     demo.add_argument("--quick", action="store_true", help="a few samples and steps: seconds, for CI")
@@ -141,22 +290,50 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--steps", type=int, default=None, help="sampling steps (digits default 25, mixture 50)")
     demo.add_argument("--weights", default=None, help="digits weights directory (default: the shipped ones)")
     demo.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="random seed of the initial noise (default 0)")
     demo.add_argument("--mixture", action="store_true", help="the exact Gaussian-mixture demo instead")
-    demo.add_argument("--samples", type=int, default=2000, help="mixture demo: samples per method")
+    demo.add_argument("--samples", type=int, default=2000, help="mixture demo: samples per method (default 2000)")
     demo.add_argument("--sampler", default="ddim", choices=fastguide.samplers.SAMPLERS[:2],
-                      help="mixture demo: sampler")
+                      help="mixture demo: sampler (default ddim)")
+    demo.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     demo.set_defaults(func=_demo)
-    train = sub.add_parser("train-digits", help="train the digits networks (seeded, CPU minutes) and save them "
-                                                "as safetensors")
+
+    bench = command("bench", "guided sampling throughput, fastguide vs diffusers",
+                    _paragraphs("End-to-end guided sampling throughput on this machine. Its options: "
+                                "fastguide bench --help"))
+    bench.set_defaults(func=_bench_placeholder)
+
+    train = command("train-digits", "retrain the digits networks (seeded, CPU minutes)",
+                    _paragraphs("Train the four digits networks (conditional UNet, noisy and clean "
+                                "classifiers, discriminator) on the scikit-learn digits training split, seeded, "
+                                "and save them as safetensors."))
     train.add_argument("--out", default=None, help="output directory (default: the package's shipped weights)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="training seed (default 0, as the shipped weights)")
     train.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    train.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     train.set_defaults(func=_train_digits)
-    sub.add_parser("backends", help="which kernel backends can run here").set_defaults(func=_backends)
-    sub.add_parser("bench", help="end-to-end sampling throughput vs diffusers / torch.compile "
-                                 "(fastguide bench --help)")
+
+    backends = command("backends", "which kernel backends can run here",
+                       _paragraphs("List the kernel backends (torch, cpp, triton, cuda) and why any cannot "
+                                   "run here."))
+    backends.set_defaults(func=_backends)
+    # New subcommands (serve, generate, evaluate, ...) go here, through command(): `fastguide --help` lists them.
+    from fastguide.generation.cli import register as register_generation
+    register_generation(sub, formatter_class=_HelpFormatter)  # generate, evaluate (fastguide.generation)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``fastguide`` and ``python -m fastguide``; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the benchmark owns its whole command line (fastguide bench --help)
+        from fastguide.tools import bench
+        return bench.main(argv[1:])
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # bare `fastguide`: say what it can do
+        parser.print_help()
+        return 0
     return args.func(args)
 
 

@@ -139,31 +139,77 @@ def _fmt(rows: Sequence[Row], title: str) -> List[str]:
     return lines
 
 
+def band_labels(rows: Sequence[Row], ablation: Sequence[Row]) -> List[tuple]:
+    """The PNG grid's row labels, one (method, model) pair of lines per band (two sample rows each)."""
+    return [(r.name, f"{r.setting} model") for r in rows] + \
+        [(r.name, f"ablation, {r.setting}") for r in ablation]
+
+
+def write_grid(path: str, rows: Sequence[Row], ablation: Sequence[Row], per_class: int) -> bool:
+    """The PNG grid of ``rows`` then ``ablation``: per row two samples of every class (columns 0-9), each
+    band labelled with its method and model and each column with its class (Pillow); returns whether it is
+    labelled (without Pillow the grid is written unlabelled)."""
+    bands = [r.samples[: NUM_CLASSES * min(2, per_class)].reshape(-1, NUM_CLASSES, 1, 8, 8)
+             for r in list(rows) + list(ablation)]
+    try:
+        image = evaluate.labelled_grid_image(bands, band_labels(rows, ablation),
+                                             [str(c) for c in range(NUM_CLASSES)], corner="class")
+        labelled = True
+    except ImportError:  # no Pillow: the bare grid (the text file and stdout name the rows)
+        image, labelled = evaluate.grid_image(bands), False
+    evaluate.write_png(path, image)
+    return labelled
+
+
 def run_demo(out_dir: Optional[str] = None, *, quick: bool = False, per_class: Optional[int] = None,
              steps: Optional[int] = None, seed: int = 0, weights_dir: Optional[str] = None,
-             log: Optional[Log] = print) -> DemoResult:
+             log: Optional[Log] = print, progress: bool = False) -> DemoResult:
     """Sample every method, score it, print the tables and (with ``out_dir``) write ``digits_demo.png`` and
     ``digits_demo.txt``. ``quick`` (CI): 3 per class, 5 steps, ECE on 3 timesteps and 100 held-out digits.
+    ``progress``: show each stage on stderr as it runs (``fastguide.tools.cli.Progress``).
 
     >>> run_demo("out")          # ~1 minute on a 2-core CPU
     """
+    from fastguide.tools.cli import Progress
+
     say = log or (lambda _: None)
-    bundle = digits.load(weights_dir)
-    per_class = per_class or (3 if quick else 50)
-    steps = steps or (5 if quick else bundle.steps)
-    y = torch.arange(NUM_CLASSES).repeat(per_class)  # column j of the grid is class j
-    x_real, y_real = load_real()
-    if quick:
-        x_real, y_real = x_real[:100], y_real[:100]
-    sampler_ts = bundle.schedule.timesteps(steps)
-    ece_steps = sampler_ts[:: max(1, len(sampler_ts) // 3)][:3] if quick else sampler_ts
-    cache: Dict = {}
-    rows = [_run(bundle, c, y, seed, steps, x_real, y_real, ece_steps, cache) for c in configs(bundle)]
-    done = {(r.name, r.setting): r for r in rows}
-    ablation = [replace(done[c.same_as], name=c.name) if c.same_as in done else
-                _run(bundle, c, y, seed, steps, x_real, y_real, ece_steps, cache) for c in ablation_configs(bundle)]
-    result = DemoResult(rows, ablation, per_class, steps, evaluate.real_floor_fd(len(y)),
-                        evaluate.evaluator_accuracy_on_held_out())
+    with Progress(None, "fastguide demo", enabled=progress) as bar:
+        bar.stage("loading the networks and the digits")
+        bundle = digits.load(weights_dir)
+        per_class = per_class or (3 if quick else 50)
+        steps = steps or (5 if quick else bundle.steps)
+        y = torch.arange(NUM_CLASSES).repeat(per_class)  # column j of the grid is class j
+        x_real, y_real = load_real()
+        if quick:
+            x_real, y_real = x_real[:100], y_real[:100]
+        sampler_ts = bundle.schedule.timesteps(steps)
+        ece_steps = sampler_ts[:: max(1, len(sampler_ts) // 3)][:3] if quick else sampler_ts
+        cache: Dict = {}
+        main_cfgs, ablation_cfgs = configs(bundle), ablation_configs(bundle)
+        main_keys = {(c.name, c.setting) for c in main_cfgs}
+        to_sample = len(main_cfgs) + sum(c.same_as not in main_keys for c in ablation_cfgs)
+        bar.set_total(1 + to_sample + 1 + bool(out_dir))
+        bar.advance()
+
+        def run(c: Config) -> Row:
+            bar.stage(f"sampling and scoring {c.name} ({c.setting})")
+            row = _run(bundle, c, y, seed, steps, x_real, y_real, ece_steps, cache)
+            bar.advance()
+            return row
+
+        rows = [run(c) for c in main_cfgs]
+        done = {(r.name, r.setting): r for r in rows}
+        ablation = [replace(done[c.same_as], name=c.name) if c.same_as in done else run(c) for c in ablation_cfgs]
+        bar.stage("scoring real digits (the floors)")
+        result = DemoResult(rows, ablation, per_class, steps, evaluate.real_floor_fd(len(y)),
+                            evaluate.evaluator_accuracy_on_held_out())
+        bar.advance()
+        if out_dir:
+            bar.stage("writing the PNG grid")
+            os.makedirs(out_dir, exist_ok=True)
+            png = os.path.join(out_dir, "digits_demo.png")
+            labelled = write_grid(png, rows, ablation, per_class)
+            bar.advance()
     lines = [f"fastguide demo: sklearn digits, {per_class} samples per class per method, {bundle.sampler} "
              f"{steps} steps, seed {seed}",
              f"judge: SVC on raw training pixels (accuracy {result.judge_accuracy:.3f} on held-out real digits); "
@@ -177,13 +223,9 @@ def run_demo(out_dir: Optional[str] = None, *, quick: bool = False, per_class: O
     result.table = "\n".join(lines)
     say(result.table)
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        bands = [r.samples[: NUM_CLASSES * min(2, per_class)].reshape(-1, NUM_CLASSES, 1, 8, 8)
-                 for r in rows + ablation]
-        png = os.path.join(out_dir, "digits_demo.png")
-        evaluate.write_png(png, evaluate.grid_image(bands))
         with open(os.path.join(out_dir, "digits_demo.txt"), "w") as f:
             f.write(result.table + "\n")
         order = ", ".join(f"{r.name} ({r.setting[:4]})" for r in rows + ablation)
-        say(f"\nwrote {png} (rows top to bottom: {order}; columns: classes 0-9) and digits_demo.txt")
+        what = "labelled" if labelled else "unlabelled: pip install pillow for labels"
+        say(f"\nwrote {png} ({what}; rows top to bottom: {order}; columns: classes 0-9) and digits_demo.txt")
     return result

@@ -88,7 +88,8 @@ def real_floor_fd(n: int, seed: int = 0) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A tiny PNG writer (8-bit grayscale), so the demo needs neither Pillow nor matplotlib.
+# A tiny PNG writer (8-bit grayscale), so the demo's grid needs neither Pillow nor matplotlib (its labels,
+# ``labelled_grid_image``, are drawn with Pillow where it is installed).
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
@@ -107,20 +108,76 @@ def write_png(path: str, image: np.ndarray) -> None:
         f.write(png)
 
 
-def grid_image(bands: Sequence[torch.Tensor], zoom: int = 3, gap: int = 1, band_gap: int = 6) -> np.ndarray:
-    """Tile samples into a uint8 image: one band per tensor in ``bands`` ([rows, columns, 1, 8, 8] each, in
-    [-1, 1]), each digit enlarged ``zoom`` times (nearest neighbour), white ink on black, gray gaps."""
+def _grid_layout(bands: Sequence[torch.Tensor], zoom: int, gap: int, band_gap: int):
+    """Where ``grid_image`` puts things: (the top row and height of each band, the left column of each
+    column of digits, the image's (height, width))."""
     columns = max(b.shape[1] for b in bands)
     cell = 8 * zoom
     heights = [b.shape[0] * (cell + gap) - gap for b in bands]
-    out = np.full((sum(heights) + band_gap * (len(bands) + 1), columns * (cell + gap) - gap + 2 * band_gap), 96,
-                  dtype=np.uint8)
-    top = band_gap
-    for band, height in zip(bands, heights):
+    tops = [band_gap + sum(heights[:i]) + band_gap * i for i in range(len(bands))]
+    lefts = [band_gap + j * (cell + gap) for j in range(columns)]
+    shape = (sum(heights) + band_gap * (len(bands) + 1), columns * (cell + gap) - gap + 2 * band_gap)
+    return list(zip(tops, heights)), lefts, shape
+
+
+def grid_image(bands: Sequence[torch.Tensor], zoom: int = 3, gap: int = 1, band_gap: int = 6) -> np.ndarray:
+    """Tile samples into a uint8 image: one band per tensor in ``bands`` ([rows, columns, 1, 8, 8] each, in
+    [-1, 1]), each digit enlarged ``zoom`` times (nearest neighbour), white ink on black, gray gaps."""
+    cell = 8 * zoom
+    band_rows, _, shape = _grid_layout(bands, zoom, gap, band_gap)
+    out = np.full(shape, 96, dtype=np.uint8)
+    for band, (top, _) in zip(bands, band_rows):
         pixels = ((band.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
         for i in range(band.shape[0]):
             for j in range(band.shape[1]):
                 r, c = top + i * (cell + gap), band_gap + j * (cell + gap)
                 out[r:r + cell, c:c + cell] = np.kron(pixels[i, j, 0], np.ones((zoom, zoom), dtype=np.uint8))
-        top += height + band_gap
     return out
+
+
+def labelled_grid_image(bands: Sequence[torch.Tensor], band_labels: Sequence[Sequence[str]],
+                        column_labels: Sequence[str], corner: str = "", zoom: int = 3, gap: int = 1,
+                        band_gap: int = 6, font_size: int = 12) -> np.ndarray:
+    """``grid_image`` with a white margin of labels, drawn with Pillow: to the left of each band its lines of
+    ``band_labels`` (e.g. method, model), above each column its ``column_labels`` entry (e.g. the class),
+    and ``corner`` above the band labels. The grid itself sits unchanged at the bottom right.
+
+    >>> labelled_grid_image(bands, [("cfg", "conditional model")], [str(c) for c in range(10)], "class")
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    if len(band_labels) != len(bands):
+        raise ValueError(f"{len(bands)} bands but {len(band_labels)} band labels")
+    try:
+        font = ImageFont.load_default(size=font_size)
+    except (TypeError, ValueError, OSError):  # an older Pillow, or one without FreeType: its bitmap font
+        font = ImageFont.load_default()
+    grid = grid_image(bands, zoom, gap, band_gap)
+    band_rows, lefts, _ = _grid_layout(bands, zoom, gap, band_gap)
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+
+    def size(text):
+        x0, y0, x1, y1 = measure.textbbox((0, 0), text, font=font)
+        return x1 - x0, y1
+
+    line_h = max(size(t)[1] for t in ("Ag", *column_labels, corner)) + 2
+    # A band too short for its lines (one sample row) gets them joined on one line.
+    band_labels = [[", ".join(lines)] if len(lines) > 1 and line_h * len(lines) > height + band_gap else
+                   list(lines) for lines, (_, height) in zip(band_labels, band_rows)]
+    pad = 6
+    left = pad + max([size(t)[0] for lines in band_labels for t in lines] + [size(corner)[0]]) + pad
+    top = pad + line_h + 2
+    image = Image.new("L", (left + grid.shape[1], top + grid.shape[0]), 255)
+    image.paste(Image.fromarray(grid), (left, top))  # uint8 2-D: mode "L"
+    draw = ImageDraw.Draw(image)
+    cell = 8 * zoom
+    for label, x in zip(column_labels, lefts):
+        w, _ = size(label)
+        draw.text((left + x + (cell - w) // 2, pad), label, fill=0, font=font)
+    if corner:
+        draw.text((left - pad - size(corner)[0], pad), corner, fill=0, font=font)
+    for lines, (band_top, height) in zip(band_labels, band_rows):
+        y = top + band_top + max(0, (height - line_h * len(lines)) // 2)
+        for k, line in enumerate(lines):
+            draw.text((pad, y + k * line_h), line, fill=0 if k == 0 else 80, font=font)
+    return np.asarray(image, dtype=np.uint8)
