@@ -22,7 +22,7 @@ import logging
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -34,7 +34,8 @@ from ..core.checks import (Scale, check_bool, check_finite, check_fraction, chec
                            check_sample, check_scale, check_tensor)
 from ..samplers.scheduler_tables import DDIM, DDPM, DPM, EULER, SchedulerPlan, config, dpm_lower_order_final
 from . import guidance as _dropin_guidance
-from .schedulers import INDEX_BASED, SchedulerState, plan_of, scheduler_state, variant
+from .schedulers import (INDEX_BASED, SchedulerState, off_schedule_plan, output_of, plan_of, scheduler_state,
+                         variant)
 
 GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]
 _DEFAULT_CHURN = (0.0, 0.0, math.inf, 1.0)
@@ -42,7 +43,8 @@ _DEFAULT_CHURN = (0.0, 0.0, math.inf, 1.0)
 
 @dataclass
 class StepOutput:
-    """What ``fastguide.step(..., return_dict=True)`` returns (the fields of diffusers' step outputs).
+    """What ``fastguide.step(..., return_dict=True)`` returns for a scheduler whose diffusers module defines no
+    output class of its own (normally the scheduler's own class is returned; it has these fields).
 
     Attributes:
         prev_sample: the next state x_{t-1}, the sample's shape, dtype and device (the tensor ``out`` when one
@@ -66,6 +68,7 @@ class _Call:
 
     state: SchedulerState
     plan: SchedulerPlan
+    options: tuple        # the plan's step options (``schedulers.variant``)
     args: StepArgs        # sample, model output, [B] fp32 scale, rescale, g_score/g_mean, out, clip
     noise: Optional[torch.Tensor]
     generator: GeneratorArg
@@ -123,7 +126,7 @@ def _check_call(model_output, sample, scheduler, guidance_scale, guidance_rescal
     args = StepArgs(sample, model_output, plan.table(sample.device), 0, scale=w, rescale=rescale, g_score=g_score,
                     g_mean=g_mean, learned_variance=plan.learned_variance, out=out)
     _ops.set_clip(args, state.clip, None)
-    return _Call(state, plan, args, noise, generator, check_outputs_finite, backend)
+    return _Call(state, plan, options, args, noise, generator, check_outputs_finite, backend)
 
 
 def _scalar_timestep(timestep) -> float:
@@ -146,14 +149,25 @@ def _scalar_timestep(timestep) -> float:
 # Which row
 
 
-def _vp_row(plan: SchedulerPlan, timestep) -> int:
+def _vp_row(scheduler, call: _Call, timestep) -> int:
+    """The row of a DDPM/DDIM timestep. DDIMScheduler.step takes any training timestep (its previous
+    timestep is derived from ``t``): one outside ``scheduler.timesteps`` gets a one-row plan of its own,
+    built on first use and kept with the scheduler's plans."""
+    plan = call.plan
     value = _scalar_timestep(timestep)
     row = plan.timestep_rows.get(int(value)) if float(value).is_integer() else None
-    if row is None:
-        shown = list(plan.timestep_rows)
-        shown = shown if len(shown) <= 12 else shown[:6] + ["..."] + shown[-3:]
-        raise ValueError(f"timestep {value!r} is not in scheduler.timesteps {shown}")
-    return row
+    if row is not None:
+        return row
+    train = int(config(scheduler, "num_train_timesteps"))
+    if call.state.kind == DDIM and float(value).is_integer() and 0 <= int(value) < train:
+        call.plan = off_schedule_plan(scheduler, call.state, call.options, int(value))
+        call.args.table = call.plan.table(call.args.sample.device)
+        return 0
+    shown = list(plan.timestep_rows)
+    shown = shown if len(shown) <= 12 else shown[:6] + ["..."] + shown[-3:]
+    where = (f"scheduler.timesteps {shown} or an integer in [0, {train})" if call.state.kind == DDIM
+             else f"scheduler.timesteps {shown}")
+    raise ValueError(f"timestep {value!r} is not in {where}")
 
 
 def _indexed_step(scheduler, state: SchedulerState, timestep) -> Tuple[int, bool]:
@@ -192,7 +206,8 @@ def _select_row(scheduler, call: _Call, timestep) -> Tuple[Optional[int], bool]:
     elif torch.compiler.is_compiling() and isinstance(timestep, torch.Tensor):
         index = None  # found on the device: reading the timestep on the host would break the graph
     else:
-        index = _vp_row(plan, timestep)
+        index = _vp_row(scheduler, call, timestep)
+        plan = call.plan
     args.step = index if index is not None else plan.row_of_timestep(timestep).to(args.sample.device)
     if state.solver_order == 2 and scheduler.lower_order_nums >= 1 and \
             not dpm_lower_order_final(scheduler, index, plan.num_steps):
@@ -339,7 +354,7 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
          s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
          out: Optional[torch.Tensor] = None, guidance: Sequence = (), y: Optional[torch.Tensor] = None,
          check_finite: bool = False, backend: str = "auto", noise: Optional[torch.Tensor] = None,
-         return_dict: bool = False) -> Union[torch.Tensor, StepOutput]:
+         return_dict: Optional[bool] = None) -> Union[torch.Tensor, tuple, Any]:
     """CFG combine + ``scheduler.step`` of a diffusers scheduler in one fused op.
 
     With a 2B-row ``[uncond; cond]`` ``model_output`` and ``guidance_scale`` (a float or a [B] tensor) the
@@ -390,10 +405,20 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
             ``"cuda"``.
         noise: optional tensor of the sample's shape and dtype, default None: used instead of drawing from
             ``generator`` on steps that draw noise (needed inside ``torch.compile`` for a seeded loop).
-        return_dict: bool, default False: return a ``StepOutput`` (``prev_sample``, ``pred_original_sample``)
-            instead of the tensor.
+        return_dict: None (default), False or True. Left unset, fastguide's convenience: the ``prev_sample``
+            tensor itself. ``False``: exactly the tuple ``scheduler.step(..., return_dict=False)`` returns
+            (``(prev_sample, pred_original_sample)``; DPMSolverMultistepScheduler: ``(prev_sample,)``), so
+            ``...step(..., return_dict=False)[0]`` is the sample. ``True``: the scheduler's own output class
+            (``DDIMSchedulerOutput``, ``SchedulerOutput`` for DPM-Solver, ...; ``StepOutput`` for a scheduler
+            whose module defines none).
 
-    Returns ``prev_sample`` (the tensor ``out`` when given), or a ``StepOutput`` with ``return_dict=True``.
+    Returns ``prev_sample`` (the tensor ``out`` when given), or the tuple / output object asked for.
+    Timesteps: DDIMScheduler takes any integer training timestep (as its own step does; one outside
+    ``scheduler.timesteps`` gets its own row, built on first use: eagerly only, not inside
+    ``torch.compile``); the other schedulers take the values of ``scheduler.timesteps``.
+    Precision: the coefficient rows are computed in float64 from the scheduler's arrays and rounded once,
+    where diffusers computes them in float32, so results can differ from diffusers' by its own fp32 rounding
+    (e.g. ~5e-5 relative in DDPM's first betas).
 
     Every argument is checked, and the guidance networks run (their outputs checked: a wrong shape is a
     ``ValueError`` naming the network and the expected shape), before ``generator``, ``out`` or the scheduler
@@ -416,7 +441,8 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
     ...     latents = fastguide.step(noise_pred, t, latents, scheduler=scheduler, guidance_scale=7.5,
     ...                              generator=generator, out=latents)
     """
-    check_bool("return_dict", return_dict)
+    if return_dict is not None:
+        check_bool("return_dict", return_dict)
     guide = None
     if (guidance or y is not None) and torch.compiler.is_compiling():
         raise RuntimeError("fastguide.step(guidance=...) does not run inside torch.compile; compile the network "
@@ -433,8 +459,14 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
                                                 int(config(scheduler, "num_train_timesteps")), backend)
     prev, x0 = scheduler_step(model_output, timestep, sample, scheduler=scheduler, guidance_scale=guidance_scale,
                               guidance_rescale=guidance_rescale, generator=generator, options=options, out=out,
-                              backend=backend, want_x0=return_dict, guide=guide, check_finite_output=check_finite,
-                              noise=noise)
-    if return_dict:
+                              backend=backend, want_x0=return_dict is not None, guide=guide,
+                              check_finite_output=check_finite, noise=noise)
+    if return_dict is None:
+        return prev
+    output_class, fields = output_of(scheduler, state.kind)
+    values = {"prev_sample": prev, "pred_original_sample": x0}
+    if not return_dict:
+        return tuple(values[f] for f in fields)
+    if output_class is None:
         return StepOutput(prev_sample=prev, pred_original_sample=x0)
-    return prev
+    return output_class(**{f: values[f] for f in fields})

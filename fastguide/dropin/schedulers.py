@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 
 from ..backends import dispatch as _dispatch
-from ..samplers.scheduler_tables import (BUILDERS, DDIM, DDPM, DPM, EULER, EULER_ANCESTRAL, PREPARE_HELP,
+from ..samplers.scheduler_tables import (BUILDERS, ddim_plan, DDIM, DDPM, DPM, EULER, EULER_ANCESTRAL, PREPARE_HELP,
                                          SchedulerPlan, config)
 
 # diffusers class name -> the step formula it uses.
@@ -175,6 +176,39 @@ def plan_of(scheduler, state: SchedulerState, options: tuple) -> SchedulerPlan:
             raise RuntimeError(PREPARE_HELP)
         plan = state.plans[options] = BUILDERS[state.kind](scheduler, *options)
     return plan
+
+
+def off_schedule_plan(scheduler, state: SchedulerState, options: tuple, timestep: int) -> SchedulerPlan:
+    """A one-row DDIM plan for a training timestep outside ``scheduler.timesteps`` (cached with the plans;
+    not available inside ``torch.compile``, where timesteps are looked up on the device)."""
+    key = ("timestep", timestep) + options
+    plan = state.plans.get(key)
+    if plan is None:
+        if torch.compiler.is_compiling():
+            raise RuntimeError(PREPARE_HELP)
+        plan = state.plans[key] = ddim_plan(scheduler, *options, timesteps=[timestep])
+    return plan
+
+
+# diffusers' output class of each scheduler's step(), and the fields of its return_dict=False tuple.
+_OUTPUTS = {
+    DDPM: ("DDPMSchedulerOutput", ("prev_sample", "pred_original_sample")),
+    DDIM: ("DDIMSchedulerOutput", ("prev_sample", "pred_original_sample")),
+    EULER: ("EulerDiscreteSchedulerOutput", ("prev_sample", "pred_original_sample")),
+    EULER_ANCESTRAL: ("EulerAncestralDiscreteSchedulerOutput", ("prev_sample", "pred_original_sample")),
+    DPM: ("SchedulerOutput", ("prev_sample",)),
+}
+
+
+def output_of(scheduler, kind: str) -> Tuple[Optional[type], Tuple[str, ...]]:
+    """(the output class ``scheduler.step`` returns, found in the module of the diffusers class that defines
+    the step, or None; the fields of its tuple form)."""
+    name, fields = _OUTPUTS[kind]
+    for cls in type(scheduler).__mro__:
+        if KINDS.get(cls.__name__) == kind:
+            module = sys.modules.get(cls.__module__)
+            return getattr(module, name, None), fields
+    return None, fields
 
 
 def plan_for(scheduler, *, eta: float = 0.0, use_clipped_model_output: bool = False, s_churn: float = 0.0,

@@ -149,12 +149,13 @@ def ddpm_plan(scheduler) -> SchedulerPlan:
                          _first_positions(ts))
 
 
-def ddim_plan(scheduler, eta: float, use_clipped: bool) -> SchedulerPlan:
+def ddim_plan(scheduler, eta: float, use_clipped: bool, timesteps: Optional[List[int]] = None) -> SchedulerPlan:
     """Song et al. 2021 eq. 12 as DDIMScheduler takes it: the previous timestep is always
-    ``t - num_train_timesteps // num_inference_steps`` (not the next entry of the schedule)."""
+    ``t - num_train_timesteps // num_inference_steps`` (not the next entry of the schedule), so any training
+    timestep has a row: ``timesteps`` (default: ``scheduler.timesteps``) are the ones to build."""
     abar = _f64(scheduler.alphas_cumprod)
     final = float(_f64(scheduler.final_alpha_cumprod))
-    ts = [int(t) for t in _f64(scheduler.timesteps)]
+    ts = [int(t) for t in _f64(scheduler.timesteps)] if timesteps is None else list(timesteps)
     n = len(ts)
     stride = int(config(scheduler, "num_train_timesteps")) // int(scheduler.num_inference_steps)
     pred = config(scheduler, "prediction_type")
