@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -93,9 +93,8 @@ setup(
     version="0.1.0",
     description="Fused, sync-free guided diffusion sampling for PyTorch",
     python_requires=">=3.10",
-    packages=["fastguide", "fastguide.backends", "fastguide.core", "fastguide.dropin", "fastguide.guidance",
-              "fastguide.native", "fastguide.samplers", "fastguide.tools", "fastguide.examples",
-              "fastguide.examples.digits", "fastguide.kernels"],
+    # Every subpackage of fastguide/ (found, so a new one cannot be left out of a wheel), plus kernels/.
+    packages=find_packages(include=["fastguide", "fastguide.*"]) + ["fastguide.kernels"],
     package_dir={"fastguide": "fastguide", "fastguide.kernels": "kernels"},
     package_data={"fastguide.examples.digits": ["weights/*.safetensors"]},
     entry_points={"console_scripts": ["fastguide = fastguide.tools.cli:main"]},

@@ -44,7 +44,7 @@ def test_table_and_plot_share_one_noise_rule(tmp_path, monkeypatch):
         calls.append(v)
         return True
 
-    monkeypatch.setattr(bench, "within_noise", everything_is_noise)
+    monkeypatch.setattr(bench.report, "within_noise", everything_is_noise)
     out = io.StringIO()
     bench.print_table([_row("diffusers", 0.343)], out)
     assert "within noise" in out.getvalue() and "0.343" not in out.getvalue()

@@ -19,6 +19,7 @@ import torch
 
 import fastguide
 from fastguide.examples.mixture import GaussianMixture
+from fastguide.tools.progress import QUIET_HELP, Progress, progress_enabled, stderr_log  # noqa: F401
 
 DESCRIPTION = """\
 fastguide: fused, sync-free guided diffusion sampling for PyTorch.
@@ -33,93 +34,6 @@ examples:
 
 Long commands show progress on stderr when it is a terminal (--quiet turns it
 off); results go to stdout."""
-
-QUIET_HELP = "show no progress on stderr (it is shown only when stderr is a terminal)"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Progress on stderr, shared by the long commands (demo, bench, train-digits)
-
-
-def progress_enabled(quiet: bool = False) -> bool:
-    """Whether a command shows progress: not with ``--quiet``, and only when stderr is a terminal (so logs,
-    pipes and captured output get none)."""
-    stream = sys.stderr
-    return not quiet and stream is not None and hasattr(stream, "isatty") and stream.isatty()
-
-
-class Progress:
-    """Stage-by-stage progress on stderr: a tqdm bar when tqdm is importable, else one line per stage, flushed
-    as the stage starts; nothing at all when ``enabled`` is false. Results never go here: they go to stdout.
-
-    >>> with Progress(total=3, desc="fastguide demo", enabled=progress_enabled()) as progress:
-    ...     for name in ("a", "b", "c"):
-    ...         progress.stage(name)      # what runs now
-    ...         work(name)
-    ...         progress.advance()        # one stage done
-    """
-
-    def __init__(self, total: Optional[int], desc: str, enabled: bool = True):
-        self.total, self.desc, self.enabled, self.done = total, desc, enabled, 0
-        self._bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:  # tqdm is optional: a line per stage instead
-                tqdm = None
-            if tqdm is not None:
-                try:  # a terminal that reports no size (some CI ttys) would get no bar at all from tqdm
-                    size = os.get_terminal_size(sys.stderr.fileno())
-                    sized = size.columns > 0 and size.lines > 0
-                except (AttributeError, OSError, ValueError):
-                    sized = False
-                self._bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=sized,
-                                 bar_format="{desc}: {percentage:3.0f}%|{bar:16}| {n_fmt}/{total_fmt} "
-                                            "[{elapsed}{postfix}]",
-                                 **({} if sized else {"ncols": 100, "nrows": 24}))
-
-    def set_total(self, total: int) -> None:
-        """The number of stages, once it is known."""
-        self.total = total
-        if self._bar is not None:
-            self._bar.total = total
-            self._bar.refresh()
-
-    def stage(self, text: str) -> None:
-        """Show what runs now."""
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.set_postfix_str(text, refresh=True)
-        else:
-            total = "?" if self.total is None else self.total
-            print(f"{self.desc} [{self.done}/{total}] {text}", file=sys.stderr, flush=True)
-
-    def advance(self, n: int = 1) -> None:
-        """``n`` more stages done."""
-        self.done += n
-        if self._bar is not None:
-            self._bar.update(n)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-    def __enter__(self) -> "Progress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def stderr_log(enabled: bool):
-    """A ``log(line)`` callable for library functions that report progress by lines: each line to stderr,
-    flushed, when ``enabled``; else ``None`` (their "say nothing")."""
-    if not enabled:
-        return None
-    return lambda line: print(line, file=sys.stderr, flush=True)
-
 
 # ---------------------------------------------------------------------------------------------------
 # Subcommands

@@ -166,11 +166,11 @@ def run_demo(out_dir: Optional[str] = None, *, quick: bool = False, per_class: O
              log: Optional[Log] = print, progress: bool = False) -> DemoResult:
     """Sample every method, score it, print the tables and (with ``out_dir``) write ``digits_demo.png`` and
     ``digits_demo.txt``. ``quick`` (CI): 3 per class, 5 steps, ECE on 3 timesteps and 100 held-out digits.
-    ``progress``: show each stage on stderr as it runs (``fastguide.tools.cli.Progress``).
+    ``progress``: show each stage on stderr as it runs (``fastguide.tools.progress.Progress``).
 
     >>> run_demo("out")          # ~1 minute on a 2-core CPU
     """
-    from fastguide.tools.cli import Progress
+    from fastguide.tools.progress import Progress
 
     say = log or (lambda _: None)
     with Progress(None, "fastguide demo", enabled=progress) as bar:
