@@ -280,10 +280,11 @@ def prepare(scheduler, device: Union[None, str, torch.device] = None, **step_opt
     Returns the scheduler's coefficient plan for those options (``fastguide.dropin.SchedulerPlan``).
 
     >>> scheduler.set_timesteps(50)
-    >>> fastguide.dropin.prepare(scheduler, "cuda")
-    >>> denoise = torch.compile(lambda x, t: fastguide.step(unet(torch.cat([x] * 2), t).sample, t, x,
-    ...                                                      scheduler=scheduler, guidance_scale=7.5),
+    >>> fastguide.dropin.prepare(scheduler, latents.device)
+    >>> denoise = torch.compile(lambda x, t: fastguide.step(unet(torch.cat([x] * 2), t, encoder_hidden_states=emb)
+    ...                                                     .sample, t, x, scheduler=scheduler, guidance_scale=7.5),
     ...                         fullgraph=True)
+    >>> latents = denoise(latents, scheduler.timesteps[0])
     """
     target = check_device("device", device) if device is not None else None
     plan = plan_for(scheduler, **step_options)

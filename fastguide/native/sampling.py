@@ -95,7 +95,7 @@ def sample(model: Callable[..., torch.Tensor], x_T: torch.Tensor, *, schedule: S
     Noise is drawn at the start of each stage, before the stage's networks run; with a list of one
     generator per sample, a sample's noise does not depend on how the batch is split, in every mode.
 
-    >>> x = fastguide.sample(model, torch.randn(8, 1, 16, 16), schedule=fastguide.Schedule.ddpm(),
+    >>> x = fastguide.sample(model, torch.randn(4, 1, 16, 16), schedule=fastguide.Schedule.ddpm(),
     ...                      sampler="ddim", steps=50, y=labels,
     ...                      guidance=[fastguide.CFG(3.0, null_label=10)])
     """
