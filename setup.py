@@ -11,8 +11,10 @@ Build switches (environment variables, read when the package is built):
   FASTGUIDE_BUILD_TYPE    CMake build type (default Release).
   MAX_JOBS                parallel compile jobs (default: all cores).
 
-Editable installs (``pip install -e . --no-build-isolation``) place ``fastguide/_C*.so`` in the source tree;
-the CMake build directory ``build/cmake-<python>`` is kept, so rebuilds are incremental.
+Editable installs (``pip install -e .``) place ``fastguide/_C*.so`` in the source tree; the CMake build
+directory ``build/cmake-<python>`` and a copy of pybind11 (``build/pybind11-<version>``) are kept, so a second
+install of an unchanged checkout compiles nothing and a changed source recompiles only what depends on it,
+even though pip gives every install a fresh build environment.
 """
 
 import os
@@ -38,43 +40,63 @@ class CMakeExtension(Extension):
         self.source_dir = source_dir
 
 
-def _cache_names_missing_tools(build_dir: str) -> bool:
-    """True when the kept CMake cache points at a cmake or ninja that no longer exists: pip's isolated build
-    environments are deleted after each install, and the next install must not reuse their paths."""
+def _stable_pybind11(build_root: str) -> str:
+    """pybind11's CMake config dir, from a copy under ``build/`` that outlives pip's isolated build env.
+
+    Every ``pip install`` builds in a fresh temporary env; pointing CMake at that env's pybind11 would change
+    the include path of every compile command, and ninja would rebuild everything although nothing changed.
+    A copy per pybind11 version keeps the commands identical between installs, so an unchanged checkout
+    rebuilds nothing and a changed source rebuilds only what depends on it."""
+    import pybind11
+
+    source = os.path.dirname(os.path.abspath(pybind11.__file__))
+    target = os.path.join(build_root, f"pybind11-{pybind11.__version__}")
+    if not os.path.isdir(os.path.join(target, "share", "cmake", "pybind11")):
+        staging = target + ".partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    return os.path.join(target, "share", "cmake", "pybind11")
+
+
+def _cache_generator(build_dir: str) -> str:
+    """The generator a kept CMake cache was configured with ("" without a cache)."""
     cache = os.path.join(build_dir, "CMakeCache.txt")
     if not os.path.exists(cache):
-        return False
+        return ""
     with open(cache) as f:
         for line in f:
-            if line.startswith(("CMAKE_MAKE_PROGRAM:", "CMAKE_COMMAND:")):
-                path = line.split("=", 1)[1].strip()
-                if path and not os.path.exists(path):
-                    return True
-    return False
+            if line.startswith("CMAKE_GENERATOR:"):
+                return line.split("=", 1)[1].strip()
+    return ""
 
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: CMakeExtension) -> None:
-        import pybind11  # a build requirement (pyproject.toml)
-
         if shutil.which("cmake") is None:
             raise RuntimeError("building fastguide._C needs cmake >= 3.18 on PATH "
                                "(or install with FASTGUIDE_BUILD_EXT=0 for a pure-Python install)")
         target = os.path.abspath(self.get_ext_fullpath(ext.name))
-        build_dir = os.path.join(ROOT, "build", f"cmake-{sys.implementation.cache_tag}")
-        if _cache_names_missing_tools(build_dir):
-            shutil.rmtree(build_dir)  # made by a pip build env that is gone: configure afresh
+        build_root = os.path.join(ROOT, "build")
+        build_dir = os.path.join(build_root, f"cmake-{sys.implementation.cache_tag}")
+        ninja = shutil.which("ninja")
+        generator = _cache_generator(build_dir)
+        if generator and generator != ("Ninja" if ninja else generator):
+            shutil.rmtree(build_dir)  # the kept build used another generator: configure afresh
+            generator = ""
         configure = [
             "cmake", "-S", ext.source_dir, "-B", build_dir,
             f"-DCMAKE_BUILD_TYPE={os.environ.get('FASTGUIDE_BUILD_TYPE', 'Release')}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={os.path.dirname(target)}",
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-Dpybind11_DIR={_stable_pybind11(build_root)}",
             f"-DFASTGUIDE_CUDA={os.environ.get('FASTGUIDE_CUDA', '')}",
             f"-DFASTGUIDE_CUDA_ARCHS={os.environ.get('FASTGUIDE_CUDA_ARCHS', '80;90')}",
         ]
-        if shutil.which("ninja") and not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):
-            configure += ["-G", "Ninja"]
+        if ninja:
+            # The kept cache may name the ninja of a deleted pip build env: always pass the current one.
+            configure += ["-DCMAKE_MAKE_PROGRAM=" + ninja] + ([] if generator else ["-G", "Ninja"])
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         subprocess.check_call(configure)
         subprocess.check_call(["cmake", "--build", build_dir, "--parallel", jobs])

@@ -118,3 +118,32 @@ def test_built_extension_reports_its_parts():
     args = ext.GuidedStepArgs()
     args.sample, args.step_ptr, args.out = 4096, 0, 2 ** 47  # pointer fields are plain Python ints
     assert (args.sample, args.step_ptr, args.out) == (4096, 0, 2 ** 47)
+
+
+def _editable_install(venv_pip: Path, src: Path) -> subprocess.CompletedProcess:
+    """``pip install -e`` as the Quickstart runs it: with pip's build isolation (a fresh build env each time)."""
+    env = dict(os.environ, FASTGUIDE_CUDA="0", MAX_JOBS="2")
+    return subprocess.run([str(venv_pip), "install", "--no-deps", "-v", "-e", str(src)], capture_output=True,
+                          text=True, env=env, timeout=900)
+
+
+def _compiled(res: subprocess.CompletedProcess) -> list:
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return [line.split("Building CXX object", 1)[1].strip() for line in (res.stdout + res.stderr).splitlines()
+            if "Building CXX object" in line]
+
+
+def test_reinstalling_an_unchanged_checkout_compiles_nothing(tmp_path):
+    """Each pip install builds in a new isolated env (new cmake, ninja and pybind11 paths): the kept build
+    directory and pybind11 copy must make a second install of an unchanged checkout compile nothing, and a
+    changed source recompile only itself."""
+    src = _copy_sources(tmp_path / "src")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    pip = venv / "bin" / "pip"
+    first = _compiled(_editable_install(pip, src))
+    assert len(first) >= 4   # every CPU kernel and the bindings
+    assert _compiled(_editable_install(pip, src)) == []
+    (src / "csrc" / "cpu" / "per_sample_rms.cpp").touch()
+    again = _compiled(_editable_install(pip, src))
+    assert len(again) == 1 and "per_sample_rms.cpp" in again[0]
