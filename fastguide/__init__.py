@@ -7,6 +7,7 @@
 The tree (``docs/architecture.md`` has the map): ``core`` (the row contract, argument checks, the checked
 ops), ``backends`` (torch reference, C++, Triton, CUDA), ``samplers`` (schedules and coefficient tables),
 ``guidance`` (specs and gradients), ``native`` (the ``sample`` loop), ``dropin`` (the diffusers ``step``),
+``generation`` (``fastguide generate`` / ``evaluate``: seeded, resumable sets on torch.distributed),
 ``tools`` (CLI, benchmarks, op counter), ``examples``; ``training`` and ``calibration`` for users' models.
 """
 

@@ -28,7 +28,8 @@ class Progress:
     ...         progress.advance()        # one stage done
     """
 
-    def __init__(self, total: Optional[int], desc: str, enabled: bool = True):
+    def __init__(self, total: Optional[int], desc: str, enabled: bool = True, unit: str = "it",
+                 show_rate: bool = False):
         self.total, self.desc, self.enabled, self.done = total, desc, enabled, 0
         self._bar = None
         if enabled:
@@ -42,9 +43,10 @@ class Progress:
                     sized = size.columns > 0 and size.lines > 0
                 except (AttributeError, OSError, ValueError):
                     sized = False
+                rate = ", {rate_fmt}" if show_rate else ""
                 self._bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=sized,
-                                 bar_format="{desc}: {percentage:3.0f}%|{bar:16}| {n_fmt}/{total_fmt} "
-                                            "[{elapsed}{postfix}]",
+                                 unit=unit, bar_format="{desc}: {percentage:3.0f}%|{bar:16}| {n_fmt}/{total_fmt} "
+                                                       "[{elapsed}" + rate + "{postfix}]",
                                  **({} if sized else {"ncols": 100, "nrows": 24}))
 
     def set_total(self, total: int) -> None:
@@ -69,6 +71,13 @@ class Progress:
         self.done += n
         if self._bar is not None:
             self._bar.update(n)
+
+    def advance_to(self, done: int) -> None:
+        """``done`` stages (or items) done in all (a count read from elsewhere, e.g. other ranks)."""
+        if self.total is not None:
+            done = min(done, self.total)
+        if done > self.done:
+            self.advance(done - self.done)
 
     def close(self) -> None:
         if self._bar is not None:
