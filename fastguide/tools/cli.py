@@ -19,6 +19,7 @@ import torch
 
 import fastguide
 from fastguide.examples.mixture import GaussianMixture
+from fastguide.generation.cli import register as register_generation
 from fastguide.tools.progress import QUIET_HELP, Progress, progress_enabled, stderr_log  # noqa: F401
 
 DESCRIPTION = """\
@@ -232,7 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
                                    "run here."))
     backends.set_defaults(func=_backends)
     # New subcommands (serve, generate, evaluate, ...) go here, through command(): `fastguide --help` lists them.
-    from fastguide.generation.cli import register as register_generation
     register_generation(sub, formatter_class=_HelpFormatter)  # generate, evaluate (fastguide.generation)
     return parser
 
