@@ -4,7 +4,16 @@ The gradients are the native loop's (``fastguide.guidance.gradients``); what dif
 from: the drop-in plan of the scheduler (its state parametrisation ``x = alpha x0 + sigma eps`` and, for
 DDPM, the variance). DDPMScheduler takes mean shifts (ADM ``condition_mean``, Ma et al. on x0^, DG);
 every other scheduler takes score corrections (ADM ``condition_score``, DG). Ma et al.'s x0-input recipe
-is a DDPM mean shift, so it needs DDPMScheduler here (``fastguide.sample`` also has it for DDIM and EDM).
+is a DDPM mean shift, so it needs DDPMScheduler here (``fastguide.sample`` also has it for DDIM, EDM and flow).
+
+Flow matching (``FlowMatchEulerDiscreteScheduler``): the state ``x = (1 - s) x0 + s eps`` is one of the form
+``alpha x0 + sigma eps`` (alpha = 1 - s, sigma = s), so the score correction ``eps -= sigma g`` is exact
+Bayes there too (``E[eps | x] = -sigma grad log p``): the velocity becomes ``v - s/(1-s) g``. The networks see
+the state itself (a flow classifier is trained on the flow's own noisy states) and ``t = s T``; an x0 classifier
+(Ma et al.) sees ``x0^ = x - s v`` and its gradient enters the same way, as ``fastguide.sample``'s flow Euler
+takes it (``gamma`` is refused: there is no variance to add to). The step at
+s = 1 (pure noise) is not guided and runs no network: there ``s/(1-s)`` is infinite and the gradient of
+``log p(y | x) = log p(y)`` is 0, a product whose finite limit no network gives (``rows.score_cols``).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from ..core.checks import check_labels_tensor
 from ..core.layout import Col
 from ..guidance.gradients import classifier_grad, discriminator_grad
 from ..guidance.plan import split_guidance
+from ..samplers.scheduler_tables import FLOW
 
 
 def split_specs(guidance: Sequence):
@@ -30,16 +40,20 @@ def split_specs(guidance: Sequence):
 
 
 def check(classifiers, discriminators, y, sample: torch.Tensor, mean_shift_capable: bool,
-          scheduler_name: str) -> None:
-    """Everything about the guidance arguments that can be checked before any network runs."""
+          scheduler_name: str, x0_as_score: bool = False) -> None:
+    """Everything about the guidance arguments that can be checked before any network runs. ``x0_as_score``:
+    the scheduler takes an x0^ classifier's gradient as a score correction (flow matching)."""
     if classifiers and y is None:
         raise ValueError("y (target labels) is required by ClassifierGuidance")
     if y is not None:
         check_labels_tensor("y", y, sample.shape[0], sample.device)
     x0_specs = [c for c in classifiers if c.input == "x0"]
-    if x0_specs and not mean_shift_capable:
+    if x0_specs and not (mean_shift_capable or x0_as_score):
         raise ValueError(f"guidance: ClassifierGuidance(input='x0') is a DDPM mean shift; {scheduler_name} has "
-                         "none (use DDPMScheduler, or fastguide.sample for the DDIM and EDM recipes)")
+                         "none (use DDPMScheduler, or fastguide.sample for the DDIM, EDM and flow recipes)")
+    if x0_as_score and any(c.gamma > 0 for c in x0_specs):
+        raise ValueError(f"guidance: ClassifierGuidance(input='x0', gamma > 0): gamma is Ma et al.'s extra DDPM "
+                         f"variance, and {scheduler_name} has no variance; use gamma=0")
     if any(c.gamma > 0 for c in x0_specs) and (len(x0_specs) > 1 or len(x0_specs) < len(classifiers)
                                                  or discriminators):
         raise ValueError("guidance: ClassifierGuidance(input='x0', gamma > 0) must be the only mean-shift "
@@ -68,7 +82,12 @@ def make_guide(classifiers, discriminators, y, sample: torch.Tensor, timestep: f
 
     def guide(plan, index: int, predicted_x0: Callable[[], torch.Tensor]):
         alpha, sigma = float(plan.alpha[index]), float(plan.sigma[index])
-        view = 1.0 / math.sqrt(alpha * alpha + sigma * sigma)  # guidance networks see the VP view
+        if plan.kind == FLOW:
+            if alpha == 0.0:           # s = 1: not guided (rows.score_cols is 0 there too)
+                return None, None, None
+            view = 1.0                 # flow networks see the flow state
+        else:
+            view = 1.0 / math.sqrt(alpha * alpha + sigma * sigma)  # guidance networks see the VP view
         total: Optional[torch.Tensor] = None
         table = None
         for spec in classifiers:

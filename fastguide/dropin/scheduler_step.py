@@ -12,8 +12,9 @@ where, and in the shape and dtype, diffusers draws it (``_draw_noise``), runs on
 the scheduler (``_advance``).
 
 Supported: ``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``,
-``EulerAncestralDiscreteScheduler`` and ``DPMSolverMultistepScheduler`` (``dpmsolver++``, order 1 or 2).
-Anything else raises ``ValueError`` naming the scheduler or the option.
+``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler`` (``dpmsolver++``, order 1 or 2) and
+``FlowMatchEulerDiscreteScheduler`` (SD3, Flux, Wan, Qwen-Image: every config option, stochastic sampling
+included). Anything else raises ``ValueError`` naming the scheduler or the option.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..core import ops as _ops
 from ..core.args import StepArgs
 from ..core.checks import (Scale, check_bool, check_finite, check_fraction, check_model_output, check_real,
                            check_sample, check_scale, check_tensor)
-from ..samplers.scheduler_tables import DDIM, DDPM, DPM, EULER, SchedulerPlan, config, dpm_lower_order_final
+from ..samplers.scheduler_tables import DDIM, DDPM, DPM, EULER, FLOW, SchedulerPlan, config, dpm_lower_order_final
 from . import guidance as _dropin_guidance
 from .schedulers import (INDEX_BASED, SchedulerState, off_schedule_plan, output_of, plan_of, scheduler_state,
                          variant)
@@ -274,6 +275,11 @@ def _draw_noise(call: _Call, index: Optional[int]) -> None:
         raise RuntimeError("fastguide.step inside torch.compile cannot draw from a torch.Generator (dynamo "
                            "cannot trace generators); draw the noise outside the compiled function and "
                            "pass noise=..., or pass generator=None")
+    elif plan.kind == FLOW:
+        # FlowMatchEulerDiscreteScheduler.step draws in float32 (the dtype of its upcast sample) whatever the
+        # model's dtype, so the generator advances and the values come out exactly as there.
+        z = _noise.randn(a.sample.shape, call.generator, a.model_output.device, torch.float32)
+        a.noise = z if z.dtype == a.sample.dtype else z.to(a.sample.dtype)
     else:
         a.noise = _noise.randn(a.sample.shape, call.generator, a.model_output.device, a.model_output.dtype)
 
@@ -348,6 +354,22 @@ def scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *
     return prev, x0 if want_x0 else None
 
 
+def _guide_of(scheduler, state: SchedulerState, guidance, y, sample: torch.Tensor, timestep,
+              backend: str) -> Optional[Callable]:
+    """The guidance hook of a ``guidance=`` list, everything about it checked first; None for no networks."""
+    classifiers, discriminators = _dropin_guidance.split_specs(guidance)
+    _dropin_guidance.check(classifiers, discriminators, y, sample, state.kind == DDPM, type(scheduler).__name__,
+                           x0_as_score=state.kind == FLOW)
+    if not (classifiers or discriminators):
+        return None
+    if state.kind == FLOW and config(scheduler, "invert_sigmas", False):
+        raise ValueError("guidance: scheduler.config.invert_sigmas=True runs the sigmas upwards, so the state "
+                         "is not x = (1 - s) x0 + s eps of its sigma s and the score correction is undefined; "
+                         "classifier / discriminator guidance needs invert_sigmas=False")
+    return _dropin_guidance.make_guide(classifiers, discriminators, y, sample, _scalar_timestep(timestep),
+                                       int(config(scheduler, "num_train_timesteps")), backend)
+
+
 def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], sample: torch.Tensor, *,
          scheduler, guidance_scale: Optional[Scale] = None, guidance_rescale: float = 0.0,
          generator: GeneratorArg = None, eta: float = 0.0, use_clipped_model_output: bool = False,
@@ -377,8 +399,12 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
             dtype).
         scheduler: keyword only; a supported diffusers scheduler after ``set_timesteps``:
             ``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``,
-            ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler`` (``dpmsolver++``, order 1 or 2).
-            Anything else raises ``ValueError`` naming the scheduler or the config option.
+            ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler`` (``dpmsolver++``, order 1 or 2),
+            ``FlowMatchEulerDiscreteScheduler`` (velocity ``model_output``; ``shift``, dynamic shifting with
+            ``set_timesteps(..., mu=...)``, ``shift_terminal``, ``invert_sigmas``, ``stochastic_sampling``,
+            Karras / exponential / beta sigmas and custom sigmas all come from its ``sigmas``; latents of any
+            shape, ``[B, C, H, W]`` or token-shaped ``[B, L, D]``). Anything else raises ``ValueError`` naming
+            the scheduler or the config option.
         guidance_scale: CFG scale w: a float >= 0 or a ``[B]`` float tensor (per-sample); default None (no CFG,
             ``model_output`` has B rows).
         guidance_rescale: float in [0, 1], default 0: diffusers' ``rescale_noise_cfg`` phi; needs
@@ -394,8 +420,13 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
             may be ``sample`` itself).
         guidance: sequence of ``ClassifierGuidance`` / ``DiscriminatorGuidance`` specs, default ``()``; needs
             ``y`` for classifiers. DDPMScheduler shifts the mean by ``Sigma g`` (ADM ``condition_mean``;
-            Ma et al.'s x0-input recipe, the only one here that needs DDPM), the others correct the score
+            Ma et al.'s x0-input recipe, which needs DDPM here, flow matching aside), the others correct the score
             (``eps -= sigma g``). The networks see the VP view of the state and the scheduler's timestep.
+            On FlowMatchEulerDiscreteScheduler the state is ``x = (1 - s) x0 + s eps`` (alpha = 1 - s,
+            sigma = s), the correction is ``v -= s / (1 - s) g``, the networks see the state itself and
+            ``t = s T`` (an ``input="x0"`` classifier sees ``x0^ = x - s v``, its gradient entering alike),
+            a discriminator's window is in s, and the step at s = 1 (pure noise: the coefficient is infinite,
+            the gradient 0) is not guided; ``invert_sigmas=True`` refuses guidance.
             CFG goes in ``guidance_scale``, not here. Not traceable by ``torch.compile``.
         y: ``[B]`` tensor of target labels (or any per-sample condition) on the sample's device, default None.
         check_finite: bool, default False: raise ``ValueError`` on NaN/Inf in ``model_output`` (read on the host,
@@ -409,8 +440,9 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
             tensor itself. ``False``: exactly the tuple ``scheduler.step(..., return_dict=False)`` returns
             (``(prev_sample, pred_original_sample)``; DPMSolverMultistepScheduler: ``(prev_sample,)``), so
             ``...step(..., return_dict=False)[0]`` is the sample. ``True``: the scheduler's own output class
-            (``DDIMSchedulerOutput``, ``SchedulerOutput`` for DPM-Solver, ...; ``StepOutput`` for a scheduler
-            whose module defines none).
+            (``DDIMSchedulerOutput``, ``SchedulerOutput`` for DPM-Solver,
+            ``FlowMatchEulerDiscreteSchedulerOutput`` (``prev_sample`` only) ...; ``StepOutput`` for a
+            scheduler whose module defines none).
 
     Returns ``prev_sample`` (the tensor ``out`` when given), or the tuple / output object asked for.
     Timesteps: DDIMScheduler takes any integer training timestep (as its own step does; one outside
@@ -418,7 +450,8 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
     ``torch.compile``); the other schedulers take the values of ``scheduler.timesteps``.
     Precision: the coefficient rows are computed in float64 from the scheduler's arrays and rounded once,
     where diffusers computes them in float32, so results can differ from diffusers' by its own fp32 rounding
-    (e.g. ~5e-5 relative in DDPM's first betas).
+    (e.g. ~5e-5 relative in DDPM's first betas). FlowMatchEulerDiscreteScheduler's stochastic noise is drawn
+    in float32 as there (the generator advances alike) and rounded to a half-precision sample's dtype.
 
     Every argument is checked, and the guidance networks run (their outputs checked: a wrong shape is a
     ``ValueError`` naming the network and the expected shape), before ``generator``, ``out`` or the scheduler
@@ -427,11 +460,11 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
     Inside ``torch.compile(fullgraph=True)`` the step traces without graph breaks once the scheduler's
     tables exist (``fastguide.dropin.prepare(scheduler, device)``, or one eager call): DDPM/DDIM find a
     timestep tensor's row on the device (the timestep is then trusted to be in the schedule); index-based
-    schedulers (Euler, Euler ancestral, DPM-Solver++) take the step index from fastguide's own counter, which
-    ``prepare`` sets (from the scheduler's step or begin index, else 0) and each step advances together with
-    the scheduler's ``step_index``. Dynamo traces that counter as a symbolic integer (fastguide adds its name,
-    and only its name, to ``torch.compiler.config.dynamic_sources``), so one graph serves every step
-    (DPM-Solver++ 2M: four, for its first, second, middle and final steps). Noise must come as ``noise=``
+    schedulers (Euler, Euler ancestral, DPM-Solver++, flow matching) take the step index from fastguide's own
+    counter, which ``prepare`` sets (from the scheduler's step or begin index, else 0) and each step advances
+    together with the scheduler's ``step_index``. Dynamo traces that counter as a symbolic integer (fastguide
+    adds its name, and only its name, to ``torch.compiler.config.dynamic_sources``), so one graph serves every
+    step (DPM-Solver++ 2M: four, for its first, second, middle and final steps). Noise must come as ``noise=``
     (or ``generator=None``, drawn by the compiled code's own RNG); ``guidance=`` is not traced.
 
     >>> scheduler.set_timesteps(50)
@@ -451,19 +484,14 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
     options = _check_scheduler_options(scheduler, state.kind, eta, use_clipped_model_output,
                                        (s_churn, s_tmin, s_tmax, s_noise))
     if guidance or y is not None:
-        classifiers, discriminators = _dropin_guidance.split_specs(guidance)
-        _dropin_guidance.check(classifiers, discriminators, y, sample, state.kind == DDPM,
-                               type(scheduler).__name__)
-        if classifiers or discriminators:
-            guide = _dropin_guidance.make_guide(classifiers, discriminators, y, sample, _scalar_timestep(timestep),
-                                                int(config(scheduler, "num_train_timesteps")), backend)
+        guide = _guide_of(scheduler, state, guidance, y, sample, timestep, backend)
+    output_class, fields = output_of(scheduler, state.kind) if return_dict is not None else (None, ())
     prev, x0 = scheduler_step(model_output, timestep, sample, scheduler=scheduler, guidance_scale=guidance_scale,
                               guidance_rescale=guidance_rescale, generator=generator, options=options, out=out,
-                              backend=backend, want_x0=return_dict is not None, guide=guide,
-                              check_finite_output=check_finite, noise=noise)
+                              backend=backend, want_x0=return_dict is not None and "pred_original_sample" in fields,
+                              guide=guide, check_finite_output=check_finite, noise=noise)
     if return_dict is None:
         return prev
-    output_class, fields = output_of(scheduler, state.kind)
     values = {"prev_sample": prev, "pred_original_sample": x0}
     if not return_dict:
         return tuple(values[f] for f in fields)

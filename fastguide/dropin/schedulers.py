@@ -16,8 +16,8 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from ..backends import dispatch as _dispatch
-from ..samplers.scheduler_tables import (BUILDERS, ddim_plan, DDIM, DDPM, DPM, EULER, EULER_ANCESTRAL, PREPARE_HELP,
-                                         SchedulerPlan, config)
+from ..samplers.scheduler_tables import (BUILDERS, ddim_plan, DDIM, DDPM, DPM, EULER, EULER_ANCESTRAL, FLOW,
+                                         PREPARE_HELP, SchedulerPlan, config)
 
 # diffusers class name -> the step formula it uses.
 KINDS = {
@@ -26,8 +26,9 @@ KINDS = {
     "EulerDiscreteScheduler": EULER,
     "EulerAncestralDiscreteScheduler": EULER_ANCESTRAL,
     "DPMSolverMultistepScheduler": DPM,
+    "FlowMatchEulerDiscreteScheduler": FLOW,
 }
-INDEX_BASED = (EULER, EULER_ANCESTRAL, DPM)  # schedulers that keep a step counter (``_step_index``)
+INDEX_BASED = (EULER, EULER_ANCESTRAL, DPM, FLOW)  # schedulers that keep a step counter (``_step_index``)
 
 
 def kind_of(scheduler) -> str:
@@ -56,8 +57,20 @@ _PREDICTION_TYPES = {
 }
 
 
+def _check_flow_config(scheduler) -> None:
+    """FlowMatchEulerDiscreteScheduler: every config option is in its ``sigmas`` (the model always predicts the
+    velocity), but before ``set_timesteps`` it holds the training sigmas without the final one."""
+    if getattr(scheduler, "num_inference_steps", None) is None or \
+            len(scheduler.sigmas) != len(scheduler.timesteps) + 1:
+        raise ValueError(f"scheduler: {type(scheduler).__name__} has no schedule yet; call "
+                         "scheduler.set_timesteps(...) first")
+
+
 def check_config(scheduler, kind: str) -> None:
     """Reject every config option whose step the coefficient rows cannot reproduce."""
+    if kind == FLOW:
+        _check_flow_config(scheduler)
+        return
     _check_choice(scheduler, "prediction_type", _PREDICTION_TYPES[kind])
     if kind == DDPM:
         if config(scheduler, "variance_type") == "fixed_large_log":
@@ -197,6 +210,7 @@ _OUTPUTS = {
     EULER: ("EulerDiscreteSchedulerOutput", ("prev_sample", "pred_original_sample")),
     EULER_ANCESTRAL: ("EulerAncestralDiscreteSchedulerOutput", ("prev_sample", "pred_original_sample")),
     DPM: ("SchedulerOutput", ("prev_sample",)),
+    FLOW: ("FlowMatchEulerDiscreteSchedulerOutput", ("prev_sample",)),
 }
 
 
@@ -266,8 +280,8 @@ def prepare(scheduler, device: Union[None, str, torch.device] = None, **step_opt
 
     Args:
         scheduler: a supported diffusers scheduler (``DDPMScheduler``, ``DDIMScheduler``,
-            ``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler``)
-            after ``set_timesteps``; its config is validated here.
+            ``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler``,
+            ``FlowMatchEulerDiscreteScheduler``) after ``set_timesteps``; its config is validated here.
         device: where the samples will live: a device string (``"cuda"``, ``"cuda:1"``, ``"cpu"``), a
             ``torch.device`` or an index; default None: where ``scheduler.timesteps`` lives (the tables are
             built there too in any case). It must be usable here: an invalid string or an accelerator that

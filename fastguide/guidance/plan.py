@@ -32,10 +32,14 @@ class GuidedPlan:
     x0_factor_spec: Optional[ClassifierGuidance] = None
 
     def uses_mean_shift_x0(self) -> bool:
-        return self.plan.sampler in samplers.VP_SAMPLERS and any(c.input == "x0" for c in self.classifiers)
+        """x0 classifiers see x0^ and shift the step's output through the mean-shift column (VP samplers; flow
+        samplers, whose D column makes that shift a score correction)."""
+        on_x0 = self.plan.sampler in samplers.VP_SAMPLERS or self.plan.schedule.kind == "flow"
+        return on_x0 and any(c.input == "x0" for c in self.classifiers)
 
     def uses_edm_recipe(self) -> bool:
-        return self.plan.sampler in samplers.SIGMA_SAMPLERS and any(c.input == "x0" for c in self.classifiers)
+        return self.plan.sampler in samplers.SIGMA_SAMPLERS and self.plan.schedule.kind != "flow" and \
+            any(c.input == "x0" for c in self.classifiers)
 
 
 def split_guidance(guidance) -> Tuple[Optional[CFG], List[ClassifierGuidance], List[DiscriminatorGuidance]]:
@@ -60,9 +64,28 @@ def split_guidance(guidance) -> Tuple[Optional[CFG], List[ClassifierGuidance], L
     return cfg, clfs, discs
 
 
+def _check_flow_guidance(plan: samplers.Plan, classifiers) -> None:
+    """On a flow schedule an x0^ classifier's gradient is a score correction of the stage's velocity,
+    ``v -= s/(1-s) g`` (the row's D column), applied to the stage output only: Euler is exact about it, but
+    Heun's correction stage recovers the first stage's slope from x_e and x0^_1, which such a shift does not
+    reach, and Ma et al.'s gamma is an extra DDPM variance, which flow samplers have none of."""
+    x0_specs = [c for c in classifiers if c.input == "x0"]
+    if not x0_specs:
+        return
+    if plan.sampler != "euler":
+        raise ValueError(f"ClassifierGuidance(input='x0') on a flow schedule runs with sampler='euler', not "
+                         f"{plan.sampler!r}: its gradient shifts a stage's output, and Heun's correction stage "
+                         f"cannot separate that shift from the first stage's slope (use input='xt' with heun)")
+    if any(c.gamma > 0 for c in x0_specs):
+        raise ValueError("ClassifierGuidance(input='x0', gamma > 0) on a flow schedule: gamma is Ma et al.'s "
+                         "extra DDPM variance, and a flow sampler has no variance; use gamma=0")
+
+
 def build_guided_plan(plan: samplers.Plan, guidance) -> GuidedPlan:
     """Fold Ma et al.'s extra variance ``max(0, gamma Sigma_max sin(pi i/N))`` into the mean-shift column."""
     cfg, clfs, discs = split_guidance(guidance)
+    if plan.schedule.kind == "flow":
+        _check_flow_guidance(plan, clfs)
     rows = plan.rows.copy()
     x0_factor = [1.0] * len(plan.stages)
     x0_specs = [c for c in clfs if c.input == "x0"]

@@ -12,6 +12,12 @@ with ``linspace``/``trailing`` spacing, start a VP model at ``sigma_max x_T`` (a
 ``1 / (2 sigma_max^2)`` relative, 1e-4 at sigma_max = 80). Otherwise the sigma samplers on a VP schedule are
 k-diffusion's with its VP denoiser wrappers and diffusers' Euler / Euler ancestral / Heun / DPM-Solver++
 schedulers, step for step.
+
+On a flow schedule (``Schedule.flow``: ``x = (1 - s) x0 + s eps``, the model predicting ``v = eps - x0``)
+``euler`` and ``heun`` integrate ``dx/ds = v = (x - x0^) / s`` with ``x0^ = x - s v``: the same update
+columns as on the sigma state, with the flow prediction and the flow state's score columns
+(``alpha = 1 - s``). They equal diffusers' ``FlowMatchEulerDiscreteScheduler`` and
+``FlowMatchHeunDiscreteScheduler`` loops step for step.
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ import numpy as np
 import torch
 
 from ..core.checks import check_int, check_nonneg, check_real
-from .rows import ddim_noise_std, ddim_update, ddpm_mean, euler_update, prediction_coeffs, row
+from ..core.layout import Col
+from .rows import ddim_noise_std, ddim_update, ddpm_mean, euler_update, prediction_coeffs, row, score_shift
 from .schedule import Schedule, vp_time_of_sigma
 
 VP_SAMPLERS = ("ddpm", "ddim")
 SIGMA_SAMPLERS = ("euler", "euler_ancestral", "heun", "dpmpp_2m")
 SAMPLERS = VP_SAMPLERS + SIGMA_SAMPLERS
+FLOW_SAMPLERS = ("euler", "heun")   # the samplers that run on a flow schedule
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,7 @@ class Stage:
     noise: bool = False       # the row uses fresh noise z
     uses_x0_prev: bool = False
     second_stage: bool = False  # Heun's correction stage
-    variance: float = 0.0     # Sigma for mean-shift guidance (VP samplers); 0 for sigma samplers
+    variance: float = 0.0     # Sigma for mean-shift guidance (VP samplers); 0 for sigma samplers; flow: D
 
 
 @dataclass
@@ -338,6 +346,65 @@ def dpmpp_2m(schedule: Schedule, steps: int) -> Plan:
     return Plan("dpmpp_2m", schedule, steps, np.stack(rows), stages, init_scale=_init_scale(schedule, sigmas))
 
 
+# ---------------------------------------------------------------------------------------------------
+# Flow samplers (rectified flow x = (1 - s) x0 + s eps, velocity model)
+
+def _flow_stage(schedule: Schedule, i: int, s: float, **kw) -> Stage:
+    """A stage at the flow noise level s: the model and the guidance networks see the state itself and the
+    timestep ``s * T``; the VP time of the discriminator windows is s."""
+    t = float(s) * schedule.num_train_timesteps
+    return Stage(step=i, t_model=t, c_in=1.0, alpha=1.0 - float(s), sigma=float(s), vp_time=float(s), guide_t=t,
+                 guide_in=1.0, **kw)
+
+
+def _flow_row(stage: Stage, **update) -> tuple:
+    """(row, stage) of a flow stage: x0^ = x - s v, the flow state's score columns, the update columns, and in
+    the mean-shift column D the move a score correction makes (``score_shift``), so an x0^ classifier's
+    gradient (which the loop passes as the mean shift) enters as a score correction: ``v -= s/(1-s) g``."""
+    r = row(prediction_coeffs("flow_prediction", stage.alpha, stage.sigma, with_eps=False), stage.alpha,
+            stage.sigma, **update)
+    r[Col.D] = score_shift(r)
+    return r, replace(stage, variance=float(r[Col.D]))
+
+
+def _flow_plan(name: str, schedule: Schedule, steps: int, rows: list, stages: list) -> Plan:
+    return Plan(name, schedule, steps, np.stack(rows), stages, init_scale=1.0,
+                max_variance=float(max(st.variance for st in stages)))
+
+
+def flow_euler(schedule: Schedule, steps: int) -> Plan:
+    """Euler on the flow ODE: ``x_next = x + (s_next - s) v = x + (s_next - s) (x - x0^) / s``, from s = 1
+    (``x_T`` as it is) down to 0: diffusers' ``FlowMatchEulerDiscreteScheduler`` loop."""
+    sig = np.append(schedule.flow_sigmas(steps), 0.0)
+    rows, stages = [], []
+    for i in range(steps):
+        r, st = _flow_row(_flow_stage(schedule, i, sig[i]), **euler_update(sig[i], sig[i + 1]))
+        rows.append(r)
+        stages.append(st)
+    return _flow_plan("euler", schedule, steps, rows, stages)
+
+
+def flow_heun(schedule: Schedule, steps: int) -> Plan:
+    """Heun on the flow ODE, ``2 steps - 1`` model calls: ``x_e = x + h v1``, ``x_next = x + h (v1 + v2) / 2``
+    with ``v2 = v(x_e, s_next)``, ``h = s_next - s``; the step to s = 0 is Euler (diffusers'
+    ``FlowMatchHeunDiscreteScheduler``). Stage 2 sees x = x_e and x0_prev = x0^_1 = x - s v1:
+    ``x_next = x_e + h / (2 s_next) (x0^_1 - x0^_2)``."""
+    sig = np.append(schedule.flow_sigmas(steps), 0.0)
+    rows, stages = [], []
+    for i in range(steps):
+        s, nxt = sig[i], sig[i + 1]
+        r, st = _flow_row(_flow_stage(schedule, i, s), **euler_update(s, nxt))
+        rows.append(r)
+        stages.append(st)
+        if nxt > 0:
+            h = nxt - s
+            r, st = _flow_row(_flow_stage(schedule, i, nxt, uses_x0_prev=True, second_stage=True),
+                              A=1.0, B=-0.5 * h / nxt, F=0.5 * h / nxt)
+            rows.append(r)
+            stages.append(st)
+    return _flow_plan("heun", schedule, steps, rows, stages)
+
+
 def _init_scale(schedule: Schedule, sigmas: np.ndarray) -> float:
     """Unit noise becomes x_T: sigma_max for EDM, sqrt(1 + sigma_max^2) for a VP model in sigma state."""
     return float(sigmas[0]) if schedule.kind == "edm" else math.sqrt(1.0 + float(sigmas[0]) ** 2)
@@ -345,6 +412,7 @@ def _init_scale(schedule: Schedule, sigmas: np.ndarray) -> float:
 
 _BUILDERS = {"ddpm": ddpm, "ddim": ddim, "euler": euler, "euler_ancestral": euler_ancestral, "heun": heun,
              "dpmpp_2m": dpmpp_2m}
+_FLOW_BUILDERS = {"euler": flow_euler, "heun": flow_heun}
 
 
 def build(sampler: str, schedule: Schedule, steps: int, **options) -> Plan:
@@ -355,6 +423,8 @@ def build(sampler: str, schedule: Schedule, steps: int, **options) -> Plan:
             ``"dpmpp_2m"`` (any schedule: EDM, or a VP schedule run in the sigma state ``x = x0 + sigma eps``,
             the VP model seeing ``x / sqrt(1 + sigma^2)`` and its training timestep; ``heun`` on VP is
             k-diffusion's ``sample_heun`` with a VP denoiser wrapper and diffusers' ``HeunDiscreteScheduler``).
+            On a flow schedule (``Schedule.flow``) only ``"euler"`` and ``"heun"``, on the flow ODE
+            (``flow_euler`` / ``flow_heun``), and they take no options.
         schedule: a ``fastguide.Schedule``.
         steps: int >= 1, the number of sampling steps (at most the training steps for a VP schedule).
         **options: the sampler's own keywords: ``ddim``: ``eta`` (default 0), ``clipped``; ``euler`` and
@@ -373,10 +443,13 @@ def build(sampler: str, schedule: Schedule, steps: int, **options) -> Plan:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a fastguide.Schedule, got {type(schedule).__name__}")
+    if schedule.kind == "flow" and sampler not in FLOW_SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} does not run on a flow schedule (Schedule.flow); use one of "
+                         f"{FLOW_SAMPLERS}")
     if sampler in VP_SAMPLERS and schedule.kind != "vp":
         raise ValueError(f"sampler {sampler!r} needs a VP schedule (Schedule.ddpm), got an EDM schedule")
     check_int("steps", steps, minimum=1)
-    builder = _BUILDERS[sampler]
+    builder = _FLOW_BUILDERS[sampler] if schedule.kind == "flow" else _BUILDERS[sampler]
     try:
         inspect.signature(builder).bind(schedule, steps, **options)
     except TypeError as exc:

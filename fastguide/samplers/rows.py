@@ -36,8 +36,11 @@ def prediction_coeffs(prediction_type: str, alpha: float, sigma: float, c_in: fl
 
     The model's own parametrisation is ``c_in x = a_m x0 + s_m eps`` with ``a_m = c_in alpha``,
     ``s_m = c_in sigma``; v-prediction (Salimans & Ho 2022) is ``v = a_m eps - s_m x0`` with
-    ``a_m^2 + s_m^2 = 1``. Samplers whose update never reads eps pass ``with_eps=False``, so an eps column
-    that is infinite at a degenerate step (``1/sigma`` at sigma = 0) cannot reach the result.
+    ``a_m^2 + s_m^2 = 1``. A flow (rectified-flow) model returns the velocity ``v = eps - x0``
+    (``"flow_prediction"``, as diffusers names it): ``c_in x = (a_m + s_m) x0 + s_m v``, so on the flow state
+    ``x = (1 - s) x0 + s eps`` (c_in = 1) ``x0 = x - s v`` and ``eps = x + (1 - s) v``. Samplers whose update
+    never reads eps pass ``with_eps=False``, so an eps column that is infinite at a degenerate step
+    (``1/sigma`` at sigma = 0) cannot reach the result.
     """
     if prediction_type == "epsilon":
         x0 = {Col.P_X: _div(1.0, alpha), Col.P_M: _div(-sigma, alpha)}
@@ -49,15 +52,34 @@ def prediction_coeffs(prediction_type: str, alpha: float, sigma: float, c_in: fl
         a_m, s_m = c_in * alpha, c_in * sigma
         x0 = {Col.P_X: a_m * c_in, Col.P_M: -s_m}
         eps = {Col.Q_X: s_m * c_in, Col.Q_M: a_m}
+    elif prediction_type == "flow_prediction":
+        a_m, s_m = c_in * alpha, c_in * sigma
+        x0 = {Col.P_X: _div(c_in, a_m + s_m), Col.P_M: _div(-s_m, a_m + s_m)}
+        eps = {Col.Q_X: _div(c_in, a_m + s_m), Col.Q_M: _div(a_m, a_m + s_m)}
     else:
-        raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}")
+        raise ValueError(f"prediction_type must be 'epsilon', 'sample', 'v_prediction' or 'flow_prediction', "
+                         f"got {prediction_type!r}")
     return {**x0, **eps} if with_eps else x0
 
 
 def score_cols(alpha: float, sigma: float) -> Cols:
     """Score correction (guided-diffusion ``condition_score``) on the state ``x = alpha x0 + sigma eps``:
-    ``eps' = eps - sigma g``, hence ``x0' = x0 + sigma^2 / alpha g``."""
+    ``eps' = eps - sigma g``, hence ``x0' = x0 + sigma^2 / alpha g``.
+
+    At ``alpha = 0`` (the flow state at s = 1, pure noise) ``sigma^2 / alpha`` is infinite while a noisy
+    classifier's gradient is 0 there (``p(y | x) = p(y)``): the product has a finite limit, but no network
+    gives it, and inf times a gradient would be inf/NaN. So the columns are 0 and that step is taken without
+    the correction (on a flow schedule its first step: an O(h) departure from the guided ODE). Only flow
+    schedules reach alpha = 0; VP alphas stay above 0."""
+    if alpha == 0.0:
+        return {Col.Q_G: 0.0, Col.P_G: 0.0}
     return {Col.Q_G: -sigma, Col.P_G: _div(sigma * sigma, alpha)}
+
+
+def score_shift(r: np.ndarray) -> float:
+    """How a score-correction gradient ``g`` moves the output of row ``r``: ``out += (B P_G + C Q_G) g``
+    (flow rows put this in the mean-shift column ``D``, so an x0^-gradient enters as a score correction)."""
+    return float(r[Col.B] * r[Col.P_G] + r[Col.C] * r[Col.Q_G])
 
 
 def row(prediction: Cols, alpha: float, sigma: float, **update: float) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Noise schedules: the VP (DDPM) family and the EDM sigma family, and their timestep spacings.
+"""Noise schedules: the VP (DDPM) family, the EDM sigma family and rectified flow, and their timestep spacings.
 
 A ``Schedule`` is a plain description (float64 numpy arrays and a few options); samplers turn it into a
 per-step coefficient table (``fastguide.samplers``). All arrays are float64 so tables are exact to fp32.
@@ -18,6 +18,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 SPACINGS = ("leading", "trailing", "linspace", "guided", "guided-ddim")
+TIME_SHIFT_TYPES = ("exponential", "linear")
 
 
 def _choice(name: str, value, allowed) -> None:
@@ -118,13 +119,15 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Sequence[int]
 
 @dataclass(frozen=True)
 class Schedule:
-    """A noise schedule. Build one with ``Schedule.ddpm``, ``Schedule.edm`` or ``Schedule.from_diffusers``.
+    """A noise schedule. Build one with ``Schedule.ddpm``, ``Schedule.edm``, ``Schedule.flow`` or
+    ``Schedule.from_diffusers``.
 
     >>> sd = fastguide.Schedule.ddpm(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     >>> edm = fastguide.Schedule.edm(sigma_min=0.002, sigma_max=80.0)
+    >>> sd3 = fastguide.Schedule.flow(shift=3.0)
     """
 
-    kind: str                                  # "vp" or "edm"
+    kind: str                                  # "vp", "edm" or "flow"
     prediction_type: str = "epsilon"
     # VP family
     alphas_cumprod: Optional[np.ndarray] = field(default=None, repr=False)
@@ -137,6 +140,12 @@ class Schedule:
     sigma_max: float = 80.0
     rho: float = 7.0
     sigma_data: float = 0.5
+    # Flow family (rectified flow)
+    shift: float = 1.0
+    mu: Optional[float] = None
+    time_shift_type: str = "exponential"
+    shift_terminal: Optional[float] = None
+    flow_train_timesteps: int = 1000
 
     @staticmethod
     def ddpm(num_train_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
@@ -262,6 +271,61 @@ class Schedule:
                         rho=rho, sigma_data=sigma_data)
 
     @staticmethod
+    def flow(shift: float = 1.0, num_train_timesteps: int = 1000, mu: Optional[float] = None,
+             time_shift_type: str = "exponential", shift_terminal: Optional[float] = None) -> "Schedule":
+        """Rectified flow (SD3, Flux, Wan, ...): the state ``x = (1 - s) x0 + s eps`` at the noise level
+        ``s`` in [0, 1] (s = 1: pure noise, the unit-Gaussian ``x_T`` itself), and a model that predicts the
+        velocity ``v = eps - x0`` (``prediction_type="flow_prediction"``). The model is called as
+        ``model(x, t, y)`` with ``t = s * num_train_timesteps``, a ``[B]`` float32 tensor: the timestep
+        diffusers' ``FlowMatchEulerDiscreteScheduler`` passes (SD3's and Flux's transformers take it so; a
+        model that wants s itself divides by ``num_train_timesteps``). Its samplers are ``euler`` and ``heun``
+        on the ODE ``dx/ds = v = (x - x0^) / s``, with ``x0^ = x - s v``.
+
+        A run of N steps visits the sigmas of ``FlowMatchEulerDiscreteScheduler(num_train_timesteps, shift,
+        ...).set_timesteps(N, mu=mu)``: ``u`` evenly spaced from 1 down to ``u_min`` and then shifted,
+        ``s = shift u / (1 + (shift - 1) u)`` (diffusers' ``u_min`` is the shifted ``1 / T``, so its last
+        sigma is ``1 / T`` shifted twice), then the final step to s = 0.
+
+        Args:
+            shift: finite float > 0, default 1.0 (no shift). The static timestep shift (SD3: 3.0); larger
+                values spend more steps at high noise.
+            num_train_timesteps: int >= 2, default 1000. T, the scale of the model's timestep.
+            mu: optional finite float, default None. Resolution-dependent ("dynamic") shifting, as diffusers'
+                ``use_dynamic_shifting=True`` with ``set_timesteps(..., mu=mu)`` (Flux): ``u`` runs from 1 to
+                ``1 / T`` and ``s = e^mu / (e^mu + 1/u - 1)``. It replaces ``shift`` (leave that at 1.0).
+            time_shift_type: ``"exponential"`` (default, the formula above) or ``"linear"``
+                (``s = mu / (mu + 1/u - 1)``, mu > 0), for ``mu``.
+            shift_terminal: optional float in (0, 1), default None. Stretch the shifted sigmas so the last one
+                is ``shift_terminal`` (diffusers' option of that name; LTX-Video).
+
+        Every parameter is checked here, by name (``ValueError``/``TypeError``); the sigmas of a given step
+        count are checked (finite, in (0, 1], decreasing) when a sampler is built.
+
+        >>> sd3 = fastguide.Schedule.flow(shift=3.0)
+        >>> sd3.flow_sigmas(4).round(4).tolist()
+        [1.0, 0.8577, 0.6022, 0.0089]
+        >>> flux = fastguide.Schedule.flow(mu=1.15)
+        """
+        shift = _positive("shift", shift)
+        num_train_timesteps = check_int("num_train_timesteps", num_train_timesteps, minimum=2)
+        _choice("time_shift_type", time_shift_type, TIME_SHIFT_TYPES)
+        if mu is not None:
+            mu = check_real("mu", mu)
+            if shift != 1.0:
+                raise ValueError(f"mu (dynamic shifting) replaces shift; pass one of them, got shift={shift!r} "
+                                 f"and mu={mu!r}")
+            if time_shift_type == "linear" and not mu > 0:
+                raise ValueError(f"mu must be > 0 with time_shift_type='linear', got {mu!r}")
+            if time_shift_type == "exponential" and abs(mu) > 50:
+                raise ValueError(f"mu must be in [-50, 50] (exp(mu) in float64 range with room), got {mu!r}")
+        if shift_terminal is not None:
+            shift_terminal = _open_unit("shift_terminal", shift_terminal, "the last sigma of the stretched "
+                                        "schedule")
+        return Schedule(kind="flow", prediction_type="flow_prediction", shift=shift, mu=mu,
+                        time_shift_type=time_shift_type, shift_terminal=shift_terminal,
+                        flow_train_timesteps=num_train_timesteps)
+
+    @staticmethod
     def from_diffusers(scheduler) -> "Schedule":
         """The schedule of a diffusers scheduler, read from its config and its own ``alphas_cumprod``.
 
@@ -271,8 +335,14 @@ class Schedule:
                 with ``alphas_cumprod``). Read: ``alphas_cumprod`` (copied, float64) and the config's
                 ``prediction_type`` (default ``"epsilon"``), ``variance_type`` (None: ``"fixed_small"``),
                 ``timestep_spacing`` (``leading``/``trailing``/``linspace``; default ``"leading"``),
-                ``steps_offset`` (default 0) and ``use_karras_sigmas`` (default False). The scheduler is not
-                changed, and the sampler is chosen separately (``fastguide.sample(..., sampler=...)``).
+                ``steps_offset`` (default 0) and ``use_karras_sigmas`` (default False). Or a flow-matching
+                scheduler (``FlowMatchEulerDiscreteScheduler``, ``FlowMatchHeunDiscreteScheduler``): its
+                ``shift``, ``num_train_timesteps``, ``shift_terminal`` and ``time_shift_type`` make a
+                ``Schedule.flow``; ``use_dynamic_shifting`` needs the per-call mu (use
+                ``Schedule.flow(mu=...)``), and ``invert_sigmas``, ``stochastic_sampling`` and the Karras /
+                exponential / beta sigmas have no native sampler (``ValueError`` naming the option). The
+                scheduler is not changed, and the sampler is chosen separately
+                (``fastguide.sample(..., sampler=...)``).
 
         Raises ``ValueError`` naming the config entry that fastguide's samplers do not have.
 
@@ -284,6 +354,8 @@ class Schedule:
         """
         cfg = scheduler.config
         abar = getattr(scheduler, "alphas_cumprod", None)
+        if abar is None and "shift" in cfg and "num_train_timesteps" in cfg:
+            return _flow_from_config(type(scheduler).__name__, cfg)
         if abar is None:
             raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod: not a VP scheduler")
         prediction_type = cfg.get("prediction_type", "epsilon")
@@ -301,14 +373,18 @@ class Schedule:
     # ---- VP helpers -------------------------------------------------------------------------------
     @property
     def num_train_timesteps(self) -> int:
+        if self.kind == "flow":
+            return self.flow_train_timesteps
         if self.kind != "vp":
             raise ValueError("an EDM schedule has no training timesteps")
         return len(self.alphas_cumprod)
 
     def timesteps(self, steps: int, integer: bool = True) -> np.ndarray:
         """The sampling timesteps, descending (training-step units). ``integer=False`` keeps diffusers'
-        fractional ``linspace`` timesteps for the sigma samplers."""
+        fractional ``linspace`` timesteps for the sigma samplers. A flow schedule's are ``s * T`` (fractional)."""
         T = self.num_train_timesteps
+        if self.kind == "flow":
+            return self.flow_sigmas(steps) * T
         if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T:
             raise ValueError(f"steps must be an int in [1, {T}], got {steps!r}")
         sp = self.timestep_spacing
@@ -334,6 +410,36 @@ class Schedule:
         log_sig = np.log(np.sqrt((1 - self.alphas_cumprod) / self.alphas_cumprod))
         return np.interp(np.log(np.maximum(sigma, 1e-10)), log_sig, np.arange(len(log_sig)))
 
+    # ---- flow helpers -----------------------------------------------------------------------------
+    def flow_sigmas(self, steps: int) -> np.ndarray:
+        """The ``steps`` noise levels s of a flow run, descending from 1 (float64; the final 0 is not
+        included): those of diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps`` (see ``flow``)."""
+        if self.kind != "flow":
+            raise ValueError(f"flow_sigmas needs a flow schedule (Schedule.flow), got kind={self.kind!r}")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        T = self.flow_train_timesteps
+        if self.mu is None:
+            u = np.linspace(1.0, _static_shift(self.shift, 1.0 / T), steps)
+            sig = _static_shift(self.shift, u)
+        else:
+            u = np.linspace(1.0, 1.0 / T, steps)
+            with np.errstate(divide="ignore", over="ignore"):
+                if self.time_shift_type == "exponential":
+                    sig = math.exp(self.mu) / (math.exp(self.mu) + (1.0 / u - 1.0))
+                else:
+                    sig = self.mu / (self.mu + (1.0 / u - 1.0))
+        if self.shift_terminal is not None:
+            scale = (1.0 - sig[-1]) / (1.0 - self.shift_terminal)   # diffusers' stretch_shift_to_terminal
+            with np.errstate(divide="ignore", invalid="ignore"):
+                sig = 1.0 - (1.0 - sig) / scale
+        if not (np.all(np.isfinite(sig)) and np.all(sig > 0) and np.all(sig <= 1) and np.all(np.diff(sig) < 0)):
+            raise ValueError(f"the flow schedule (shift={self.shift}, mu={self.mu}, time_shift_type="
+                             f"{self.time_shift_type!r}, shift_terminal={self.shift_terminal}) gives sigmas "
+                             f"{np.round(sig, 6).tolist()[:8]}... over {steps} steps: they must be finite, in "
+                             f"(0, 1] and strictly decreasing")
+        return sig
+
     # ---- EDM helpers ------------------------------------------------------------------------------
     def karras_sigmas(self, steps: int, sigma_min: Optional[float] = None,
                       sigma_max: Optional[float] = None) -> np.ndarray:
@@ -355,3 +461,28 @@ def vp_time_of_sigma(sigma: np.ndarray, beta_min: float = 0.1, beta_max: float =
     sigma = np.asarray(sigma, dtype=np.float64)
     d = beta_max - beta_min
     return (np.sqrt(beta_min ** 2 + 2 * d * np.log1p(sigma ** 2)) - beta_min) / d
+
+
+def _static_shift(shift: float, u):
+    """diffusers' static timestep shift ``shift u / (1 + (shift - 1) u)``."""
+    return shift * u / (1.0 + (shift - 1.0) * u)
+
+
+_FLOW_UNSUPPORTED = ("invert_sigmas", "stochastic_sampling", "use_karras_sigmas", "use_exponential_sigmas",
+                     "use_beta_sigmas")
+
+
+def _flow_from_config(name: str, cfg) -> Schedule:
+    """``Schedule.flow`` of a diffusers flow-matching scheduler's config (see ``Schedule.from_diffusers``)."""
+    if cfg.get("use_dynamic_shifting", False):
+        raise ValueError(f"scheduler.config.use_dynamic_shifting=True: {name}'s shift comes from the mu passed "
+                         f"to set_timesteps; build the schedule with fastguide.Schedule.flow(mu=..., "
+                         f"num_train_timesteps=..., time_shift_type=...) instead")
+    for option in _FLOW_UNSUPPORTED:
+        if cfg.get(option, False):
+            raise ValueError(f"scheduler.config.{option}={cfg.get(option)!r} has no native fastguide sampler "
+                             f"(the drop-in fastguide.step supports it on FlowMatchEulerDiscreteScheduler)")
+    return Schedule.flow(shift=float(cfg.get("shift", 1.0)),
+                         num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
+                         time_shift_type=cfg.get("time_shift_type", "exponential"),
+                         shift_terminal=cfg.get("shift_terminal", None) or None)

@@ -5,7 +5,8 @@ here, in float64, from the scheduler's *own* state after ``set_timesteps`` (``al
 ``timesteps``, ``sigmas``: spacing, Karras sigmas, zero-SNR rescaling and custom schedules are already in
 them), with the row primitives the native samplers use (``fastguide.samplers.rows``). Where a diffusers
 scheduler differs from the paper or from the native sampler, the builder below says so (DDIM's previous
-timestep, Euler's v-prediction sigma, DPM-Solver's lower-order final step).
+timestep, Euler's v-prediction sigma, DPM-Solver's lower-order final step). Flow matching
+(``FlowMatchEulerDiscreteScheduler``) runs on the flow state ``x = (1 - s) x0 + s eps`` (``flow_plan``).
 
 diffusers computes these coefficients in float32; fastguide computes them in float64 and rounds the row
 once, so results can differ from diffusers' by diffusers' own fp32 rounding (e.g. ~5e-5 relative in
@@ -25,6 +26,7 @@ from ..core.layout import Col
 from .rows import ddim_noise_std, ddim_update, ddpm_mean, euler_update, prediction_coeffs, row, sqrt
 
 DDPM, DDIM, EULER, EULER_ANCESTRAL, DPM = "ddpm", "ddim", "euler", "euler_ancestral", "dpmsolver++"
+FLOW = "flow_match_euler"
 
 PREPARE_HELP = ("fastguide.step inside torch.compile needs the scheduler's tables built beforehand: call "
                 "fastguide.dropin.prepare(scheduler, device, **step_options) after scheduler.set_timesteps(...) "
@@ -270,5 +272,32 @@ def dpm_plan(scheduler) -> SchedulerPlan:
     return SchedulerPlan(DPM, np.stack(first_rows + second_rows), n, alpha, sigma, np.zeros(n, dtype=bool))
 
 
+def flow_plan(scheduler) -> SchedulerPlan:
+    """FlowMatchEulerDiscreteScheduler on the flow state ``x = (1 - s) x0 + s eps`` with the velocity
+    ``v = eps - x0`` (so ``x0^ = x - s v``, ``eps = x + (1 - s) v``), from its own ``sigmas`` (shift, dynamic
+    shifting, shift_terminal, inverted, Karras / exponential / beta sigmas and custom schedules are in them):
+
+    * deterministic: ``x + (s_next - s) v``, written ``x - h x0^ + h eps`` (h = s_next - s) so no column divides
+      by s or 1 - s (both 0 somewhere: s = 1 at the start, s = 0 at an inverted start);
+    * ``stochastic_sampling``: ``(1 - s_next) x0^ + s_next z``, a fresh draw on every step (also the last,
+      where s_next = 0), as diffusers draws it.
+
+    The score columns are the flow state's (alpha = 1 - s, sigma = s: ``v -= s/(1-s) g``); at s = 1 they are 0,
+    so that step is not guided (``rows.score_cols``)."""
+    sig = _f64(scheduler.sigmas)
+    n = len(sig) - 1
+    stochastic = bool(config(scheduler, "stochastic_sampling", False))
+    rows, alpha, sigma = [], np.zeros(n), np.zeros(n)
+    for i in range(n):
+        s, nxt = sig[i], sig[i + 1]
+        pred = prediction_coeffs("flow_prediction", 1.0 - s, s, with_eps=not stochastic)
+        if stochastic:
+            rows.append(row(pred, 1.0 - s, s, B=1.0 - nxt, E=nxt))
+        else:
+            rows.append(row(pred, 1.0 - s, s, A=1.0, B=-(nxt - s), C=nxt - s))
+        alpha[i], sigma[i] = 1.0 - s, s
+    return SchedulerPlan(FLOW, np.stack(rows), n, alpha, sigma, np.full(n, stochastic))
+
+
 BUILDERS = {DDPM: ddpm_plan, DDIM: ddim_plan, EULER: euler_plan, EULER_ANCESTRAL: euler_ancestral_plan,
-            DPM: dpm_plan}
+            DPM: dpm_plan, FLOW: flow_plan}
