@@ -229,6 +229,13 @@ def _pred(schedule: Schedule, stage: Stage) -> dict:
     return prediction_coeffs(schedule.prediction_type, stage.alpha, stage.sigma, stage.c_in)
 
 
+def _churned_schedule(schedule: Schedule, steps: int, s_churn, s_tmin, s_tmax, s_noise) -> tuple:
+    """(sigmas, model timesteps, churn options) of an EDM-style sampler, its churn options checked."""
+    _check_churn(s_churn, s_tmin, s_tmax, s_noise)
+    sigmas, ts = sigma_schedule(schedule, steps)
+    return sigmas, ts, (s_churn, s_tmin, s_tmax, s_noise)
+
+
 def _euler_row(schedule: Schedule, stage: Stage, sigma_to: float, **update) -> np.ndarray:
     """An Euler step from the stage's sigma to ``sigma_to`` (extra update columns, e.g. noise, in ``update``)."""
     return row(_pred(schedule, stage), 1.0, stage.sigma, **euler_update(stage.sigma, sigma_to), **update)
@@ -238,10 +245,8 @@ def euler(schedule: Schedule, steps: int, s_churn: float = 0.0, s_tmin: float = 
           s_tmax: float = float("inf"), s_noise: float = 1.0) -> Plan:
     """Euler on the probability-flow ODE (Karras et al. 2022 Alg. 2 without the Heun correction):
     ``x_next = x + (sigma_next - sigma_hat) (x - x0^) / sigma_hat``, with optional churn."""
-    _check_churn(s_churn, s_tmin, s_tmax, s_noise)
-    sigmas, ts = sigma_schedule(schedule, steps)
+    sigmas, ts, churn = _churned_schedule(schedule, steps, s_churn, s_tmin, s_tmax, s_noise)
     rows, stages = [], []
-    churn = (s_churn, s_tmin, s_tmax, s_noise)
     for i in range(steps):
         st = _churned_stage(schedule, i, steps, sigmas, ts, churn)
         rows.append(_euler_row(schedule, st, sigmas[i + 1]))
@@ -301,10 +306,8 @@ def heun(schedule: Schedule, steps: int, s_churn: float = 0.0, s_tmin: float = 0
             sigma range in which steps churn.
         s_noise: finite float >= 0, default 1. EDM's S_noise, the churn noise's scale.
     """
-    _check_churn(s_churn, s_tmin, s_tmax, s_noise)
-    sigmas, ts = sigma_schedule(schedule, steps)
+    sigmas, ts, churn = _churned_schedule(schedule, steps, s_churn, s_tmin, s_tmax, s_noise)
     rows, stages = [], []
-    churn = (s_churn, s_tmin, s_tmax, s_noise)
     for i in range(steps):
         st = _churned_stage(schedule, i, steps, sigmas, ts, churn)
         t_hat, nxt = st.sigma, sigmas[i + 1]
