@@ -1,7 +1,13 @@
 import os
+import tempfile
 
 import pytest
 import torch
+
+# torch.compile keeps compiled graphs on disk (/tmp/torchinductor_<user>) across processes, and its cache key
+# does not cover a custom op's schema: after fastguide's op gained an argument, a graph compiled by an older
+# checkout was replayed against the new op and failed. Each test session compiles into its own cache.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastguide-tests-inductor-"))
 
 # Without a GPU the Triton kernels run in Triton's interpreter; this must be set before triton is imported.
 if not torch.cuda.is_available():
