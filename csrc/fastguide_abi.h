@@ -37,6 +37,10 @@ struct GuidedStepArgs {
   int64_t step = 0;                    // otherwise this step index is used
   void* out = nullptr;                 int64_t out_stride = 0;    // null: do not write out
   void* x0_out = nullptr;              int64_t x0_out_stride = 0; // null: do not write x0
+  // A second destination of the result, stored in the same pass as out (a loop's next [x; x] model
+  // input); written only when out is. Store order x0_out, out, out2: an output that is x0_out too holds
+  // the result.
+  void* out2 = nullptr;                int64_t out2_stride = 0;   // null: no second copy
 };
 
 // Per-sample factor r_b = phi * std(cond_b) / std(guided_b) + (1 - phi), unbiased std (diffusers'

@@ -50,11 +50,11 @@ def guided_step_kernel(
     noise_ptr, noise_stride, x0_prev_ptr, x0_prev_stride,
     clip_lo, clip_hi, threshold_ptr, threshold_stride,
     table_ptr, table_stride_row, table_stride_col, step_ptr, step,
-    out_ptr, out_stride, x0_out_ptr, x0_out_stride,
+    out_ptr, out_stride, x0_out_ptr, x0_out_stride, out2_ptr, out2_stride,
     HAS_CFG: tl.constexpr, HAS_MFACTOR: tl.constexpr, HAS_G_SCORE: tl.constexpr, HAS_G_MEAN: tl.constexpr,
     HAS_NOISE: tl.constexpr, HAS_X0_PREV: tl.constexpr, LEARNED_VARIANCE: tl.constexpr,
     CLIP_MODE: tl.constexpr, STEP_FROM_PTR: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_X0: tl.constexpr,
-    BLOCK: tl.constexpr,
+    WRITE_OUT2: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # Grid: (chunks of a row, rows). Row offsets in int64: a [2B, 2n] model output can pass 2**31.
     row = tl.program_id(1).to(tl.int64) + row0
@@ -123,11 +123,13 @@ def guided_step_kernel(
             xp = tl.load(x0_prev_ptr + row * x0_prev_stride + cols, mask=mask, other=0.0).to(tl.float32)
             res = res + tl.load(coef + C_F * table_stride_col) * xp
     # All loads of this program's elements are above, so an output may be an input exactly (out=sample).
-    # x0 is stored first: should x0_out and out be the same tensor, out wins, as in the reference.
+    # x0 is stored first: should x0_out be out or out2, the result wins, as in the reference.
     if WRITE_X0:
         tl.store(x0_out_ptr + row * x0_out_stride + cols, x0.to(x0_out_ptr.dtype.element_ty), mask=mask)
     if WRITE_OUT:
         tl.store(out_ptr + row * out_stride + cols, res.to(out_ptr.dtype.element_ty), mask=mask)
+        if WRITE_OUT2:  # the second copy (a loop's next [x; x] model input), from the same registers
+            tl.store(out2_ptr + row * out2_stride + cols, res.to(out2_ptr.dtype.element_ty), mask=mask)
 
 
 def _stride(t: Optional[torch.Tensor]) -> int:
@@ -135,8 +137,8 @@ def _stride(t: Optional[torch.Tensor]) -> int:
 
 
 def guided_step(args: StepArgs, block: Optional[int] = None) -> None:
-    """Launch the fused step on row views: ``sample``, ``out``, ``x0_out``, ``g_*``, ``noise``, ``x0_prev``
-    are ``[B, n]``, ``model_output`` is ``[B or 2B, n or 2n]``, each with unit inner stride (``as_rows``).
+    """Launch the fused step on row views: ``sample``, ``out``, ``out2``, ``x0_out``, ``g_*``, ``noise``,
+    ``x0_prev`` are ``[B, n]``, ``model_output`` is ``[B or 2B, n or 2n]``, each with unit inner stride (``as_rows``).
 
     ``scale`` is required exactly when ``model_output`` has 2B rows; ``scale``, ``mfactor`` and
     ``threshold`` are [B] vectors with any stride (0 for a broadcast scalar). ``block`` overrides the
@@ -149,8 +151,10 @@ def guided_step(args: StepArgs, block: Optional[int] = None) -> None:
     has_cfg = model_output.shape[0] == 2 * batch
     block = block or elementwise_block(n, batch, x.device)
     step_from_ptr = isinstance(step, torch.Tensor)
+    out2 = args.out2 if out is not None else None  # written only with out
     optional = {name: getattr(args, name) for name in ("scale", "mfactor", "g_score", "g_mean", "noise",
                                                         "x0_prev", "threshold", "out", "x0_out")}
+    optional["out2"] = out2
     # Absent pointers are never dereferenced (their flags compile the loads out); any tensor will do.
     ptr = {name: t if t is not None else x for name, t in optional.items()}
     stride = {name: _stride(t) for name, t in optional.items()}
@@ -164,10 +168,11 @@ def guided_step(args: StepArgs, block: Optional[int] = None) -> None:
             float(args.clip_lo), float(args.clip_hi), ptr["threshold"], stride["threshold"],
             args.table, args.table.stride(0), args.table.stride(1),
             step if step_from_ptr else args.table, 0 if step_from_ptr else int(step),
-            ptr["out"], stride["out"], ptr["x0_out"], stride["x0_out"],
+            ptr["out"], stride["out"], ptr["x0_out"], stride["x0_out"], ptr["out2"], stride["out2"],
             HAS_CFG=has_cfg, HAS_MFACTOR=args.mfactor is not None, HAS_G_SCORE=args.g_score is not None,
             HAS_G_MEAN=args.g_mean is not None, HAS_NOISE=args.noise is not None,
             HAS_X0_PREV=args.x0_prev is not None, LEARNED_VARIANCE=bool(args.learned_variance),
             CLIP_MODE=int(args.clip_mode), STEP_FROM_PTR=step_from_ptr, WRITE_OUT=out is not None,
-            WRITE_X0=x0_out is not None, BLOCK=block, num_warps=warps_for(block), enable_fp_fusion=True,
+            WRITE_X0=x0_out is not None, WRITE_OUT2=out2 is not None, BLOCK=block, num_warps=warps_for(block),
+            enable_fp_fusion=True,
         )

@@ -338,6 +338,37 @@ def test_step_sweep(cuda_emulated, path, dtype):
         assert masks == set(reachable_masks()), f"vector kernels never run: {set(reachable_masks()) - masks}"
 
 
+@pytest.mark.parametrize("dtype", parity.DTYPES, ids=DTYPE_IDS.get)
+def test_step_out2_paths(cuda_emulated, dtype):
+    """The second destination on the vector path (aligned rows of whole packs; as the halves of one [2B]
+    buffer, as a loop passes them) and on the scalar fallback (odd rows, or out2 itself misaligned)."""
+    from fastguide.core.args import StepArgs
+    from fastguide.core.ops import run_step
+    for shape, placement, vector in [((2, 4, 8, 10), "halves", True), ((3, 8, 6, 4), "separate", True),
+                                     ((2, 4, 8, 10), "misaligned", False), ((3, 5, 7), "halves", False)]:
+        gen = torch.Generator().manual_seed(parity.seed_of("out2-paths", shape, placement, str(dtype)))
+        batch = shape[0]
+        x = torch.randn(shape, generator=gen).to(dtype)
+        mo = torch.randn((2 * batch,) + shape[1:], generator=gen).to(dtype)
+        noise = torch.randn(shape, generator=gen).to(dtype)
+        scale = 4.0 * torch.rand(batch, generator=gen)
+        table = torch.randn(3, parity.NUM_COLS, generator=gen)
+        nan = torch.full(shape, float("nan"), dtype=dtype)
+        if placement == "halves":
+            out, out2 = torch.full((2 * batch,) + shape[1:], float("nan"), dtype=dtype).split(batch)
+        elif placement == "misaligned":
+            out, out2 = nan.clone(), _misaligned_copy(nan)
+        else:
+            out, out2 = nan.clone(), nan.clone()
+        want = fastguide.guided_step(x, mo, table, 1, scale=scale, noise=noise, backend="torch")
+        cuda_emulated.clear_log()
+        run_step(StepArgs(x, mo, table, torch.tensor(1), scale=scale, noise=noise, out=out, out2=out2), "cuda")
+        assert torch.equal(out, out2)
+        parity.assert_matches(out, want, parity.step_tol(dtype))
+        _, vec, _ = _step_launch(cuda_emulated)
+        assert (vec == VEC[dtype]) == vector, (shape, placement, vec)
+
+
 def test_step_rows_beyond_grid_limit(cuda_emulated):
     """More rows than grid.y can hold (65535): each block row loops over several sample rows. One dtype: the
     row loop does not depend on it, and 16.8 M emulated threads take a few seconds."""

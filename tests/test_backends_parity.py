@@ -6,13 +6,19 @@ skipped where they were not built. Every case draws fresh seeded inputs and a ra
 sizes, row-strided and transposed views, per-sample / scalar / no guidance, CFG rescale, every clip mode,
 learned variance, each optional term present or absent, int and tensor step indices, out= aliasing the
 sample, x0-only calls, and outputs poisoned with NaN before the call. NaN never passes a comparison.
+
+The second destination of the result (``StepArgs.out2``, what a sampling loop points at the other half of the
+next ``[x; x]`` model input) has no public keyword; its cases go through ``fastguide.guided_step`` with
+``run_step`` wrapped to add it, so every check of the public op still runs first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import zlib
 from dataclasses import dataclass
+from unittest import mock
 from typing import FrozenSet, Tuple
 
 import pytest
@@ -20,6 +26,7 @@ import torch
 
 import fastguide
 from fastguide.backends import dispatch, reference
+from fastguide.core import ops
 from fastguide.core.layout import NUM_COLS, Col
 
 COMPILED = ("cpp", "triton", "cuda")
@@ -72,6 +79,7 @@ class StepCase:
     step: str = "int"              # int | int64 | int32
     view: str = "contiguous"       # contiguous | row_strided | transposed
     outputs: str = "new"           # new | poisoned | alias | alias_both (out = x0_out = sample) | x0_only
+    #                                 | out2_* (a second destination of the result, see _run_step_out2)
     nan_unused: bool = False       # coefficients of absent terms are NaN (they must never be read)
 
 
@@ -108,6 +116,19 @@ TARGETED = [
     StepCase("many_tiles_threads", shape=(2, 4, 183, 181), terms=frozenset({"noise"}), outputs="poisoned",
              rescale=0.7, learned_variance=True),
     StepCase("one_large_row", shape=(1, 270001), terms=frozenset({"g_score", "x0_prev"}), outputs="alias"),
+    # out2: the result written twice in one pass.
+    StepCase("out2_fresh_out", outputs="out2"),
+    StepCase("out2_halves_of_one_buffer", outputs="out2_halves", terms=ALL, learned_variance=True),
+    StepCase("out2_halves_no_cfg", outputs="out2_halves", guidance="none", terms=frozenset({"noise"})),
+    StepCase("out2_poisoned_with_x0", outputs="out2_poisoned", terms=ALL, clip="threshold", rescale=0.5),
+    StepCase("out2_is_the_sample", outputs="out2_alias_sample", terms=ALL, clip="range"),
+    StepCase("out2_is_x0_out", outputs="out2_x0", terms=frozenset({"g_score", "noise"})),
+    StepCase("out2_row_strided", outputs="out2_strided", view="row_strided", terms=ALL),
+    StepCase("out2_overlaps_model_output", outputs="out2_overlaps_input", terms=frozenset({"x0_prev"})),
+    StepCase("out2_ignored_by_x0_only", outputs="out2_x0_only", clip="range"),
+    StepCase("out2_odd_large", shape=(2, 3, 181, 183), outputs="out2_halves", terms=frozenset({"noise"}),
+             step="int64"),
+    StepCase("out2_one_element_rows", shape=(5, 1), outputs="out2_poisoned", nan_unused=True),
 ]
 
 
@@ -192,9 +213,66 @@ def _step_call(case: StepCase, device: str, dtype: torch.dtype, seed: int):
     return sample, model_output, table, step, kwargs
 
 
+@contextlib.contextmanager
+def second_destination(out2):
+    """Inside the block, ``fastguide.guided_step`` calls also write their result into ``out2``."""
+    run_step = ops.run_step
+
+    def with_out2(args, backend):
+        args.out2 = out2
+        return run_step(args, backend)
+
+    with mock.patch.object(ops, "run_step", with_out2):
+        yield
+
+
+def _run_step_out2(case: StepCase, backend: str, sample, model_output, table, step, kwargs):
+    """An ``out2`` case: its destinations (NaN-poisoned) and what they must hold afterwards."""
+    def nan(shape=sample.shape):
+        return torch.full(shape, NAN, dtype=sample.dtype, device=sample.device)
+
+    batch, channels, *rest = sample.shape
+    before = sample.clone()
+    out = x0 = None
+    write_out = case.outputs != "out2_x0_only"
+    if case.outputs == "out2_halves":  # the loop's use: both halves of one [2B] buffer
+        out, out2 = nan((2 * batch, channels, *rest)).split(batch)
+    elif case.outputs == "out2_poisoned":
+        out, out2, x0 = nan(), nan(), nan()
+    elif case.outputs == "out2_alias_sample":  # exactly an input: read before written
+        sample = out2 = sample.clone()
+    elif case.outputs == "out2_x0":  # x0_out is out2: the result wins
+        out2 = x0 = nan()
+    elif case.outputs == "out2_strided":  # through a temporary
+        out2 = nan((batch, 2 * channels, *rest))[:, :channels]
+    elif case.outputs == "out2_overlaps_input":  # part of the model output: through a temporary
+        model_output = model_output.clone()
+        out2 = model_output[1:1 + batch]
+    elif case.outputs == "out2_x0_only":
+        out2, x0 = nan(), nan()
+    else:
+        out2 = nan()
+    with second_destination(out2):
+        returned = fastguide.guided_step(sample, model_output, table, step, out=out, x0_out=x0,
+                                         write_out=write_out, backend=backend, **kwargs)
+    if case.outputs != "out2_alias_sample":
+        torch.testing.assert_close(sample, before, rtol=0, atol=0)  # inputs are never written
+    if not write_out:
+        assert returned is None and out2.isnan().all()  # an x0-only call leaves out2 alone
+        return {"x0": x0}
+    assert out is None or returned is out
+    assert torch.equal(out2, returned), "out2 differs from out"
+    results = {"out": returned, "out2": out2}
+    if x0 is not None and x0 is not out2:
+        results["x0"] = x0
+    return results
+
+
 def _run_step(case: StepCase, backend: str, sample, model_output, table, step, kwargs):
     """Run one call and return its results by name (outputs are fresh or poisoned per the case)."""
     kwargs = dict(kwargs)
+    if case.outputs.startswith("out2"):
+        return _run_step_out2(case, backend, sample, model_output, table, step, kwargs)
     results = {}
     if case.outputs in ("alias", "alias_both"):
         sample = sample.clone()

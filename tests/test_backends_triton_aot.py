@@ -31,12 +31,14 @@ LSE_GRAD = ("temperature_lse_grad", "temperature_lse_grad_kernel")
 RMS_PARTIAL = ("per_sample_rms", "per_sample_rms_partial_kernel")
 STEP_OFF = dict(HAS_CFG=False, HAS_MFACTOR=False, HAS_G_SCORE=False, HAS_G_MEAN=False, HAS_NOISE=False,
                 HAS_X0_PREV=False, LEARNED_VARIANCE=False, CLIP_MODE=0, STEP_FROM_PTR=False, WRITE_OUT=True,
-                WRITE_X0=False)
+                WRITE_X0=False, WRITE_OUT2=False)
 STEP_ALL = dict(STEP_OFF, HAS_CFG=True, HAS_MFACTOR=True, HAS_G_SCORE=True, HAS_G_MEAN=True, HAS_NOISE=True,
                 HAS_X0_PREV=True, LEARNED_VARIANCE=True, CLIP_MODE=2, STEP_FROM_PTR=True, WRITE_X0=True)
 BF16_IO = {p: "bf16" for p in ("x_ptr", "noise_ptr", "g_score_ptr", "out_ptr", "x0_out_ptr")}
 CASES = [
     ("step_cfg_ddim_fp32", *STEP, {}, dict(STEP_OFF, HAS_CFG=True, BLOCK=2048), 8, True),
+    ("step_cfg_ddim_out2_fp16", *STEP, {p: "fp16" for p in ("x_ptr", "m_ptr", "out_ptr", "out2_ptr")},
+     dict(STEP_OFF, HAS_CFG=True, WRITE_OUT2=True, BLOCK=2048), 8, True),
     ("step_all_terms_fp32_threshold_device_step", *STEP, {"step_ptr": "i64"}, dict(STEP_ALL, BLOCK=2048), 8,
      True),
     ("step_cfg_rescale_range_clip_bf16_sample_fp16_model", *STEP, dict(BF16_IO, m_ptr="fp16"),

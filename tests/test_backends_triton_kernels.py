@@ -202,6 +202,49 @@ def test_step_outputs_alias_inputs():
     assert_close(x0_prev_alias, want_x0, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n", [1, 127, 129, 385])
+@pytest.mark.parametrize("write_x0", [False, True])
+def test_step_out2_block_boundaries(n, dtype, write_x0):
+    """WRITE_OUT2: the second destination gets every element of the result (masks of the last chunk),
+    bit for bit what out gets, with or without x0."""
+    guided_step, *_ = _kernels()
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("out2", n, dtype, write_x0)).encode()))
+    batch = 3
+    x = randn(batch, n, dtype=dtype, gen=gen)
+    mo = randn(2 * batch, n, dtype=dtype, gen=gen)
+    kwargs = dict(scale=(1 + torch.rand(batch, generator=gen)).to(DEVICE), noise=randn(batch, n, dtype=dtype, gen=gen))
+    table = random_table(3, gen)
+    pair = torch.full((2 * batch, n), float("nan"), dtype=dtype, device=DEVICE)
+    out, out2 = pair[:batch], pair[batch:]
+    x0 = poisoned(x) if write_x0 else None
+    guided_step.guided_step(StepArgs(x, mo, table, 2, **kwargs, out=out, out2=out2, x0_out=x0), block=128)
+    want_out, want_x0 = _reference_rows(x, mo, table, 2, kwargs)
+    assert torch.equal(out, out2)
+    assert_close(out, want_out, dtype)
+    if write_x0:
+        assert_close(x0, want_x0, dtype)
+
+
+def test_step_out2_aliasing():
+    """out2 = sample (an input, exactly), and x0_out = out2 (the result wins), through core.ops.run_step."""
+    from fastguide.core.ops import run_step
+    gen = torch.Generator().manual_seed(17)
+    batch, shape = 3, (2, 300)
+    x, mo, extra = _step_inputs(batch, shape, torch.float32, gen)
+    table = random_table(3, gen)
+    scale = extra.pop("scale")
+    want = fastguide.guided_step(x, mo, table, 2, scale=scale, **extra, backend="torch")
+    x_alias = x.clone()
+    got = run_step(StepArgs(x_alias, mo, table, 2, scale=scale, **extra, out2=x_alias), "triton")
+    assert_close(got, want, torch.float32)
+    assert torch.equal(x_alias, got)
+    both = poisoned(x)
+    got = run_step(StepArgs(x, mo, table, 2, scale=scale, **extra, out2=both, x0_out=both), "triton")
+    assert torch.equal(both, got)
+    assert_close(both, want, torch.float32)
+
+
 def test_step_absent_inputs_and_columns_are_never_read():
     """Columns of absent terms are NaN and the variance channels are NaN while no term needs them: the
     constexpr-gated kernel never multiplies them in, so the result is finite and equals the reference."""

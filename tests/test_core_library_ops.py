@@ -26,6 +26,16 @@ def test_opcheck_guided_step():
     opcheck(torch.ops.fastguide.guided_step.default,
             (x, m[:2], table, 0, torch.tensor([4]), None, None, None, None, None, None, 0, -1.0, 1.0, None, False,
              False, True, "torch"))
+    # write_out2: the result twice, stacked, from one kernel pass.
+    for backend in ("torch", "auto"):
+        opcheck(torch.ops.fastguide.guided_step.default,
+                (x, m, table, 2, None, scale, None, extras[0], None, extras[2], None, 0, -1.0, 1.0, None, False,
+                 True, True, backend, True))
+    res, _ = torch.ops.fastguide.guided_step(x, m, table, 2, None, scale, None, None, None, None, None, 0, -1.0,
+                                             1.0, None, False, True, False, "auto", True)
+    single, _ = torch.ops.fastguide.guided_step(x, m, table, 2, None, scale, None, None, None, None, None, 0,
+                                                -1.0, 1.0, None, False, True, False, "auto")
+    assert res.shape == (4,) + x.shape[1:] and torch.equal(res[:2], single) and torch.equal(res[2:], single)
 
 
 def test_opcheck_small_ops():
@@ -50,6 +60,30 @@ def test_compiled_step_has_no_graph_break_and_matches_eager(backend):
         return out, x0
 
     eager = step(x, m, 2)
+    compiled = torch.compile(step, fullgraph=True)(x, m, torch.tensor([2]))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_compiled_step_with_out2_matches_eager(backend):
+    """run_step with a second destination traces (the doubled op, copied into out and out2) and writes the
+    same as the eager kernel; x0_out = out2 holds the result there too."""
+    from fastguide.core.args import StepArgs
+    from fastguide.core.ops import run_step
+    x, m, table, g = _inputs(4)
+    scale = torch.rand(2, generator=g) * 5
+
+    def step(x, m, step_index):
+        pair = x.new_empty((4,) + x.shape[1:])
+        lower, upper = pair[:2], pair[2:]
+        run_step(StepArgs(x, m, table, step_index, scale=scale, out=lower, out2=upper), backend)
+        both = torch.empty_like(x)
+        run_step(StepArgs(x, m, table, step_index, scale=scale, out2=both, x0_out=both), backend)
+        return pair, both
+
+    eager = step(x, m, torch.tensor([2]))
+    assert torch.equal(eager[0][:2], eager[0][2:]) and torch.equal(eager[1], eager[0][:2])
     compiled = torch.compile(step, fullgraph=True)(x, m, torch.tensor([2]))
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

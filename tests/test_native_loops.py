@@ -113,8 +113,9 @@ def test_ops_grow_linearly_with_the_step_count(case):
 
 
 def test_cfg_step_ops_without_the_network():
-    """CFG + DDIM with a null label: the gather of the timesteps, the [x; x] batch, the output allocation,
-    the fused step and the counter increment; the free network adds its one multiply."""
+    """CFG + DDIM with a null label: the gather of the timesteps, the fused step (which also writes the next
+    step's [x; x] batch: no cat, no output allocation) and the counter increment; the free network adds its
+    one multiply."""
     model = lambda x, t, y: x * 0.1  # noqa: E731
     x_T = torch.randn((B,) + SHAPE)
     y = torch.tensor([0, 1, 2, 3])
@@ -128,7 +129,7 @@ def test_cfg_step_ops_without_the_network():
         run(20)
     per_step = (c20.count - c10.count) / 10
     print(f"\nCFG+DDIM eager loop: {per_step:g} ops per step including the network's 1")
-    assert per_step <= 6
+    assert per_step <= 4
 
 
 def test_split_invariance_and_progress(capsys):

@@ -7,10 +7,11 @@
 // buffers so that clipping and the score term can change them. Optional terms are branches around whole
 // loops, never multiplications by zero, so an absent tensor cannot inject NaN.
 //
-// Aliasing: an output may be one of the inputs exactly (out=sample). The loop that writes `out` reads every
-// input of element i before writing element i (hence `omp simd` rather than the compiler's overlap
-// checks), no input is read after it, and x0_out is written last; when out and x0_out are the same tensor
-// it holds out, as in the reference.
+// Aliasing: an output may be one of the inputs exactly (out=sample). The loop that writes `out` (and `out2`,
+// the optional second copy of the result, in the same loop) reads every input of element i before writing
+// element i (hence `omp simd` rather than the compiler's overlap checks), no input is read after it, and
+// x0_out is written last; when x0_out is the same tensor as out or out2 it holds the result, as in the
+// reference.
 #include <cmath>
 
 #include "fast_exp.h"
@@ -74,9 +75,11 @@ inline void predict(const float* k, const Model& in, float* __restrict x0, float
   }
 }
 
-// out = A x + B x0 + C eps (+ extra) with x0 and eps computed in registers: the whole step in one loop.
-template <bool kCfg, bool kNoise, bool kExtra>
-inline void predict_and_combine(const float* k, const Model& in, const float* extra, float* out, int64_t len) {
+// out = A x + B x0 + C eps (+ extra) with x0 and eps computed in registers: the whole step in one loop,
+// storing to out2 too when kOut2 (fp32 storage).
+template <bool kCfg, bool kNoise, bool kExtra, bool kOut2>
+inline void fused_loop(const float* k, const Model& in, const float* extra, float* out, float* out2,
+                       int64_t len) {
   const float px = k[P_X], pm = k[P_M], pz = k[P_Z], qx = k[Q_X], qm = k[Q_M], qz = k[Q_Z];
   const float ca = k[A], cb = k[B], cc = k[C];
 #pragma omp simd
@@ -91,19 +94,42 @@ inline void predict_and_combine(const float* k, const Model& in, const float* ex
     float r = ca * in.x[i] + cb * x0 + cc * e;
     if (kExtra) r += extra[i];
     out[i] = r;
+    if (kOut2) out2[i] = r;
   }
 }
 
-// out = A x + B x0 + C eps (+ extra) from the x0 and eps buffers.
-template <bool kExtra>
-inline void combine(const float* k, const float* x, const float* x0, const float* eps, const float* extra,
-                    float* out, int64_t len) {
+// out = A x + B x0 + C eps (+ extra) from the x0 and eps buffers (and out2, when kOut2).
+template <bool kExtra, bool kOut2>
+inline void combine_loop(const float* k, const float* x, const float* x0, const float* eps,
+                         const float* extra, float* out, float* out2, int64_t len) {
   const float ca = k[A], cb = k[B], cc = k[C];
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     float r = ca * x[i] + cb * x0[i] + cc * eps[i];
     if (kExtra) r += extra[i];
     out[i] = r;
+    if (kOut2) out2[i] = r;
+  }
+}
+
+// The loops above with or without the second store, picked once per tile.
+template <bool kCfg, bool kNoise, bool kExtra>
+inline void predict_and_combine(const float* k, const Model& in, const float* extra, float* out, float* out2,
+                                int64_t len) {
+  if (out2) {
+    fused_loop<kCfg, kNoise, kExtra, true>(k, in, extra, out, out2, len);
+  } else {
+    fused_loop<kCfg, kNoise, kExtra, false>(k, in, extra, out, nullptr, len);
+  }
+}
+
+template <bool kExtra>
+inline void combine(const float* k, const float* x, const float* x0, const float* eps, const float* extra,
+                    float* out, float* out2, int64_t len) {
+  if (out2) {
+    combine_loop<kExtra, true>(k, x, x0, eps, extra, out, out2, len);
+  } else {
+    combine_loop<kExtra, false>(k, x, x0, eps, extra, out, nullptr, len);
   }
 }
 
@@ -188,19 +214,21 @@ void step_tile(const GuidedStepArgs& a, const float* k, int64_t row, int64_t beg
   const int variant = (a.has_cfg ? 2 : 0) | (in.z ? 1 : 0);
 
   const float* extra = a.out ? added_terms(a, k, in, row, cond_row, begin, len, s) : nullptr;
-  // fp32 outputs are written in place; others go through s.res and are converted.
-  float* out = a.dtype == kF32 && a.out ? static_cast<float*>(a.out) + row * a.out_stride + begin : s.res;
+  // fp32 outputs are written in place (out2 in the same loop); others go through s.res and are converted.
+  const bool f32_out = a.dtype == kF32 && a.out;
+  float* out = f32_out ? static_cast<float*>(a.out) + row * a.out_stride + begin : s.res;
+  float* out2 = f32_out && a.out2 ? static_cast<float*>(a.out2) + row * a.out2_stride + begin : nullptr;
 
   if (a.out && a.clip_mode == kClipNone && !a.g_score && !a.x0_out) {
     switch (variant * 2 + (extra ? 1 : 0)) {
-      case 0: predict_and_combine<false, false, false>(k, in, extra, out, len); break;
-      case 1: predict_and_combine<false, false, true>(k, in, extra, out, len); break;
-      case 2: predict_and_combine<false, true, false>(k, in, extra, out, len); break;
-      case 3: predict_and_combine<false, true, true>(k, in, extra, out, len); break;
-      case 4: predict_and_combine<true, false, false>(k, in, extra, out, len); break;
-      case 5: predict_and_combine<true, false, true>(k, in, extra, out, len); break;
-      case 6: predict_and_combine<true, true, false>(k, in, extra, out, len); break;
-      default: predict_and_combine<true, true, true>(k, in, extra, out, len); break;
+      case 0: predict_and_combine<false, false, false>(k, in, extra, out, out2, len); break;
+      case 1: predict_and_combine<false, false, true>(k, in, extra, out, out2, len); break;
+      case 2: predict_and_combine<false, true, false>(k, in, extra, out, out2, len); break;
+      case 3: predict_and_combine<false, true, true>(k, in, extra, out, out2, len); break;
+      case 4: predict_and_combine<true, false, false>(k, in, extra, out, out2, len); break;
+      case 5: predict_and_combine<true, false, true>(k, in, extra, out, out2, len); break;
+      case 6: predict_and_combine<true, true, false>(k, in, extra, out, out2, len); break;
+      default: predict_and_combine<true, true, true>(k, in, extra, out, out2, len); break;
     }
   } else {
     switch (variant) {
@@ -222,14 +250,19 @@ void step_tile(const GuidedStepArgs& a, const float* k, int64_t row, int64_t beg
     }
     if (a.out) {
       if (extra) {
-        combine<true>(k, in.x, s.x0, s.eps, extra, out, len);
+        combine<true>(k, in.x, s.x0, s.eps, extra, out, out2, len);
       } else {
-        combine<false>(k, in.x, s.x0, s.eps, extra, out, len);
+        combine<false>(k, in.x, s.x0, s.eps, extra, out, out2, len);
       }
     }
   }
-  if (a.out && a.dtype != kF32) store_f32(a.dtype, a.out, row * a.out_stride + begin, s.res, len);
-  if (a.x0_out && a.x0_out != a.out) store_f32(a.dtype, a.x0_out, row * a.x0_out_stride + begin, s.x0, len);
+  if (a.out && a.dtype != kF32) {
+    store_f32(a.dtype, a.out, row * a.out_stride + begin, s.res, len);
+    if (a.out2) store_f32(a.dtype, a.out2, row * a.out2_stride + begin, s.res, len);
+  }
+  if (a.x0_out && a.x0_out != a.out && !(a.out && a.x0_out == a.out2)) {
+    store_f32(a.dtype, a.x0_out, row * a.x0_out_stride + begin, s.x0, len);
+  }
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // The fused guided sampler step: one pass over x, the model output(s), the guidance gradients, the noise
-// and the previous x0, writing x_out and/or x0^ (the row formula of fastguide/core/layout.py, computed in fp32).
+// and the previous x0, writing x_out (optionally twice: out2, a loop's next [x; x] model input) and/or x0^
+// (the row formula of fastguide/core/layout.py, computed in fp32).
 //
 // Grid: x = chunk of a row, y = row (sample). Each thread moves ITEMS packs of every input, issuing all
 // loads before any arithmetic so that enough bytes are in flight to saturate HBM. Which element streams
@@ -67,6 +68,8 @@ struct GuidedStepParams {
   int64_t out_stride;
   Bits* x0_out;
   int64_t x0_out_stride;
+  Bits* out2;  // second copy of out, or null
+  int64_t out2_stride;
 };
 
 constexpr int kStepThreads = 256;
@@ -86,6 +89,7 @@ __global__ void __launch_bounds__(kStepThreads)
   using P = Pack<IO, VEC>;
 
   const bool write_out = p.out != nullptr;
+  const bool write_out2 = write_out && p.out2 != nullptr;  // uniform over the grid: no divergence
   const bool write_x0 = p.x0_out != nullptr;
   const int64_t nvec = p.n / VEC;
   const int64_t first = int64_t(blockIdx.x) * (kStepThreads * ITEMS) + threadIdx.x;
@@ -100,6 +104,7 @@ __global__ void __launch_bounds__(kStepThreads)
     const Bits* z_row = p.noise + b * p.noise_stride;
     const Bits* xp_row = p.x0_prev + b * p.x0_prev_stride;
     Bits* out_row = p.out + b * p.out_stride;
+    Bits* out2_row = p.out2 + b * p.out2_stride;
     Bits* x0_row = p.x0_out + b * p.x0_out_stride;
 
     P x[ITEMS], c[ITEMS], u[ITEMS], v[ITEMS], gs[ITEMS], gm[ITEMS], z[ITEMS], xp[ITEMS];
@@ -200,8 +205,13 @@ __global__ void __launch_bounds__(kStepThreads)
         if (feat.has(kX0Prev)) res += cf * pack_get(xp[i], j);
         out_vals[j] = res;
       }
+      // Store order x0, out, out2: an output that is x0_out too holds the result, as in the reference.
       if (write_x0) store_pack<IO, VEC>(x0_row + e, make_pack<IO, VEC>(x0_vals));
-      if (write_out) store_pack<IO, VEC>(out_row + e, make_pack<IO, VEC>(out_vals));
+      if (write_out) {
+        const P packed = make_pack<IO, VEC>(out_vals);
+        store_pack<IO, VEC>(out_row + e, packed);
+        if (write_out2) store_pack<IO, VEC>(out2_row + e, packed);
+      }
     }
   }
 }
@@ -266,6 +276,8 @@ GuidedStepParams<IO> typed_params(const GuidedStepArgs& a) {
   p.out_stride = a.out_stride;
   p.x0_out = static_cast<Bits*>(a.x0_out);
   p.x0_out_stride = a.x0_out_stride;
+  p.out2 = static_cast<Bits*>(a.out2);
+  p.out2_stride = a.out2_stride;
   return p;
 }
 
@@ -293,7 +305,8 @@ bool vectorizable(const GuidedStepArgs& a, int mask, int64_t elem_size) {
          rows_aligned16((mask & kNoise) ? a.noise : nullptr, a.noise_stride, elem_size) &&
          rows_aligned16((mask & kX0Prev) ? a.x0_prev : nullptr, a.x0_prev_stride, elem_size) &&
          rows_aligned16(a.out, a.out_stride, elem_size) &&
-         rows_aligned16(a.x0_out, a.x0_out_stride, elem_size);
+         rows_aligned16(a.x0_out, a.x0_out_stride, elem_size) &&
+         rows_aligned16(a.out ? a.out2 : nullptr, a.out2_stride, elem_size);
 }
 
 }  // namespace

@@ -70,7 +70,7 @@ def cfg_rescale_factor(model_output: torch.Tensor, scale: torch.Tensor, rescale:
 
 def guided_step(args: StepArgs) -> None:
     """One fused guided sampler step (the row formula of ``fastguide.core.layout``), written into
-    ``args.out`` / ``args.x0_out`` (``out=None``: x0 only).
+    ``args.out`` (and ``args.out2``, a second copy) / ``args.x0_out`` (``out=None``: x0 only).
 
     ``model_output`` has ``2B`` rows ``[uncond; cond]`` when ``scale`` is given, else ``B`` rows; with
     ``learned_variance`` its channel dimension is doubled (ADM's learned-range output).
@@ -121,10 +121,13 @@ def guided_step(args: StepArgs) -> None:
         res = res + amp * z
     if args.x0_prev is not None:
         res = res + c[Col.F] * args.x0_prev.float()
-    # Every input has been read before anything is written, so outputs may alias inputs exactly.
+    # Every input has been read before anything is written, so outputs may alias inputs exactly. x0 goes
+    # first: where x0_out is out or out2, the result wins.
     if x0_out is not None:
         x0_out.copy_(x0)
     out.copy_(res)
+    if args.out2 is not None:
+        args.out2.copy_(res)
 
 
 def temperature_lse_grad(logits: torch.Tensor, labels: torch.Tensor, tau1: float, tau2: float,

@@ -72,15 +72,19 @@ def guided_step(args: StepArgs) -> None:
     _check_runnable(args.sample)
     step_kernels = _load_kernels()[0]
     out_rows, copy_out = _output_rows(args.out, args.sample)
+    out2_rows, copy_out2 = _output_rows(args.out2 if args.out is not None else None, args.sample)
     x0_rows, copy_x0 = _output_rows(args.x0_out, args.sample)
     step_kernels.guided_step(dataclasses.replace(
         args, sample=as_rows(args.sample), model_output=as_rows(args.model_output), g_score=as_rows(args.g_score),
         g_mean=as_rows(args.g_mean), noise=as_rows(args.noise), x0_prev=as_rows(args.x0_prev), out=out_rows,
-        x0_out=x0_rows))
+        x0_out=x0_rows, out2=out2_rows))
+    # In the kernel's store order (x0, out, out2): an output that is x0_out too ends up with the result.
     if copy_x0:
         args.x0_out.copy_(x0_rows.view(args.x0_out.shape))
     if copy_out:
         args.out.copy_(out_rows.view(args.out.shape))
+    if copy_out2:
+        args.out2.copy_(out2_rows.view(args.out2.shape))
 
 
 def cfg_rescale_factor(model_output: torch.Tensor, scale: torch.Tensor, rescale: float,

@@ -25,7 +25,11 @@ class StepArgs:
     ``model_output`` has 2B rows ``[uncond; cond]`` when ``scale`` is set, else B rows; with
     ``learned_variance`` its channel dimension is doubled (ADM's learned-range output). ``step`` is a host
     int or a one-element integer device tensor (a loop's step counter). ``out`` receives the step result,
-    ``x0_out`` the predicted x0; a backend given ``out=None`` computes x0 only.
+    ``x0_out`` the predicted x0; a backend given ``out=None`` computes x0 only. ``out2`` (optional, the
+    sample's shape and dtype) receives the result a second time, in the same pass over memory: a sampling
+    loop points ``out`` and ``out2`` at the two halves of the next model call's ``[x; x]`` input instead of
+    concatenating afterwards. It is written only together with ``out``; where ``out2`` and ``x0_out`` are
+    the same tensor, the result wins (as it does for ``out``).
 
     An instance belongs to one call: ``run_step`` fills in ``mfactor`` (from ``rescale``) and may point
     ``out``/``x0_out`` at temporaries for the kernel.
@@ -53,6 +57,7 @@ class StepArgs:
     out: Optional[torch.Tensor] = None
     x0_out: Optional[torch.Tensor] = None
     write_out: bool = True                    # False: x0 only (needs x0_out)
+    out2: Optional[torch.Tensor] = None       # a second copy of the result (written only with out)
 
     @property
     def batch(self) -> int:

@@ -20,26 +20,37 @@ def _empty(sample: Tensor, wanted: bool) -> Tensor:
     return torch.empty_like(sample, memory_format=torch.contiguous_format) if wanted else sample.new_empty(0)
 
 
+def _result(sample: Tensor, wanted: bool, doubled: bool) -> Tensor:
+    if wanted and doubled:  # the result twice, stacked: [2B, ...]
+        return sample.new_empty((2 * sample.shape[0],) + tuple(sample.shape[1:]))
+    return _empty(sample, wanted)
+
+
 @torch.library.custom_op("fastguide::guided_step", mutates_args=())
 def guided_step(sample: Tensor, model_output: Tensor, table: Tensor, step: int, step_tensor: Optional[Tensor],
                 scale: Optional[Tensor], mfactor: Optional[Tensor], g_score: Optional[Tensor],
                 g_mean: Optional[Tensor], noise: Optional[Tensor], x0_prev: Optional[Tensor], clip_mode: int,
                 clip_lo: float, clip_hi: float, threshold: Optional[Tensor], learned_variance: bool,
-                write_out: bool, write_x0: bool, backend: str) -> Tuple[Tensor, Tensor]:
-    """Functional fused step: returns (out, x0); an output not asked for is an empty tensor."""
-    out, x0 = _empty(sample, write_out), _empty(sample, write_x0)
+                write_out: bool, write_x0: bool, backend: str, write_out2: bool = False) -> Tuple[Tensor, Tensor]:
+    """Functional fused step: returns (out, x0); an output not asked for is an empty tensor. With
+    ``write_out2``, ``out`` holds the result twice, stacked (``[2B, ...]``: rows ``[:B]`` and ``[B:]``),
+    written by one kernel pass through ``StepArgs.out`` / ``StepArgs.out2``."""
+    doubled = write_out and write_out2
+    res, x0 = _result(sample, write_out, doubled), _empty(sample, write_x0)
+    rows = sample.shape[0]
     dispatch.resolve(backend, sample.device).guided_step(StepArgs(
         sample, model_output, table, step_tensor if step_tensor is not None else step, scale=scale,
         mfactor=mfactor, g_score=g_score, g_mean=g_mean, noise=noise, x0_prev=x0_prev, clip_mode=clip_mode,
         clip_lo=clip_lo, clip_hi=clip_hi, threshold=threshold, learned_variance=learned_variance,
-        out=out if write_out else None, x0_out=x0 if write_x0 else None, write_out=write_out))
-    return out, x0
+        out=(res[:rows] if doubled else res) if write_out else None, x0_out=x0 if write_x0 else None,
+        write_out=write_out, out2=res[rows:] if doubled else None))
+    return res, x0
 
 
 @guided_step.register_fake
 def _(sample, model_output, table, step, step_tensor, scale, mfactor, g_score, g_mean, noise, x0_prev,
-      clip_mode, clip_lo, clip_hi, threshold, learned_variance, write_out, write_x0, backend):
-    return _empty(sample, write_out), _empty(sample, write_x0)
+      clip_mode, clip_lo, clip_hi, threshold, learned_variance, write_out, write_x0, backend, write_out2=False):
+    return _result(sample, write_out, write_out and write_out2), _empty(sample, write_x0)
 
 
 @torch.library.custom_op("fastguide::cfg_rescale_factor", mutates_args=())

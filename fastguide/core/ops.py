@@ -133,7 +133,10 @@ def check_outputs(args: StepArgs) -> None:
 def run_step(args: StepArgs, backend: str) -> Optional[torch.Tensor]:
     """The fused step on arguments already checked (``guided_step``, or once, up front, by a sampling loop):
     ``args.scale`` is the [B] fp32 CFG scale or None, ``args.table`` contiguous fp32. Eager calls run the
-    backend kernel directly; traced calls go through the ``torch.ops.fastguide`` custom ops."""
+    backend kernel directly; traced calls go through the ``torch.ops.fastguide`` custom ops.
+
+    ``args.out2`` (unchecked: the sample's shape, dtype and device) receives a second copy of the result in
+    the same kernel pass; it is ignored by an x0-only call."""
     if hooks.via_torch_ops():
         return _traced_step(args, backend)
     impl = _dispatch.resolve(backend, args.sample.device)
@@ -146,22 +149,33 @@ def run_step(args: StepArgs, backend: str) -> Optional[torch.Tensor]:
                                                args.learned_variance)
     sample = args.sample
     if not args.write_out:
-        args.out = None  # an x0-only call leaves a given ``out`` alone, as the traced path does
-    out, x0_out = args.out, args.x0_out
+        args.out = args.out2 = None  # an x0-only call leaves given outputs alone, as the traced path does
+    out, out2, x0_out = args.out, args.out2, args.x0_out
     # Kernels read every input of an element before writing it, so an output may be one of the inputs
     # exactly (out=sample); any other overlap, or a strided output, goes through a temporary.
-    inputs = (sample, args.model_output, args.g_score, args.g_mean, args.noise, args.x0_prev)
-    if args.write_out and out is None:
-        out = args.out = torch.empty_like(sample, memory_format=torch.contiguous_format)  # fresh: no overlap
-    elif out is not None and not _writable_in_place(out, inputs):
-        args.out = torch.empty_like(sample, memory_format=torch.contiguous_format)
-    if x0_out is not None and not _writable_in_place(x0_out, inputs + (out,)):
-        args.x0_out = torch.empty_like(sample, memory_format=torch.contiguous_format)
+    fresh = args.write_out and out is None
+    if fresh:
+        out = args.out = torch.empty_like(sample, memory_format=torch.contiguous_format)  # no overlap
+    if not fresh or out2 is not None or x0_out is not None:
+        spans = _spans((sample, args.model_output, args.g_score, args.g_mean, args.noise, args.x0_prev))
+        if out is not None:
+            if not fresh and not _writable_in_place(out, spans):
+                args.out = torch.empty_like(sample, memory_format=torch.contiguous_format)
+            spans.append((out,) + _span(out))
+        if out2 is not None:
+            if not _writable_in_place(out2, spans):
+                args.out2 = torch.empty_like(sample, memory_format=torch.contiguous_format)
+            spans.append((out2,) + _span(out2))
+        if x0_out is not None and not _writable_in_place(x0_out, spans):
+            args.x0_out = torch.empty_like(sample, memory_format=torch.contiguous_format)
     impl.guided_step(args)
+    # Copied back in the kernels' store order (x0, out, out2), so the result wins over x0 here too.
     if args.x0_out is not x0_out:
         x0_out.copy_(args.x0_out)
     if args.out is not out:
         out.copy_(args.out)
+    if args.out2 is not out2:
+        out2.copy_(args.out2)
     return out
 
 
@@ -172,33 +186,59 @@ def _traced_step(args: StepArgs, backend: str) -> Optional[torch.Tensor]:
     mfactor = ops.cfg_rescale_factor(a.model_output, a.scale, a.rescale, a.learned_variance, backend) \
         if a.rescale else None
     step_tensor = a.step if isinstance(a.step, torch.Tensor) else None
+    # With a second destination the op returns the result twice, stacked ([2B] rows) from one kernel pass.
+    doubled = a.write_out and a.out is not None and a.out2 is not None
     res, x0 = ops.guided_step(a.sample, a.model_output, a.table, 0 if step_tensor is not None else a.step,
-                              step_tensor, a.scale, mfactor, a.g_score, a.g_mean, a.noise, a.x0_prev,
-                              a.clip_mode, a.clip_lo, a.clip_hi, a.threshold, a.learned_variance, a.write_out,
-                              a.x0_out is not None, backend)
+                              step_tensor, a.scale, mfactor, a.g_score, a.g_mean,
+                              a.noise, a.x0_prev, a.clip_mode, a.clip_lo, a.clip_hi, a.threshold,
+                              a.learned_variance, a.write_out, a.x0_out is not None, backend, doubled)
     if a.x0_out is not None:
         a.x0_out.copy_(x0)
     if not a.write_out:
         return None
     if a.out is None:
+        if a.out2 is not None:
+            a.out2.copy_(res)
         return res
-    a.out.copy_(res)
+    if doubled:
+        rows = a.sample.shape[0]
+        a.out.copy_(res[:rows])
+        a.out2.copy_(res[rows:])
+    else:
+        a.out.copy_(res)
     return a.out
 
 
-def _writable_in_place(dst: torch.Tensor, inputs) -> bool:
-    """True when a kernel may write ``dst`` directly: contiguous and no partial overlap with any input."""
+def _writable_in_place(dst: torch.Tensor, spans) -> bool:
+    """True when a kernel may write ``dst`` directly: contiguous, and each input in ``spans`` (``_spans``)
+    either is ``dst`` exactly or shares none of its memory. A disjoint view of the same storage, such as the
+    other half of one buffer, is fine: kernels write only ``dst``'s own elements. Address ranges, not
+    storages, are compared, so two storages over the same memory count as overlapping too."""
     if not dst.is_contiguous():
         return False
-    storage = dst.untyped_storage().data_ptr()
-    for t in inputs:
-        if t is None or t.untyped_storage().data_ptr() != storage:
+    lo = dst.data_ptr()
+    hi = lo + dst.nbytes
+    for t, t_lo, t_hi in spans:
+        if t is dst or t_hi <= lo or t_lo >= hi or lo == hi:
             continue
-        exact = t.data_ptr() == dst.data_ptr() and t.shape == dst.shape and t.stride() == dst.stride() \
-            and t.dtype == dst.dtype
-        if not exact:
+        if not (t_lo == lo and t.shape == dst.shape and t.stride() == dst.stride() and t.dtype == dst.dtype):
             return False
     return True
+
+
+def _span(t: torch.Tensor):
+    """The address range ``[first, end)`` of ``t``'s elements (a strided view's holes included)."""
+    lo = t.data_ptr()
+    if t.is_contiguous():
+        return lo, lo + t.nbytes
+    if t.numel() == 0:
+        return lo, lo
+    return lo, lo + (1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def _spans(tensors) -> list:
+    """``(tensor, first, end)`` for each tensor present, for ``_writable_in_place``."""
+    return [(t,) + _span(t) for t in tensors if t is not None]
 
 
 def temperature_lse_grad(logits: torch.Tensor, labels: torch.Tensor, tau1: float = 1.0, tau2: float = 1.0,

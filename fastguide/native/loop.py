@@ -21,7 +21,7 @@ from ..core.layout import CLIP_NONE, CLIP_RANGE
 from ..core.noise import Generator, randn
 from ..guidance.gradients import classifier_grad_core, discriminator_grad_core, edm_shift_core
 from .spec import (FIXED_SCALAR_ROWS, ROW_C_IN, ROW_GUIDE_IN, ROW_PRE_NOISE, ROW_X0_FACTOR, LoopInputs, LoopSpec,
-                   LoopTables, StageKind)
+                   LoopTables, StageKind, takes_pair)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -51,34 +51,47 @@ StageFn = Callable[..., Tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 def make_stage(spec: LoopSpec, kind: StageKind, model: Callable, classifiers: Sequence,
                discriminators: Sequence, backend: str) -> StageFn:
-    """The code of one stage kind: ``stage(x, x0_prev, z_pre, z_step, counter, tables, inputs)`` returns
-    ``(x_next, x0 or None)``. Every per-stage number is read from ``tables`` at ``counter`` (a 0-dim int64
-    device tensor), so one function serves every stage of its kind."""
+    """The code of one stage kind: ``stage(x, x0_prev, z_pre, z_step, counter, tables, inputs, dest=None)``
+    returns ``(x_next, x0 or None)``. Every per-stage number is read from ``tables`` at ``counter`` (a 0-dim
+    int64 device tensor), so one function serves every stage of its kind.
+
+    Paired calls (``run_loop``, from ``spec.pair_out``; eager and CUDA-graph loops only, the function says
+    so with ``stage.accepts_pairs``): given ``dest = pair_buffer(...)``, the fused step writes its result into
+    both halves of ``dest`` and ``x_next`` is ``(pair, pair[:B])``; a stage whose kind ``takes_pair``
+    accepts such a ``(pair, x)`` as its ``x`` and hands ``pair`` to the model as it is, so the CFG batch
+    costs no ``torch.cat``."""
     clip_mode, lo, hi = (CLIP_RANGE, spec.clip[0], spec.clip[1]) if spec.clip is not None else (CLIP_NONE, -1.0, 1.0)
     rescale = spec.rescale if kind.cfg else 0.0
     disc_row = FIXED_SCALAR_ROWS
     edm_row = FIXED_SCALAR_ROWS + len(discriminators)
     x0_rows = {i: edm_row + j for j, i in enumerate(spec.x0_classifier_index)}
     null_pair = kind.cfg and spec.null_label is not None
+    accepts_pair = takes_pair(kind, spec.null_label)
 
-    def step_args(x, out, coeffs, counter, cfg_scale, g_score, g_mean, z, x0_prev, x0_out, write_out=True):
+    def step_args(x, out, coeffs, counter, cfg_scale, g_score, g_mean, z, x0_prev, x0_out, write_out=True,
+                  dest=None, dest2=None):
         return StepArgs(x, out, coeffs, counter, scale=cfg_scale if kind.cfg else None, rescale=rescale,
                         g_score=g_score, g_mean=g_mean, noise=z, x0_prev=x0_prev, clip_mode=clip_mode,
-                        clip_lo=lo, clip_hi=hi, learned_variance=spec.learned_step, x0_out=x0_out,
-                        write_out=write_out)
+                        clip_lo=lo, clip_hi=hi, learned_variance=spec.learned_step, out=dest, x0_out=x0_out,
+                        write_out=write_out, out2=dest2)
 
-    def stage(x, x0_prev, z_pre, z_step, counter, tables, inputs):
+    def stage(x, x0_prev, z_pre, z_step, counter, tables, inputs, dest=None):
         # Nothing flows back into the denoiser (the guidance gradients enable grad for their own networks):
         # no autograd graph is kept for the model, and compiled stages return plain tensors. (An eager
         # ``run_loop`` already runs under no_grad.)
         if not torch.is_grad_enabled():
-            return stage_body(x, x0_prev, z_pre, z_step, counter, tables, inputs)
+            return stage_body(x, x0_prev, z_pre, z_step, counter, tables, inputs, dest)
         with torch.no_grad():
-            return stage_body(x, x0_prev, z_pre, z_step, counter, tables, inputs)
+            return stage_body(x, x0_prev, z_pre, z_step, counter, tables, inputs, dest)
 
-    def stage_body(x, x0_prev, z_pre, z_step, counter, tables, inputs):
+    def stage_body(x, x0_prev, z_pre, z_step, counter, tables, inputs, dest):
         coeffs, t_model, t_model2, guide_t, scalars = tables
         y, y_pair, cfg_scale, classifier_scales, unit = inputs
+        pair = None
+        if type(x) is tuple:  # (the [x; x] model input the previous stage wrote, x)
+            if not accepts_pair:
+                raise ValueError("this stage's model does not see [x; x] (spec.takes_pair): pass x alone")
+            pair, x = x
         if kind.edm_recipe or kind.xt_classifiers or kind.x0_classifiers or kind.discriminators:
             t_guide = _at(guide_t, counter)
             guide_in = _at(scalars[ROW_GUIDE_IN], counter) if kind.guide_scaled else None
@@ -90,7 +103,7 @@ def make_stage(spec: LoopSpec, kind: StageKind, model: Callable, classifiers: Se
         rows = x.shape[0]
         if kind.cfg:
             if null_pair:
-                out = model(torch.cat([x_in, x_in]), _at(t_model2, counter), y_pair)
+                out = model(pair if pair is not None else torch.cat([x_in, x_in]), _at(t_model2, counter), y_pair)
             else:
                 t = _at(t_model, counter)
                 out = torch.cat([model(x_in, t, None), model(x_in, t, y)])
@@ -122,11 +135,26 @@ def make_stage(spec: LoopSpec, kind: StageKind, model: Callable, classifiers: Se
                     g = g * _at(scalars[ROW_X0_FACTOR], counter)
                 g_mean = g if g_mean is None else g_mean + g
         x0_next = torch.empty_like(x) if kind.writes_x0 else None
+        if dest is not None:
+            # The fused step writes x_next into both halves of the next stage's model input [x_next; x_next].
+            x_pair, lower, upper = dest
+            ops.run_step(step_args(x, out, coeffs, counter, cfg_scale, g_score, g_mean, z_step, x0_prev_in,
+                                   x0_next, dest=lower, dest2=upper), backend)
+            return (x_pair, lower), x0_next
         x_next = ops.run_step(step_args(x, out, coeffs, counter, cfg_scale, g_score, g_mean, z_step, x0_prev_in,
                                         x0_next), backend)
         return x_next, x0_next
 
+    stage.accepts_pairs = True
     return stage
+
+
+def pair_buffer(like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A ``[2B, ...]`` buffer of ``like``'s shape, dtype and device and its halves: where a paired stage
+    writes the next model input ``[x; x]``."""
+    rows = like.shape[0]
+    pair = like.new_empty((2 * rows,) + tuple(like.shape[1:]))
+    return pair, pair[:rows], pair[rows:]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,11 +210,23 @@ def run_loop(stages: Sequence[StageFn], spec: LoopSpec, x_T: torch.Tensor, table
     if progress is not None:
         order = progress(order)
     kinds = spec.kinds
+    like = x  # the state's shape, dtype and device (between paired stages x is a (pair, state) tuple)
+    # Paired stages (spec.pair_out) write the next model input into one of two buffers, alternately: stage k
+    # reads the buffer stage k - 1 wrote and writes the other, so a step never writes what it (or its model)
+    # reads, and a model's input stays intact until the call after next. Only stage functions that accept
+    # the paired calling convention get it (make_stage's; compiled bodies run the plain loop).
+    paired = spec.pair_out if spec.pair_out and all(getattr(s, "accepts_pairs", False) for s in set(stages)) \
+        else ()
+    buffers = (pair_buffer(like), pair_buffer(like)) if paired else None
+    one = torch.ones((), dtype=torch.int64, device=counter.device)  # add_(tensor): no scalar wrapped per step
     with torch.no_grad():
         for k in order:
             kind = kinds[k]
-            z_pre = noise.draw(x) if kind.pre_noise else None
-            z_step = noise.draw(x) if kind.noise else None
-            x, x0_prev = stages[k](x, x0_prev, z_pre, z_step, counter, table_args, input_args)
-            counter.add_(1)
+            z_pre = noise.draw(like) if kind.pre_noise else None
+            z_step = noise.draw(like) if kind.noise else None
+            if paired and paired[k]:
+                x, x0_prev = stages[k](x, x0_prev, z_pre, z_step, counter, table_args, input_args, buffers[k & 1])
+            else:
+                x, x0_prev = stages[k](x, x0_prev, z_pre, z_step, counter, table_args, input_args)
+            counter.add_(one)
     return x

@@ -28,6 +28,11 @@ from ..guidance.gradients import edm_recipe_weight
 ROW_C_IN, ROW_PRE_NOISE, ROW_GUIDE_IN, ROW_X0_FACTOR = 0, 1, 2, 3
 FIXED_SCALAR_ROWS = 4
 
+# Whether ``build_spec`` lets a stage write its result straight into both halves of the next stage's
+# ``[x; x]`` model input (``LoopSpec.pair_out``). Private: the tests switch it off to compare against the
+# plain loop (``fastguide.native.sampling.clear_caches()`` afterwards: built loops are cached).
+_PAIR_INPUTS = True
+
 
 @dataclass(frozen=True)
 class StageKind:
@@ -45,6 +50,20 @@ class StageKind:
     discriminators: Tuple[int, ...] = ()  # active discriminators (indices into the discriminator specs)
     edm_recipe: Tuple[int, ...] = ()      # Ma et al.'s EDM recipe shifts x before the denoiser
     guide_scaled: bool = False            # guidance networks see guide_in * x (guide_in != 1)
+
+
+def takes_pair(kind: StageKind, null_label) -> bool:
+    """Whether a stage's model input is exactly ``[x; x]``, with ``x`` the state the stage receives: CFG as one
+    2B call (a null label), and nothing changes x before the model (no input scale c_in != 1, no churn noise,
+    no EDM-recipe shift). Then the previous stage may write that input directly."""
+    return (kind.cfg and null_label is not None and not kind.scales_input and not kind.pre_noise
+            and not kind.edm_recipe)
+
+
+def paired_stages(kinds: Sequence[StageKind], null_label) -> Tuple[bool, ...]:
+    """Per stage, whether it writes its result into both halves of the next stage's ``[x; x]`` model input:
+    every stage followed by one that ``takes_pair`` (the first stage's input, x_T, is always concatenated)."""
+    return tuple(k + 1 < len(kinds) and takes_pair(kinds[k + 1], null_label) for k in range(len(kinds)))
 
 
 @dataclass
@@ -65,6 +84,10 @@ class LoopSpec:
     null_label: Any           # CFG null label, or None (uncond is a second call with y=None)
     x0_classifier_index: Tuple[int, ...]  # classifier specs with input="x0", in the scalar-table order
     factor_spec: Optional[int]            # index of the spec the x0 factor applies to
+    # Per stage: the fused step also writes the next stage's [x; x] model input (``paired_stages``). Not a
+    # StageKind field: it changes no code a compiled body runs (compiled loops run unpaired, see
+    # ``fastguide.native.loop.run_loop``), so it must not multiply the compiled bodies.
+    pair_out: Tuple[bool, ...] = ()
 
     @property
     def num_stages(self) -> int:
@@ -75,7 +98,7 @@ class LoopSpec:
         return (tuple(self.kinds), self.rows.tobytes(), self.t_model.tobytes(), self.guide_t.tobytes(),
                 self.scalars.tobytes(), self.rows.shape, self.scalars.shape, self.init_scale,
                 self.mean_shift, self.learned_model, self.learned_step, self.clip, self.rescale,
-                identity(self.null_label), self.x0_classifier_index, self.factor_spec)
+                identity(self.null_label), self.x0_classifier_index, self.factor_spec, self.pair_out)
 
 
 def identity(obj) -> Any:
@@ -130,13 +153,14 @@ def build_spec(gp, batch: int, clip: Optional[Tuple[float, float]]) -> LoopSpec:
         for j, i in enumerate(x0_index):
             scalars[FIXED_SCALAR_ROWS + len(discriminators) + j, k] = edm_recipe_weight(classifiers[i], st.step, n)
     learned_model = plan.schedule.kind == "vp" and plan.schedule.variance_type == "learned_range"
+    pair_out = paired_stages(kinds, cfg.null_label if cfg is not None else None) if _PAIR_INPUTS else ()
     return LoopSpec(kinds=kinds, rows=np.ascontiguousarray(gp.rows, dtype=np.float64), t_model=t_model,
                     guide_t=guide_t, scalars=scalars, init_scale=float(plan.init_scale),
                     mean_shift=plan.sampler == "ddpm", learned_model=learned_model,
                     learned_step=learned_model and plan.sampler == "ddpm", clip=clip,
                     rescale=float(cfg.rescale) if cfg is not None else 0.0,
                     null_label=cfg.null_label if cfg is not None else None, x0_classifier_index=x0_index,
-                    factor_spec=factor_spec)
+                    factor_spec=factor_spec, pair_out=pair_out if any(pair_out) else ())
 
 
 @dataclass

@@ -158,6 +158,8 @@ class Emulator:
             region(f"table[{step}]", a.table + step * NUM_COLS * 4, 1, NUM_COLS * 4, 0)
             region("out", a.out, a.batch, a.n * es, a.out_stride * es, writable=True)
             region("x0_out", a.x0_out, a.batch, a.n * es, a.x0_out_stride * es, writable=True)
+            if a.out:  # the second copy of the result is written only together with out
+                region("out2", a.out2, a.batch, a.n * es, a.out2_stride * es, writable=True)
         elif kind == "CfgRescaleFactorArgs":
             es = ELEMENT_BYTES[a.dtype]
             # Only the prediction (the first n elements) of each of the 2B rows.
