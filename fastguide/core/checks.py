@@ -229,3 +229,34 @@ def check_labels_tensor(name: str, y, batch: int, device: torch.device) -> None:
 
 def check_clip(clip: Optional[Sequence[float]]) -> Optional[Tuple[float, float]]:
     return None if clip is None else check_range("clip", clip)
+
+
+def check_device(name: str, device) -> torch.device:
+    """``device`` as a ``torch.device`` that can hold tensors here: a valid device string / ``torch.device`` /
+    index, and for an accelerator type (``cuda``, ``mps``, ``xpu``, ...) one that torch reports available,
+    with its index in range (an index-less ``"cuda"`` becomes the current device, where its tensors live).
+    Raises ``ValueError`` naming ``name`` (instead of torch's ``AssertionError: Torch not compiled with CUDA
+    enabled`` at the first copy)."""
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+        raise TypeError(f"{name} must be a device string, a torch.device or an int index, got "
+                        f"{type(device).__name__} {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(f"{name}={device!r} is not a valid torch device: {exc}") from None
+    if dev.type in ("cpu", "meta"):
+        return dev
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ValueError(f"{name}={device!r}: no {dev.type} device is available here "
+                         f"(torch.{dev.type}.is_available() is False)")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and count is not None and not dev.index < count():
+        raise ValueError(f"{name}={device!r}: there are only {count()} {dev.type} device(s) here")
+    current = getattr(backend, "current_device", None)
+    if dev.index is None and current is not None:
+        # Tensors made on "cuda" live on "cuda:<current>", and torch.device("cuda") != torch.device("cuda:0"):
+        # tables cached under the index-less device would not be found for the samples' device.
+        dev = torch.device(dev.type, current())
+    return dev

@@ -24,6 +24,8 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+from ..core.checks import check_device
+
 
 class Comm:
     """One rank's view of the job: ``rank``, ``world_size``, object collectives and shared counters."""
@@ -130,11 +132,9 @@ def pick_device(device: str) -> torch.device:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = check_device("--device", device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available here")
-        if dev.index is None:
+        if torch.device(device).index is None:   # one GPU per rank, not the current device
             dev = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     return dev
