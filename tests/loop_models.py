@@ -52,6 +52,15 @@ def disc(x, t, y=None):
     return 0.05 * (x.flatten(1) ** 2).sum(1) - t / 1000
 
 
+def eps_model(x, t, y=None):
+    """A smooth eps model of any [B, ...] state; labels (when given) shift it per sample."""
+    tt = (t.to(x.dtype) / 1000.0).reshape(-1, 1, 1, 1)
+    out = 0.6 * torch.tanh(0.8 * x + 0.3 * tt)
+    if y is not None:
+        out = out + 0.05 * y.to(x.dtype).reshape(-1, 1, 1, 1)
+    return out
+
+
 def edm_denoiser(x, sigma, y=None):
     """An EDM denoiser D(x; sigma) (exact for data concentrated at 0, plus a smooth term)."""
     s = sigma.to(x.dtype).reshape(-1, 1, 1, 1)

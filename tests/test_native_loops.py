@@ -16,23 +16,12 @@ from fastguide.native import spec as fg_spec
 from fastguide.guidance.plan import build_guided_plan
 from fastguide.tools.opcount import OpCounter
 
+from loop_models import edm_denoiser, eps_model
+
 B, SHAPE = 4, (2, 3, 3)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def eps_model(x, t, y=None):
-    tt = (t.to(x.dtype) / 1000.0).reshape(-1, 1, 1, 1)
-    out = 0.6 * torch.tanh(0.8 * x + 0.3 * tt)
-    if y is not None:
-        out = out + 0.05 * y.to(x.dtype).reshape(-1, 1, 1, 1)
-    return out
-
-
-def edm_denoiser(x, sigma, y=None):
-    s = sigma.to(x.dtype).reshape(-1, 1, 1, 1)
-    return x / (1 + s * s) + 0.1 * torch.tanh(x)
 
 
 class Classifier(nn.Module):
