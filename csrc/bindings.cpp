@@ -86,6 +86,8 @@ void bind_guided_step_args(py::module_& m) {
   def_pointer(cls, "out", &GuidedStepArgs::out);
   def_pointer(cls, "x0_out", &GuidedStepArgs::x0_out);
   def_pointer(cls, "out2", &GuidedStepArgs::out2);
+  def_pointer(cls, "step_rows", &GuidedStepArgs::step_rows);
+  def_pointer(cls, "uncond_rows", &GuidedStepArgs::uncond_rows);
   // The fields every call sets (and out2), in one call: each property assignment costs a Python -> C++
   // round trip (~0.3 us), and these are most of a loop step's argument-block time.
   cls.def(

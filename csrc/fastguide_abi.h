@@ -41,6 +41,12 @@ struct GuidedStepArgs {
   // input); written only when out is. Store order x0_out, out, out2: an output that is x0_out too holds
   // the result.
   void* out2 = nullptr;                int64_t out2_stride = 0;   // null: no second copy
+  // Heterogeneous batches (fastguide.core.args.StepArgs): every sample at its own step of its own table.
+  // step_rows[b] is sample b's row of `table` (overriding step_ptr / step). With has_cfg, uncond_rows makes
+  // the CFG batch sparse: sample b's cond prediction is row b of model_output and its uncond prediction
+  // row uncond_rows[b], or none when that is negative (then m = c exactly, whatever the scale).
+  const int64_t* step_rows = nullptr;    // [B] int64, or null
+  const int64_t* uncond_rows = nullptr;  // [B] int64, or null ([uncond; cond] layout)
 };
 
 // Per-sample factor r_b = phi * std(cond_b) / std(guided_b) + (1 - phi), unbiased std (diffusers'

@@ -106,6 +106,12 @@ class Launch:
         self._alive.append(v)
         return v.data_ptr(), v.stride(0)
 
+    def index(self, t: torch.Tensor) -> int:
+        """Address of a contiguous int64 copy of an index vector (the tensor itself when it is one)."""
+        if t.dtype is not torch.int64 or not t.is_contiguous():
+            t = t.to(torch.int64).contiguous()
+        return self.keep(t)
+
     def keep(self, t: torch.Tensor) -> int:
         self._alive.append(t)
         return t.data_ptr()
@@ -194,6 +200,10 @@ def guided_step_args(args: StepArgs) -> Launch:
         a.clip_lo, a.clip_hi = float(args.clip_lo), float(args.clip_hi)
     if args.threshold is not None:
         a.threshold = launch.vector(args.threshold, batch, device)
+    if args.step_rows is not None:
+        a.step_rows = launch.index(args.step_rows)
+    if args.uncond_rows is not None:
+        a.uncond_rows = launch.index(args.uncond_rows)
     return launch
 
 

@@ -23,21 +23,39 @@ def _row(table: torch.Tensor, step: StepIndex) -> torch.Tensor:
     return table[step]
 
 
+def _coefficients(args: StepArgs) -> list:
+    """The step's coefficients by column: scalars (one row for the batch), or with ``step_rows`` one row
+    per sample, each column a ``[B, 1, ...]`` tensor that broadcasts over the sample's rows."""
+    if args.step_rows is None:
+        r = _row(args.table, args.step).float()
+        return [r[i] for i in range(len(Col))]
+    rows = args.table.index_select(0, args.step_rows.reshape(-1).to(device=args.table.device, dtype=torch.long))
+    shape = (-1,) + (1,) * (args.sample.dim() - 1)
+    return [rows[:, i].float().reshape(shape) for i in range(len(Col))]
+
+
 def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A [B] vector shaped to broadcast over the rows of ``like`` ([B, ...])."""
     return v.float().reshape((-1,) + (1,) * (like.dim() - 1))
 
 
-def split_model_output(model_output: torch.Tensor, batch: int, learned_variance: bool):
+def split_model_output(model_output: torch.Tensor, batch: int, learned_variance: bool,
+                       uncond_rows: Optional[torch.Tensor] = None):
     """Split a ``[uncond; cond]`` (or plain) output into (uncond, cond, variance) parts, all fp32.
 
     ``uncond`` is None without CFG. The learned variance (second half of the channels) is taken from the
-    cond half: guided-diffusion and DiT sample the variance of the conditional branch.
+    cond half: guided-diffusion and DiT sample the variance of the conditional branch. With a sparse
+    ``uncond_rows`` map (``StepArgs``) the cond rows are the first B and ``uncond`` is gathered per sample
+    (a sample without an uncond row gets its cond row, which ``cfg_combine`` then passes through).
     """
     m = model_output.float()
     variance = None
     if learned_variance:
         m, variance = m.chunk(2, dim=1)
+    if uncond_rows is not None:
+        index = uncond_rows.reshape(-1).to(device=m.device, dtype=torch.long)
+        index = torch.where(index >= 0, index, torch.arange(batch, device=m.device))
+        return m.index_select(0, index), m[:batch], variance[:batch] if variance is not None else None
     if m.shape[0] == 2 * batch:
         uncond, cond = m[:batch], m[batch:]
         if variance is not None:
@@ -46,26 +64,37 @@ def split_model_output(model_output: torch.Tensor, batch: int, learned_variance:
     return None, m, variance
 
 
-def cfg_combine(uncond: Optional[torch.Tensor], cond: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
-    """Classifier-free guidance, Ho & Salimans eq. 6 in diffusers' form: ``u + w (c - u)``."""
+def cfg_combine(uncond: Optional[torch.Tensor], cond: torch.Tensor, scale: Optional[torch.Tensor],
+                uncond_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Classifier-free guidance, Ho & Salimans eq. 6 in diffusers' form: ``u + w (c - u)``; with a sparse
+    ``uncond_rows`` map, samples whose entry is negative keep their cond prediction exactly."""
     if uncond is None:
         return cond
-    return uncond + _per_sample(scale, cond) * (cond - uncond)
+    guided = uncond + _per_sample(scale, cond) * (cond - uncond)
+    if uncond_rows is None:
+        return guided
+    return torch.where(_per_sample(uncond_rows.to(cond.device), cond) >= 0, guided, cond)
 
 
-def cfg_rescale_factor(model_output: torch.Tensor, scale: torch.Tensor, rescale: float,
-                       learned_variance: bool = False) -> torch.Tensor:
+def cfg_rescale_factor(model_output: torch.Tensor, scale: torch.Tensor, rescale,
+                       learned_variance: bool = False, uncond_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-sample factor r of Lin et al. 2023 (diffusers ``rescale_noise_cfg``), as a [B] fp32 tensor.
 
     ``phi * m * std(c)/std(m) + (1 - phi) * m  ==  m * r``  with ``r = phi * std(c)/std(m) + (1 - phi)``
-    (unbiased std over all but the batch dimension), so the step kernel only needs ``r``.
+    (unbiased std over all but the batch dimension), so the step kernel only needs ``r``. ``rescale`` is
+    phi: a float, or a [B] tensor (one phi per sample). With a sparse ``uncond_rows`` map (``StepArgs``;
+    the batch is ``scale``'s length) a sample without an uncond row gets exactly 1.
     """
-    batch = model_output.shape[0] // 2
-    uncond, cond, _ = split_model_output(model_output, batch, learned_variance)
-    guided = cfg_combine(uncond, cond, scale)
+    batch = scale.shape[0] if uncond_rows is not None else model_output.shape[0] // 2
+    uncond, cond, _ = split_model_output(model_output, batch, learned_variance, uncond_rows)
+    guided = cfg_combine(uncond, cond, scale, uncond_rows)
     dims = list(range(1, cond.dim()))
     ratio = cond.std(dim=dims) / guided.std(dim=dims)
-    return rescale * ratio + (1.0 - rescale)
+    phi = rescale.float().reshape(-1).to(ratio.device) if isinstance(rescale, torch.Tensor) else rescale
+    factor = phi * ratio + (1.0 - phi)
+    if uncond_rows is None:
+        return factor
+    return torch.where(uncond_rows.reshape(-1).to(factor.device) >= 0, factor, torch.ones_like(factor))
 
 
 def guided_step(args: StepArgs) -> None:
@@ -74,15 +103,15 @@ def guided_step(args: StepArgs) -> None:
 
     ``model_output`` has ``2B`` rows ``[uncond; cond]`` when ``scale`` is given, else ``B`` rows; with
     ``learned_variance`` its channel dimension is doubled (ADM's learned-range output).
-    ``mfactor`` ([B]) multiplies the combined output (the CFG-rescale factor).
+    ``mfactor`` ([B]) multiplies the combined output (the CFG-rescale factor). ``step_rows`` (one table row
+    per sample) and ``uncond_rows`` (a sparse CFG batch of ``B + K`` rows) are described at ``StepArgs``.
     """
     sample, model_output, noise, out, x0_out = args.sample, args.model_output, args.noise, args.out, args.x0_out
     learned_variance, clip_mode = args.learned_variance, args.clip_mode
-    r = _row(args.table, args.step).float()
-    c = [r[i] for i in range(len(Col))]
+    c = _coefficients(args)
     batch = sample.shape[0]
-    uncond, cond, v = split_model_output(model_output, batch, learned_variance)
-    m = cfg_combine(uncond, cond, args.scale)
+    uncond, cond, v = split_model_output(model_output, batch, learned_variance, args.uncond_rows)
+    m = cfg_combine(uncond, cond, args.scale, args.uncond_rows)
     if args.mfactor is not None:
         m = m * _per_sample(args.mfactor, m)
     x = sample.float()

@@ -31,6 +31,13 @@ class StepArgs:
     concatenating afterwards. It is written only together with ``out``; where ``out2`` and ``x0_out`` are
     the same tensor, the result wins (as it does for ``out``).
 
+    Heterogeneous batches (a serving engine's iteration, where every sample is at its own step of its own
+    sampler): ``step_rows`` ([B] int64) gives each sample its own row of ``table`` (a stack of several
+    samplers' tables) and overrides ``step``. ``uncond_rows`` ([B] int64, with ``scale``) makes the CFG
+    batch sparse: ``model_output`` then has ``B + K`` rows, row b is sample b's cond prediction and row
+    ``uncond_rows[b]`` (in ``[B, B + K)``) its uncond prediction, or -1 when sample b has none (its guided
+    output is then its cond prediction exactly, whatever its scale). The cond row's learned variance is used.
+
     An instance belongs to one call: ``run_step`` fills in ``mfactor`` (from ``rescale``) and may point
     ``out``/``x0_out`` at temporaries for the kernel.
 
@@ -58,6 +65,8 @@ class StepArgs:
     x0_out: Optional[torch.Tensor] = None
     write_out: bool = True                    # False: x0 only (needs x0_out)
     out2: Optional[torch.Tensor] = None       # a second copy of the result (written only with out)
+    step_rows: Optional[torch.Tensor] = None  # [B] int64: per-sample table row (overrides step)
+    uncond_rows: Optional[torch.Tensor] = None  # [B] int64: sample b's uncond row of model_output, or -1
 
     @property
     def batch(self) -> int:

@@ -135,15 +135,20 @@ def check_sample(name: str, sample) -> int:
     return sample.shape[0]
 
 
-def check_model_output(model_output, sample: torch.Tensor, cfg: bool, learned_variance: bool) -> None:
+def check_model_output(model_output, sample: torch.Tensor, cfg: bool, learned_variance: bool,
+                       sparse: bool = False) -> None:
     """``[uncond; cond]`` (2B rows) with CFG, else B rows, with the sample's per-row shape (channels doubled
-    for a learned variance), on the sample's device."""
+    for a learned variance), on the sample's device. ``sparse`` (an ``uncond_rows`` map): at least B rows,
+    the B cond rows first."""
     check_tensor("model_output", model_output)
     if model_output.device != sample.device:
         raise ValueError(f"model_output is on {model_output.device} but sample is on {sample.device}")
     batch = sample.shape[0]
     rows = 2 * batch if cfg else batch
-    if model_output.shape[0] != rows:
+    if sparse and model_output.shape[0] < batch:
+        raise ValueError(f"model_output must have B cond rows and then the uncond rows uncond_rows points at: "
+                         f"sample has B={batch}, model_output has {model_output.shape[0]} rows")
+    if not sparse and model_output.shape[0] != rows:
         what = ("2B rows [uncond; cond] because guidance_scale is given" if cfg
                 else "B rows because no guidance_scale is given")
         raise ValueError(f"model_output must have {what}: sample has B={batch}, model_output has "
@@ -155,6 +160,27 @@ def check_model_output(model_output, sample: torch.Tensor, cfg: bool, learned_va
         extra = " (channels doubled for the learned variance)" if learned_variance else ""
         raise ValueError(f"model_output must have per-sample shape {tuple(expected)}{extra}, "
                          f"got {tuple(model_output.shape[1:])}")
+
+
+def check_row_map(name: str, index, batch: int, lo: int, hi: int, device: torch.device,
+                  allow_none_entry: bool = False) -> torch.Tensor:
+    """A ``[batch]`` int32/int64 index tensor on ``device`` with values in ``[lo, hi)`` (or -1 with
+    ``allow_none_entry``), returned as contiguous int64. Values are read only where that costs no sync."""
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"{name} must be a [{batch}] integer tensor, got {type(index).__name__}")
+    if index.dtype not in (torch.int32, torch.int64) or index.shape != (batch,):
+        raise ValueError(f"{name} must be a [{batch}] int32/int64 tensor, got {index.dtype} {tuple(index.shape)}")
+    if index.device != device:
+        raise ValueError(f"{name} is on {index.device} but sample is on {device}")
+    if host_checks_allowed(index) and batch:
+        values = index.detach().numpy()
+        bad = ~((values >= lo) & (values < hi))
+        if allow_none_entry:
+            bad &= values != -1
+        if bad.any():
+            allowed = f"[{lo}, {hi})" + (" or -1" if allow_none_entry else "")
+            raise ValueError(f"{name} must hold values in {allowed}, got {values.tolist()}")
+    return index.to(torch.int64).contiguous()
 
 
 def check_scale(name: str, scale: Scale, batch: int, device: torch.device, sync_ok: bool = False) -> torch.Tensor:
@@ -199,24 +225,29 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-def check_table(table, step, device: torch.device) -> None:
-    """A ``[steps, NUM_COLS]`` fp32 coefficient table on ``device`` and a host or device step index into it."""
+def check_table(table, step, device: torch.device, batch: Optional[int] = None) -> Optional[torch.Tensor]:
+    """A ``[steps, NUM_COLS]`` fp32 coefficient table on ``device`` and a host or device step index into it.
+    With ``batch`` > 1 the step may also be a ``[batch]`` integer tensor (one row per sample), which is
+    returned as int64 (None otherwise)."""
     check_tensor("table", table)
     if table.dim() != 2 or table.shape[1] != NUM_COLS or table.dtype != torch.float32:
         raise ValueError(f"table must be a float32 tensor of shape [steps, {NUM_COLS}], "
                          f"got {table.dtype} {tuple(table.shape)}")
     if table.device != device:
         raise ValueError(f"table is on {table.device} but sample is on {device}")
+    if isinstance(step, torch.Tensor) and batch is not None and batch > 1 and step.numel() > 1:
+        return check_row_map("step", step, batch, 0, table.shape[0], device)
     if isinstance(step, torch.Tensor):
         if step.dtype not in (torch.int32, torch.int64) or step.numel() != 1:
-            raise TypeError(f"step must be an int or a one-element integer tensor, got {step.dtype} "
-                            f"{tuple(step.shape)}")
+            raise TypeError(f"step must be an int, a one-element integer tensor or a [B] integer tensor "
+                            f"(one row per sample), got {step.dtype} {tuple(step.shape)}")
         if step.device != device:
             raise ValueError(f"step is on {step.device} but sample is on {device}")
     elif isinstance(step, bool) or not isinstance(step, int):
         raise TypeError(f"step must be an int or a one-element integer tensor, got {type(step).__name__}")
     elif not 0 <= step < table.shape[0]:
         raise ValueError(f"step must be in [0, {table.shape[0]}), got {step}")
+    return None
 
 
 def check_labels_tensor(name: str, y, batch: int, device: torch.device) -> None:

@@ -31,10 +31,12 @@ def guided_step(sample: Tensor, model_output: Tensor, table: Tensor, step: int, 
                 scale: Optional[Tensor], mfactor: Optional[Tensor], g_score: Optional[Tensor],
                 g_mean: Optional[Tensor], noise: Optional[Tensor], x0_prev: Optional[Tensor], clip_mode: int,
                 clip_lo: float, clip_hi: float, threshold: Optional[Tensor], learned_variance: bool,
-                write_out: bool, write_x0: bool, backend: str, write_out2: bool = False) -> Tuple[Tensor, Tensor]:
+                write_out: bool, write_x0: bool, backend: str, write_out2: bool = False,
+                step_rows: Optional[Tensor] = None, uncond_rows: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Functional fused step: returns (out, x0); an output not asked for is an empty tensor. With
     ``write_out2``, ``out`` holds the result twice, stacked (``[2B, ...]``: rows ``[:B]`` and ``[B:]``),
-    written by one kernel pass through ``StepArgs.out`` / ``StepArgs.out2``."""
+    written by one kernel pass through ``StepArgs.out`` / ``StepArgs.out2``. ``step_rows`` /
+    ``uncond_rows``: a heterogeneous batch (``StepArgs``)."""
     doubled = write_out and write_out2
     res, x0 = _result(sample, write_out, doubled), _empty(sample, write_x0)
     rows = sample.shape[0]
@@ -43,13 +45,14 @@ def guided_step(sample: Tensor, model_output: Tensor, table: Tensor, step: int, 
         mfactor=mfactor, g_score=g_score, g_mean=g_mean, noise=noise, x0_prev=x0_prev, clip_mode=clip_mode,
         clip_lo=clip_lo, clip_hi=clip_hi, threshold=threshold, learned_variance=learned_variance,
         out=(res[:rows] if doubled else res) if write_out else None, x0_out=x0 if write_x0 else None,
-        write_out=write_out, out2=res[rows:] if doubled else None))
+        write_out=write_out, out2=res[rows:] if doubled else None, step_rows=step_rows, uncond_rows=uncond_rows))
     return res, x0
 
 
 @guided_step.register_fake
 def _(sample, model_output, table, step, step_tensor, scale, mfactor, g_score, g_mean, noise, x0_prev,
-      clip_mode, clip_lo, clip_hi, threshold, learned_variance, write_out, write_x0, backend, write_out2=False):
+      clip_mode, clip_lo, clip_hi, threshold, learned_variance, write_out, write_x0, backend, write_out2=False,
+      step_rows=None, uncond_rows=None):
     return _result(sample, write_out, write_out and write_out2), _empty(sample, write_x0)
 
 

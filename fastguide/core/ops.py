@@ -17,7 +17,7 @@ from ..backends import dispatch as _dispatch
 from . import hooks
 from . import library as _library  # noqa: F401  (registers torch.ops.fastguide)
 from .args import StepArgs
-from .checks import (Scale, check_clip, check_finite, check_fraction, check_model_output, check_real,
+from .checks import (Scale, check_clip, check_finite, check_fraction, check_model_output, check_real, check_row_map,
                      check_sample, check_scale, check_table, check_tensor, host_checks_allowed)
 from .layout import CLIP_RANGE, CLIP_THRESHOLD
 
@@ -29,7 +29,8 @@ def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table, step: U
                 clip: Optional[Sequence[float]] = None, threshold: Optional[torch.Tensor] = None,
                 learned_variance: bool = False, out: Optional[torch.Tensor] = None,
                 x0_out: Optional[torch.Tensor] = None, write_out: bool = True,
-                check_outputs_finite: bool = False, backend: str = "auto") -> Optional[torch.Tensor]:
+                check_outputs_finite: bool = False, uncond_rows: Optional[torch.Tensor] = None,
+                backend: str = "auto") -> Optional[torch.Tensor]:
     """One fused guided step over row ``step`` of a coefficient ``table`` (see ``fastguide.core.layout``):
     CFG combine, optional rescale, x0/eps prediction, clipping, guidance terms, noise and the sampler update
     in one kernel.
@@ -44,7 +45,9 @@ def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table, step: U
             ``plan.table`` is then used, moved to the sample's device on every call: a host-to-device copy per
             step on a GPU, so in a loop pass ``plan.table.to(device)`` once instead.
         step: the row of ``table``: a host int in ``[0, steps)`` (checked) or a one-element int32/int64 tensor
-            on the sample's device (e.g. a loop's step counter; trusted, since checking it would sync).
+            on the sample's device (e.g. a loop's step counter; trusted, since checking it would sync); or
+            a ``[B]`` int32/int64 tensor, one row per sample (a heterogeneous batch whose samples sit at
+            different steps of different samplers, their tables stacked into one; values checked on the CPU).
         scale: CFG scale w, ``eps~ = u + w (c - u)``: a float >= 0 or a ``[B]`` float tensor (per-sample
             scales); default None (no CFG: ``model_output`` has B rows).
         rescale: float in [0, 1], default 0: diffusers' ``guidance_rescale`` (Lin et al. 2023); needs
@@ -69,6 +72,11 @@ def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table, step: U
             returns None.
         check_outputs_finite: bool, default False: raise ``ValueError`` if ``model_output`` holds NaN/Inf
             (a host read: CPU tensors only).
+        uncond_rows: optional ``[B]`` int32/int64 tensor, default None (needs ``scale``): a sparse CFG batch.
+            ``model_output`` then holds the B cond rows first and after them only the uncond rows some
+            samples need: ``uncond_rows[b]`` is the row of sample b's uncond prediction (in ``[B, rows)``)
+            or -1 for none, and such a sample keeps its cond prediction exactly, whatever its scale
+            (values checked on the CPU).
         backend: ``"auto"`` (default: the fastest built backend that runs on the sample's device, C++ then
             torch on the CPU, CUDA then Triton then torch on a GPU), or ``"torch"``, ``"cpp"``, ``"triton"``,
             ``"cuda"`` (an error if that one cannot run here).
@@ -90,8 +98,13 @@ def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table, step: U
         from ..samplers.native import Plan  # (lazy: the samplers import this package's checks)
         if isinstance(table, Plan):
             table = table.table.to(sample.device)
-    check_model_output(model_output, sample, scale is not None, learned_variance)
-    check_table(table, step, sample.device)
+    if uncond_rows is not None and scale is None:
+        raise ValueError("uncond_rows maps each sample to its uncond row for CFG; it needs guidance_scale (scale)")
+    check_model_output(model_output, sample, scale is not None, learned_variance, sparse=uncond_rows is not None)
+    if uncond_rows is not None:
+        uncond_rows = check_row_map("uncond_rows", uncond_rows, batch, batch, model_output.shape[0],
+                                    sample.device, allow_none_entry=True)
+    step_rows = check_table(table, step, sample.device, batch)
     w = check_scale("guidance_scale", scale, batch, sample.device) if scale is not None else None
     rescale = check_fraction("guidance_rescale", rescale)
     if rescale and w is None:
@@ -102,7 +115,9 @@ def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table, step: U
         raise ValueError("pass either clip or threshold, not both")
     args = StepArgs(sample, model_output, table.contiguous(), step, scale=w, rescale=rescale, g_score=g_score,
                     g_mean=g_mean, noise=noise, x0_prev=x0_prev, learned_variance=bool(learned_variance),
-                    out=out, x0_out=x0_out, write_out=write_out)
+                    out=out, x0_out=x0_out, write_out=write_out, step_rows=step_rows, uncond_rows=uncond_rows)
+    if step_rows is not None:
+        args.step = 0
     set_clip(args, check_clip(clip), threshold)
     check_outputs(args)
     if check_outputs_finite:
@@ -145,8 +160,7 @@ def run_step(args: StepArgs, backend: str) -> Optional[torch.Tensor]:
         if args.rescale:
             hooks.report("fastguide.cfg_rescale_factor")
     if args.rescale:
-        args.mfactor = impl.cfg_rescale_factor(args.model_output, args.scale, args.rescale,
-                                               args.learned_variance)
+        args.mfactor = _rescale_factor(impl, args)
     sample = args.sample
     if not args.write_out:
         args.out = args.out2 = None  # an x0-only call leaves given outputs alone, as the traced path does
@@ -179,19 +193,34 @@ def run_step(args: StepArgs, backend: str) -> Optional[torch.Tensor]:
     return out
 
 
+def _rescale_factor(impl, args: StepArgs) -> torch.Tensor:
+    """The CFG-rescale pre-pass; a sparse CFG batch runs the reference's torch ops (a [B] reduction the
+    compiled pre-pass kernels do not map), on any device and without a sync."""
+    if args.uncond_rows is not None:
+        from ..backends import reference
+        return reference.cfg_rescale_factor(args.model_output, args.scale, args.rescale, args.learned_variance,
+                                            args.uncond_rows)
+    return impl.cfg_rescale_factor(args.model_output, args.scale, args.rescale, args.learned_variance)
+
+
 def _traced_step(args: StepArgs, backend: str) -> Optional[torch.Tensor]:
     """The step as seen by torch.compile: functional custom ops, then copies into the caller's outputs."""
     ops = torch.ops.fastguide
     a = args
-    mfactor = ops.cfg_rescale_factor(a.model_output, a.scale, a.rescale, a.learned_variance, backend) \
-        if a.rescale else None
+    if a.rescale and a.uncond_rows is not None:
+        mfactor = _rescale_factor(None, a)  # torch ops: traced as they are
+    elif a.rescale:
+        mfactor = ops.cfg_rescale_factor(a.model_output, a.scale, a.rescale, a.learned_variance, backend)
+    else:
+        mfactor = None
     step_tensor = a.step if isinstance(a.step, torch.Tensor) else None
     # With a second destination the op returns the result twice, stacked ([2B] rows) from one kernel pass.
     doubled = a.write_out and a.out is not None and a.out2 is not None
     res, x0 = ops.guided_step(a.sample, a.model_output, a.table, 0 if step_tensor is not None else a.step,
                               step_tensor, a.scale, mfactor, a.g_score, a.g_mean,
                               a.noise, a.x0_prev, a.clip_mode, a.clip_lo, a.clip_hi, a.threshold,
-                              a.learned_variance, a.write_out, a.x0_out is not None, backend, doubled)
+                              a.learned_variance, a.write_out, a.x0_out is not None, backend, doubled,
+                              a.step_rows, a.uncond_rows)
     if a.x0_out is not None:
         a.x0_out.copy_(x0)
     if not a.write_out:
