@@ -245,7 +245,7 @@ def _good(batch=3):
 @pytest.mark.parametrize("rows,uncond,match", [
     (torch.tensor([0, 1, ROWS]), torch.tensor([3, -1, 4]), r"step must hold values in \[0, 11\)"),
     (torch.tensor([0, 1, -1]), torch.tensor([3, -1, 4]), r"step must hold values"),
-    (torch.tensor([0, 1]), torch.tensor([3, -1, 4]), r"one row per sample|\[B\]"),
+    (torch.tensor([0, 1]), torch.tensor([3, -1, 4]), r"step must be a \[3\] int32/int64 tensor"),
     (torch.tensor([0.0, 1.0, 2.0]), torch.tensor([3, -1, 4]), r"step"),
     (torch.tensor([0, 1, 2]), torch.tensor([3, -1, 5]), r"uncond_rows must hold values in \[3, 5\) or -1"),
     (torch.tensor([0, 1, 2]), torch.tensor([0, -1, 4]), r"uncond_rows must hold values"),

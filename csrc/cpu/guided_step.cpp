@@ -203,15 +203,27 @@ void clip_x0(const GuidedStepArgs& a, int64_t row, float* __restrict x0, int64_t
 
 FASTGUIDE_TARGET_CLONES
 void step_tile(const GuidedStepArgs& a, const float* k, int64_t row, int64_t begin, int64_t len, Scratch& s) {
-  const int64_t cond_row = a.has_cfg ? row + a.batch : row;
+  // The row's model output rows, chosen once per tile: dense CFG [uncond; cond] (uncond row b, cond row
+  // B + b), a sparse CFG batch (cond row b, uncond row uncond_rows[b] or none), or no CFG (row b).
+  // A sample without an uncond row takes the non-CFG variant: m = c exactly, its scale is never read.
+  int64_t cond_row = row, uncond_row = -1;
+  if (a.has_cfg) {
+    if (a.uncond_rows) {
+      uncond_row = a.uncond_rows[row];
+    } else {
+      cond_row = row + a.batch;
+      uncond_row = row;
+    }
+  }
+  const bool cfg = uncond_row >= 0;
   Model in;
   in.x = load_row(a, a.sample, a.sample_stride, row, begin, len, s.x);
   in.c = load_row(a, a.model_output, a.model_output_stride, cond_row, begin, len, s.cond);
-  in.u = a.has_cfg ? load_row(a, a.model_output, a.model_output_stride, row, begin, len, s.uncond) : nullptr;
+  in.u = cfg ? load_row(a, a.model_output, a.model_output_stride, uncond_row, begin, len, s.uncond) : nullptr;
   in.z = load_row(a, a.noise, a.noise_stride, row, begin, len, s.noise);
-  in.w = a.has_cfg ? a.scale[row * a.scale_stride] : 0.f;
+  in.w = cfg ? a.scale[row * a.scale_stride] : 0.f;
   in.mf = a.mfactor ? a.mfactor[row] : 1.f;
-  const int variant = (a.has_cfg ? 2 : 0) | (in.z ? 1 : 0);
+  const int variant = (cfg ? 2 : 0) | (in.z ? 1 : 0);
 
   const float* extra = a.out ? added_terms(a, k, in, row, cond_row, begin, len, s) : nullptr;
   // fp32 outputs are written in place (out2 in the same loop); others go through s.res and are converted.
@@ -268,6 +280,15 @@ void step_tile(const GuidedStepArgs& a, const float* k, int64_t row, int64_t beg
 }  // namespace
 
 void guided_step(const GuidedStepArgs& args) {
+  if (args.step_rows) {
+    // Heterogeneous batch: every sample at its own row of the table, looked up once per tile.
+    const int64_t* rows = args.step_rows;
+    for_each_chunk(args.batch, args.n, kTile, [&](int64_t, int64_t row, int64_t begin, int64_t len) {
+      Scratch scratch;
+      step_tile(args, args.table + rows[row] * kNumCols, row, begin, len, scratch);
+    });
+    return;
+  }
   const int64_t step = args.step_ptr ? *args.step_ptr : args.step;
   const float* coefs = args.table + step * kNumCols;
   for_each_chunk(args.batch, args.n, kTile, [&](int64_t, int64_t row, int64_t begin, int64_t len) {
