@@ -69,6 +69,11 @@ class ModelSpec:
     * ``methods``: guidance method -> {option: default}; ``guidance(method, **options)``: its specs.
     * ``unconditional_model``: ``model`` with the class ignored (default: ``model`` with ``null_label``).
     * ``evaluate(x, labels) -> dict``: optional scores of float samples (``fastguide evaluate``).
+    * ``network_kinds``: optional name -> ``"model"``, ``"classifier"`` or ``"discriminator"``: which of
+      ``networks`` a served request may name for which guidance (``fastguide serve``; default any but the model).
+    * ``encode_prompt(prompt) -> condition``: optional, for a model conditioned on text instead of classes:
+      the condition tensor of one prompt (e.g. ``[L, D]`` encoder states, what ``model``'s ``y`` takes per
+      sample); ``null_label`` is then the null condition (the uncond rows' ``y``) and ``num_classes`` None.
     """
 
     model: Callable[..., torch.Tensor]
@@ -87,6 +92,8 @@ class ModelSpec:
     unconditional_model: Optional[Callable[..., torch.Tensor]] = None
     evaluate: Optional[Callable[[torch.Tensor, np.ndarray], Dict[str, Any]]] = None
     name: str = ""
+    network_kinds: Optional[Dict[str, str]] = None
+    encode_prompt: Optional[Callable[[str], torch.Tensor]] = None
 
     def __post_init__(self):
         if not callable(self.model):
@@ -230,7 +237,10 @@ def digits() -> ModelSpec:
                                "discriminator": bundle.discriminator},
                      num_classes=d.NUM_CLASSES, null_label=d.NULL_LABEL, sampler=bundle.sampler, steps=bundle.steps,
                      clip=tuple(bundle.clip), methods=methods, guidance=_digits_guidance(bundle),
-                     unconditional_model=bundle.unconditional_model(), evaluate=digits_scores, name="digits")
+                     unconditional_model=bundle.unconditional_model(), evaluate=digits_scores, name="digits",
+                     network_kinds={"model": "model", "noisy_classifier": "classifier",
+                                    "clean_classifier": "classifier", "smoothed_clean_classifier": "classifier",
+                                    "discriminator": "discriminator"})
 
 
 def option_flag(key: str) -> str:

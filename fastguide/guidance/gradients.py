@@ -105,7 +105,8 @@ def discriminator_grad_core(spec: DiscriminatorGuidance, x: torch.Tensor, t: tor
             got = tuple(logit.shape) if isinstance(logit, torch.Tensor) else type(logit).__name__
             raise ValueError(f"discriminator must return a logit of shape [{x.shape[0]}], got {got}")
         clipped = logit.float().clamp(-DG_LOGIT_BOUND, DG_LOGIT_BOUND)
-        (grad,) = torch.autograd.grad(clipped.sum() * weight, leaf)
+        # weight: a number, a 0-dim tensor or one weight per sample ([B], a serving engine's mixed batch).
+        (grad,) = torch.autograd.grad((clipped * weight).sum(), leaf)
     return grad
 
 

@@ -119,14 +119,7 @@ def sample(model: Callable[..., torch.Tensor], x_T: torch.Tensor, *, schedule: S
     clip_denoised = None if clip_denoised is None else check_range("clip_denoised", clip_denoised)
     check_bool("progress", progress)
     _dispatch.resolve(backend, x_T.device)  # an unknown or unusable backend is reported before any model call
-    options = dict(sampler_options)
-    if eta is not None:
-        if sampler not in ("ddim", "euler_ancestral"):
-            raise ValueError(f"eta applies to 'ddim' and 'euler_ancestral', not {sampler!r}")
-        options["eta"] = check_nonneg("eta", eta)
-    if sampler == "ddim" and clip_denoised is not None:
-        options["clipped"] = True
-    gp, spec = _built_loop(sampler, schedule, steps, options, guidance, batch, clip_denoised)
+    gp, spec = build_loop(sampler, schedule, steps, guidance, batch, clip_denoised, eta, **sampler_options)
     if (gp.classifiers or (gp.cfg is not None and gp.cfg.null_label is not None)) and y is None:
         raise ValueError("y (labels) is required by classifier guidance and by CFG with a null_label")
     if gp.classifiers and (y.dim() != 1 or y.dtype not in (torch.int32, torch.int64)):
@@ -141,7 +134,7 @@ def sample(model: Callable[..., torch.Tensor], x_T: torch.Tensor, *, schedule: S
     return _run(model, x_T, gp, spec, y, generator, cfg_scale, progress, backend, compile, compile_options)
 
 
-BUILT = LRUCache(32)
+BUILT = LRUCache(64)
 
 
 def _guidance_static_key(guidance) -> tuple:
@@ -153,6 +146,24 @@ def _guidance_static_key(guidance) -> tuple:
             tuple((ident(c.classifier), c.scale, c.input, c.tau1, c.tau2, c.gamma, c.g_max, c.add)
                   for c in classifiers),
             tuple((ident(d.discriminator), d.weight, d.weight2, d.t_min, d.t_max) for d in discriminators))
+
+
+def build_loop(sampler: str, schedule: Schedule, steps: int, guidance: Sequence, batch: int,
+               clip: Optional[Tuple[float, float]] = None, eta: Optional[float] = None,
+               **sampler_options) -> Tuple[GuidedPlan, _spec.LoopSpec]:
+    """The guided plan and loop spec ``sample`` runs for these settings (``clip`` already checked), built
+    once and cached: what a serving engine steps each request through, row by row.
+
+    >>> gp, spec = build_loop("ddim", fastguide.Schedule.ddpm(), 50, [fastguide.CFG(3.0, null_label=10)], 1)
+    """
+    options = dict(sampler_options)
+    if eta is not None:
+        if sampler not in ("ddim", "euler_ancestral"):
+            raise ValueError(f"eta applies to 'ddim' and 'euler_ancestral', not {sampler!r}")
+        options["eta"] = check_nonneg("eta", eta)
+    if sampler == "ddim" and clip is not None:
+        options["clipped"] = True  # guided-diffusion re-derives eps from the clipped x0^
+    return _built_loop(sampler, schedule, steps, options, guidance, batch, clip)
 
 
 def _built_loop(sampler, schedule, steps, options, guidance, batch, clip) -> Tuple[GuidedPlan, _spec.LoopSpec]:
