@@ -4,6 +4,11 @@ Every input element is read once and every output element written once; everythi
 registers. Absent tensors are switched off by constexpr flags, so their loads and arithmetic are not even
 compiled. The coefficient row is read from the device table at a step index that is a launch argument
 or is itself read from device memory, so a CUDA graph replaying this launch always sees the current step.
+
+Heterogeneous batches (``StepArgs.step_rows`` / ``uncond_rows``) are two more constexpr flags: STEP_ROWS
+reads each sample's table row from a [B] index vector, SPARSE_CFG takes the cond prediction from row b and
+the uncond one from the row a [B] map names (none where it is negative: m = c). Each program reads its
+sample's entries once, as scalars; without the flags the kernel compiles exactly as before.
 """
 
 from __future__ import annotations
@@ -42,33 +47,23 @@ MODE_RANGE = tl.constexpr(CLIP_RANGE)
 MODE_THRESHOLD = tl.constexpr(CLIP_THRESHOLD)
 
 
-@triton.jit(do_not_specialize=["step", "row0"])
-def guided_step_kernel(
-    x_ptr, x_stride, m_ptr, m_stride, n, batch, row0,
-    scale_ptr, scale_stride, mfactor_ptr, mfactor_stride,
-    g_score_ptr, g_score_stride, g_mean_ptr, g_mean_stride,
-    noise_ptr, noise_stride, x0_prev_ptr, x0_prev_stride,
-    clip_lo, clip_hi, threshold_ptr, threshold_stride,
-    table_ptr, table_stride_row, table_stride_col, step_ptr, step,
-    out_ptr, out_stride, x0_out_ptr, x0_out_stride, out2_ptr, out2_stride,
-    HAS_CFG: tl.constexpr, HAS_MFACTOR: tl.constexpr, HAS_G_SCORE: tl.constexpr, HAS_G_MEAN: tl.constexpr,
-    HAS_NOISE: tl.constexpr, HAS_X0_PREV: tl.constexpr, LEARNED_VARIANCE: tl.constexpr,
-    CLIP_MODE: tl.constexpr, STEP_FROM_PTR: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_X0: tl.constexpr,
-    WRITE_OUT2: tl.constexpr, BLOCK: tl.constexpr,
-):
-    # Grid: (chunks of a row, rows). Row offsets in int64: a [2B, 2n] model output can pass 2**31.
-    row = tl.program_id(1).to(tl.int64) + row0
-    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n
-
-    if STEP_FROM_PTR:
-        step_idx = tl.load(step_ptr).to(tl.int64)
-    else:
-        step_idx = step.to(tl.int64)
-    coef = table_ptr + step_idx * table_stride_row
-
-    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_CFG:
+@triton.jit
+def _guided_prediction(m_ptr, m_stride, row, batch, n, cols, mask, scale_ptr, scale_stride, uncond_rows_ptr,
+                       uncond_rows_stride, HAS_CFG: tl.constexpr, SPARSE_CFG: tl.constexpr):
+    """This sample's model prediction after the CFG combine, and its cond row (the learned variance's)."""
+    if SPARSE_CFG:
+        # [cond (B rows); uncond (K rows)]: row b is the cond prediction, uncond_rows[b] the uncond one or
+        # negative for none, where m = c exactly (whatever the scale) and the uncond load is masked off.
+        cond_row = m_ptr + row * m_stride
+        c = tl.load(cond_row + cols, mask=mask, other=0.0).to(tl.float32)
+        u_idx = tl.load(uncond_rows_ptr + row * uncond_rows_stride).to(tl.int64)
+        has_u = u_idx >= 0
+        u_row = m_ptr + tl.where(has_u, u_idx, row) * m_stride  # never an address before the tensor
+        # (one comparison rather than mask & has_u: the interpreter turns a block & scalar mask into int32)
+        u = tl.load(u_row + cols, mask=cols < tl.where(has_u, n, 0), other=0.0).to(tl.float32)
+        w = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+        m = tl.where(has_u, u + w * (c - u), c)
+    elif HAS_CFG:
         # [uncond; cond]: this sample's cond row is `batch` rows below its uncond row.
         cond_row = m_ptr + (row + batch) * m_stride
         u = tl.load(m_ptr + row * m_stride + cols, mask=mask, other=0.0).to(tl.float32)
@@ -78,6 +73,41 @@ def guided_step_kernel(
     else:
         cond_row = m_ptr + row * m_stride
         m = tl.load(cond_row + cols, mask=mask, other=0.0).to(tl.float32)
+    return m, cond_row
+
+
+@triton.jit(do_not_specialize=["step", "row0"])
+def guided_step_kernel(
+    x_ptr, x_stride, m_ptr, m_stride, n, batch, row0,
+    scale_ptr, scale_stride, mfactor_ptr, mfactor_stride,
+    g_score_ptr, g_score_stride, g_mean_ptr, g_mean_stride,
+    noise_ptr, noise_stride, x0_prev_ptr, x0_prev_stride,
+    clip_lo, clip_hi, threshold_ptr, threshold_stride,
+    table_ptr, table_stride_row, table_stride_col, step_ptr, step,
+    step_rows_ptr, step_rows_stride, uncond_rows_ptr, uncond_rows_stride,
+    out_ptr, out_stride, x0_out_ptr, x0_out_stride, out2_ptr, out2_stride,
+    HAS_CFG: tl.constexpr, HAS_MFACTOR: tl.constexpr, HAS_G_SCORE: tl.constexpr, HAS_G_MEAN: tl.constexpr,
+    HAS_NOISE: tl.constexpr, HAS_X0_PREV: tl.constexpr, LEARNED_VARIANCE: tl.constexpr,
+    CLIP_MODE: tl.constexpr, STEP_FROM_PTR: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_X0: tl.constexpr,
+    WRITE_OUT2: tl.constexpr, STEP_ROWS: tl.constexpr, SPARSE_CFG: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # Grid: (chunks of a row, rows). Row offsets in int64: a [2B, 2n] model output can pass 2**31.
+    # `row` is the absolute sample index (row0: the first row of this launch's slice of the batch).
+    row = tl.program_id(1).to(tl.int64) + row0
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+
+    if STEP_ROWS:  # one table row per sample (a stack of several samplers' tables); overrides step
+        step_idx = tl.load(step_rows_ptr + row * step_rows_stride).to(tl.int64)
+    elif STEP_FROM_PTR:
+        step_idx = tl.load(step_ptr).to(tl.int64)
+    else:
+        step_idx = step.to(tl.int64)
+    coef = table_ptr + step_idx * table_stride_row
+
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    m, cond_row = _guided_prediction(m_ptr, m_stride, row, batch, n, cols, mask, scale_ptr, scale_stride,
+                                     uncond_rows_ptr, uncond_rows_stride, HAS_CFG, SPARSE_CFG)
     if HAS_MFACTOR:
         m = m * tl.load(mfactor_ptr + row * mfactor_stride).to(tl.float32)
 
@@ -138,19 +168,25 @@ def _stride(t: Optional[torch.Tensor]) -> int:
 
 def guided_step(args: StepArgs, block: Optional[int] = None) -> None:
     """Launch the fused step on row views: ``sample``, ``out``, ``out2``, ``x0_out``, ``g_*``, ``noise``,
-    ``x0_prev`` are ``[B, n]``, ``model_output`` is ``[B or 2B, n or 2n]``, each with unit inner stride (``as_rows``).
+    ``x0_prev`` are ``[B, n]``, ``model_output`` is ``[B or 2B, n or 2n]`` (``[B + K, ...]`` with
+    ``uncond_rows``), each with unit inner stride (``as_rows``).
 
-    ``scale`` is required exactly when ``model_output`` has 2B rows; ``scale``, ``mfactor`` and
-    ``threshold`` are [B] vectors with any stride (0 for a broadcast scalar). ``block`` overrides the
+    ``scale`` is required exactly when ``model_output`` has 2B rows or ``uncond_rows`` is given; ``scale``,
+    ``mfactor`` and ``threshold`` are [B] vectors with any stride (0 for a broadcast scalar), ``step_rows``
+    and ``uncond_rows`` [B] int32/int64 vectors (``StepArgs``). ``block`` overrides the
     elements per program (a power of two; tests use small ones to cross chunk boundaries).
     """
     x, model_output, step, out, x0_out = args.sample, args.model_output, args.step, args.out, args.x0_out
     batch, n = x.shape
     if batch == 0 or n == 0 or (out is None and x0_out is None):
         return
-    has_cfg = model_output.shape[0] == 2 * batch
+    sparse_cfg = args.uncond_rows is not None
+    if sparse_cfg and args.scale is None:
+        raise ValueError("uncond_rows (a sparse CFG batch) needs scale")
+    has_cfg = sparse_cfg or model_output.shape[0] == 2 * batch
+    step_rows = args.step_rows
     block = block or elementwise_block(n, batch, x.device)
-    step_from_ptr = isinstance(step, torch.Tensor)
+    step_from_ptr = step_rows is None and isinstance(step, torch.Tensor)
     out2 = args.out2 if out is not None else None  # written only with out
     optional = {name: getattr(args, name) for name in ("scale", "mfactor", "g_score", "g_mean", "noise",
                                                         "x0_prev", "threshold", "out", "x0_out")}
@@ -167,12 +203,15 @@ def guided_step(args: StepArgs, block: Optional[int] = None) -> None:
             ptr["noise"], stride["noise"], ptr["x0_prev"], stride["x0_prev"],
             float(args.clip_lo), float(args.clip_hi), ptr["threshold"], stride["threshold"],
             args.table, args.table.stride(0), args.table.stride(1),
-            step if step_from_ptr else args.table, 0 if step_from_ptr else int(step),
+            step if step_from_ptr else args.table, 0 if step_from_ptr or step_rows is not None else int(step),
+            step_rows if step_rows is not None else x, _stride(step_rows),
+            args.uncond_rows if sparse_cfg else x, _stride(args.uncond_rows),
             ptr["out"], stride["out"], ptr["x0_out"], stride["x0_out"], ptr["out2"], stride["out2"],
             HAS_CFG=has_cfg, HAS_MFACTOR=args.mfactor is not None, HAS_G_SCORE=args.g_score is not None,
             HAS_G_MEAN=args.g_mean is not None, HAS_NOISE=args.noise is not None,
             HAS_X0_PREV=args.x0_prev is not None, LEARNED_VARIANCE=bool(args.learned_variance),
             CLIP_MODE=int(args.clip_mode), STEP_FROM_PTR=step_from_ptr, WRITE_OUT=out is not None,
-            WRITE_X0=x0_out is not None, WRITE_OUT2=out2 is not None, BLOCK=block, num_warps=warps_for(block),
+            WRITE_X0=x0_out is not None, WRITE_OUT2=out2 is not None, STEP_ROWS=step_rows is not None,
+            SPARSE_CFG=sparse_cfg, BLOCK=block, num_warps=warps_for(block),
             enable_fp_fusion=True,
         )

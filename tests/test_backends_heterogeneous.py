@@ -57,7 +57,7 @@ CASES = [
     MixedCase("sparse_poisoned", outputs="poisoned", terms=ALL),
     MixedCase("sparse_aliased", outputs="aliased", terms=frozenset({"noise"})),
     MixedCase("sparse_x0_only", outputs="x0_only", clip="range"),
-    MixedCase("sparse_int32_maps", map_dtype=torch.int32, terms=frozenset({"g_mean"})),
+    MixedCase("sparse_int32_maps", map_dtype=torch.int32, terms=frozenset({"g_mean"})),  # checked into int64
     MixedCase("odd_rows", shape=(3, 1, 5, 1), terms=frozenset({"noise", "x0_prev"})),
     MixedCase("one_sample", shape=(1, 2, 9)),
     MixedCase("long_rows", shape=(4, 4, 33, 31), terms=frozenset({"noise"})),
@@ -217,13 +217,15 @@ def test_heterogeneous_step_matches_reference(backend, device, case, dtype):
 
 @pytest.mark.parametrize("backend,device", parity.BACKENDS)
 def test_sample_without_uncond_row_ignores_its_scale(backend, device):
-    """m = c exactly for a sample without an uncond row, even with a NaN scale or a NaN in unused rows."""
+    """m = c exactly for a sample without an uncond row, whatever its scale (here 1e6, which would blow up
+    any use of it), and a model-output row no sample points at (all NaN) changes nothing."""
     parity.skip_unless_runs(backend, device)
     gen = torch.Generator().manual_seed(11)
-    sample, model_output = torch.randn(3, 2, 6, generator=gen), torch.randn(4, 2, 6, generator=gen)
+    sample, model_output = torch.randn(3, 2, 6, generator=gen), torch.randn(5, 2, 6, generator=gen)
+    model_output[4] = NAN
     table = torch.randn(ROWS, NUM_COLS, generator=gen)
     rows = torch.tensor([1, 4, 9])
-    scale = torch.tensor([2.0, 3.0, 5.0])
+    scale = torch.tensor([1e6, 3.0, 1e6])
     uncond = torch.tensor([-1, 3, -1])
     args = [t.to(device) for t in (sample, model_output, table, rows)]
     got = fastguide.guided_step(*args, scale=scale.to(device), uncond_rows=uncond.to(device), backend=backend)

@@ -31,10 +31,11 @@ LSE_GRAD = ("temperature_lse_grad", "temperature_lse_grad_kernel")
 RMS_PARTIAL = ("per_sample_rms", "per_sample_rms_partial_kernel")
 STEP_OFF = dict(HAS_CFG=False, HAS_MFACTOR=False, HAS_G_SCORE=False, HAS_G_MEAN=False, HAS_NOISE=False,
                 HAS_X0_PREV=False, LEARNED_VARIANCE=False, CLIP_MODE=0, STEP_FROM_PTR=False, WRITE_OUT=True,
-                WRITE_X0=False, WRITE_OUT2=False)
+                WRITE_X0=False, WRITE_OUT2=False, STEP_ROWS=False, SPARSE_CFG=False)
 STEP_ALL = dict(STEP_OFF, HAS_CFG=True, HAS_MFACTOR=True, HAS_G_SCORE=True, HAS_G_MEAN=True, HAS_NOISE=True,
                 HAS_X0_PREV=True, LEARNED_VARIANCE=True, CLIP_MODE=2, STEP_FROM_PTR=True, WRITE_X0=True)
 BF16_IO = {p: "bf16" for p in ("x_ptr", "noise_ptr", "g_score_ptr", "out_ptr", "x0_out_ptr")}
+ROW_MAPS = {"step_rows_ptr": "i64", "uncond_rows_ptr": "i64"}  # a heterogeneous batch's [B] index vectors
 CASES = [
     ("step_cfg_ddim_fp32", *STEP, {}, dict(STEP_OFF, HAS_CFG=True, BLOCK=2048), 8, True),
     ("step_cfg_ddim_out2_fp16", *STEP, {p: "fp16" for p in ("x_ptr", "m_ptr", "out_ptr", "out2_ptr")},
@@ -47,6 +48,13 @@ CASES = [
     ("step_learned_variance_mean_shift_fp16", *STEP,
      {p: "fp16" for p in ("x_ptr", "m_ptr", "g_mean_ptr", "noise_ptr", "out_ptr")},
      dict(STEP_OFF, HAS_G_MEAN=True, HAS_NOISE=True, LEARNED_VARIANCE=True, BLOCK=2048), 8, True),
+    ("step_heterogeneous_sparse_cfg_step_rows_fp32", *STEP, ROW_MAPS,
+     dict(STEP_OFF, HAS_CFG=True, SPARSE_CFG=True, STEP_ROWS=True, BLOCK=2048), 8, True),
+    ("step_heterogeneous_all_terms_learned_variance_fp16", *STEP,
+     dict(ROW_MAPS, **{p: "fp16" for p in ("x_ptr", "m_ptr", "g_mean_ptr", "noise_ptr", "out_ptr", "out2_ptr")}),
+     dict(STEP_ALL, SPARSE_CFG=True, STEP_ROWS=True, WRITE_OUT2=True, BLOCK=1024), 4, True),
+    ("step_per_row_steps_dense_cfg_int32_rows_bf16", *STEP, dict(BF16_IO, m_ptr="bf16", step_rows_ptr="i32"),
+     dict(STEP_OFF, HAS_CFG=True, STEP_ROWS=True, CLIP_MODE=1, WRITE_X0=True, BLOCK=2048), 8, True),
     ("step_predict_x0_only_small_block", *STEP, {"x_ptr": "fp16", "x0_out_ptr": "fp16", "step_ptr": "i32"},
      dict(STEP_OFF, WRITE_OUT=False, WRITE_X0=True, CLIP_MODE=1, STEP_FROM_PTR=True, BLOCK=256), 1, False),
     ("cfg_rescale_factor_partial_single_chunk_fp32", *RESCALE_PARTIAL, {},
@@ -85,7 +93,9 @@ def _signature(kernel, pointer_types, constexprs):
             sig[p.name] = "fp32"
         else:
             sig[p.name] = "i32"
-        if ALIGNED_ARGS.search(p.name) and p.name != "table_stride_col":
+        # (table_stride_col and the [B] index vectors' strides are 1 in practice, not multiples of 16)
+        if ALIGNED_ARGS.search(p.name) and p.name not in ("table_stride_col", "step_rows_stride",
+                                                          "uncond_rows_stride"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
 

@@ -320,6 +320,59 @@ def test_step_grid_row_slices(monkeypatch):
     assert_close(per_sample_rms.per_sample_rms(x, block=16), reference.per_sample_rms(x), torch.float32)
 
 
+def _sparse_inputs(batch, n, gen, uncond, learned_variance=False):
+    """A heterogeneous batch: ``uncond`` lists sample b's uncond row (or -1); the model output is the B cond
+    rows, then the uncond rows, then a row of NaN that no sample points at (never read)."""
+    k = max(uncond) + 1 - batch if max(uncond) >= batch else 0
+    width = 2 * n if learned_variance else n
+    mo = torch.cat([randn(batch + k, width, gen=gen), torch.full((1, width), float("nan"), device=DEVICE)])
+    if learned_variance:
+        mo[:, n:] = mo[:, n:].clamp(-1, 1)
+    return randn(batch, n, gen=gen), mo, torch.tensor(uncond, dtype=torch.int64, device=DEVICE)
+
+
+def test_step_heterogeneous_grid_row_slices(monkeypatch):
+    """Per-sample table rows and uncond rows are looked up at the absolute sample index when the batch
+    launches in row slices (a tiny grid limit), across chunk boundaries, with the learned variance of the
+    cond row."""
+    guided_step, *_ = _kernels()
+    from fastguide.kernels import launch_utils
+    monkeypatch.setattr(launch_utils, "MAX_GRID_ROWS", 2)
+    gen = torch.Generator().manual_seed(29)
+    batch, n = 5, 70
+    x, mo, uncond = _sparse_inputs(batch, n, gen, [6, -1, 5, 7, -1], learned_variance=True)
+    step_rows = torch.tensor([3, 0, 5, 1, 3], device=DEVICE)
+    kwargs = dict(scale=(1 + torch.rand(batch, generator=gen)).to(DEVICE), noise=randn(batch, n, gen=gen),
+                  g_mean=randn(batch, n, gen=gen), step_rows=step_rows, uncond_rows=uncond)
+    table = random_table(6, gen)
+    out, x0 = poisoned(x), poisoned(x)
+    guided_step.guided_step(StepArgs(x, mo, table, 0, **kwargs, learned_variance=True, out=out, x0_out=x0),
+                            block=32)
+    want_out, want_x0 = _reference_rows(x, mo, table, 0, kwargs, True)
+    assert_close(out, want_out, torch.float32)
+    assert_close(x0, want_x0, torch.float32)
+
+
+def test_step_heterogeneous_maps_strided_int32_and_override_a_device_step():
+    """The [B] maps may be strided int32 views (a direct launcher call); step_rows overrides a device step;
+    a sample without an uncond row gets m = c exactly, even with a NaN scale."""
+    guided_step, *_ = _kernels()
+    gen = torch.Generator().manual_seed(31)
+    batch, n = 4, 45
+    x, mo, _ = _sparse_inputs(batch, n, gen, [4, -1, 5, -1])
+    uncond = torch.tensor([[4, 9], [-1, 9], [5, 9], [-1, 9]], dtype=torch.int32, device=DEVICE)[:, 0]
+    step_rows = torch.tensor([[2, 0], [1, 0], [2, 0], [0, 0]], dtype=torch.int32, device=DEVICE)[:, 0]
+    scale = torch.tensor([2.0, float("nan"), 0.5, float("nan")], device=DEVICE)
+    table = random_table(3, gen)
+    counter = torch.full((1,), 1, dtype=torch.int64, device=DEVICE)
+    kwargs = dict(scale=scale, step_rows=step_rows, uncond_rows=uncond, x0_prev=randn(batch, n, gen=gen))
+    out = poisoned(x)
+    guided_step.guided_step(StepArgs(x, mo, table, counter, **kwargs, out=out), block=16)
+    want, _ = _reference_rows(x, mo, table, 0, kwargs)
+    assert_close(out, want, torch.float32)
+    assert torch.isfinite(out).all()
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="bf16 needs a GPU (the interpreter has no bf16)")
 def test_step_bf16_on_gpu():
     gen = torch.Generator().manual_seed(23)
