@@ -13,13 +13,19 @@ fastguide.backends.abi's extension, backend_cuda._run (stream 0) and dispatch's 
   with the clip modes, output modes (fresh, poisoned, aliased) and step kinds rotating, in fp32/fp16/bf16, on
   the 16-byte vector path (every one of its kernels must run) and on the scalar fallback (odd sizes,
   misaligned views); each call checks from the launch log that the expected path ran.
+* The heterogeneous-batch cases of tests/test_backends_heterogeneous.py (one table row per sample, sparse CFG
+  batches) in fp32/fp16/bf16 on the vector path (row lengths rounded up to whole packs) and on the scalar
+  fallback (the cases' odd sizes, or a misaligned model_output), checking the path from the launch log and
+  that each thread read step_rows[b] / uncond_rows[b] once per row; a sample without an uncond row is exact
+  (infinite cond values, NaN scale); and the per-sample regions do catch a block reading another sample's.
 * The row reductions (RMS, CFG-rescale factor, LSE gradient) over sizes around the vector width, misaligned
   rows and row offsets, and every emulated device.
 * The emulation itself (tests/cuda_emu/selftest.cu): shuffles, barriers, clusters, and that the faults it
   promises to catch do fail.
 
 Every kernel access is checked against the memory its argument block allows (tests/cuda_emu/emulator.py:
-rows of each tensor, the selected coefficient row, inputs read-only); misaligned vector accesses, barriers
+rows of each tensor, the selected coefficient row(s), for one sample's table row or uncond row only the blocks
+of that sample, inputs read-only); misaligned vector accesses, barriers
 not every thread reaches and array overruns fail the launch. What the emulation cannot see (real
 concurrency, the memory model, FMA contraction, timing) is listed in tests/cuda_emu/include/cuda_runtime.h.
 """
@@ -28,7 +34,9 @@ from __future__ import annotations
 
 import ctypes
 import inspect
+import dataclasses
 import itertools
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -43,7 +51,8 @@ from fastguide.backends import cuda as backend_cuda
 from cuda_emu import build
 from cuda_emu.emulator import Emulator
 
-import test_backends_parity as parity  # a module attribute, so pytest does not collect its tests here again
+import test_backends_heterogeneous as hetero  # (module attributes, so pytest does not collect their tests
+import test_backends_parity as parity         # here again)
 
 MISSING = build.missing_toolchain()
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"CUDA emulation unavailable: {MISSING}")
@@ -385,6 +394,139 @@ def test_step_rows_beyond_grid_limit(cuda_emulated):
     parity.assert_matches(actual, expected, parity.step_tol(dtype))
     [launch] = [r for r in cuda_emulated.launches() if "guided_step_kernel" in r.kernel]
     assert launch.grid[1] == 65535
+
+
+
+# ------------------------------------------------------------------------------- heterogeneous batches
+
+SPARSE = ("some", "none", "all")  # MixedCase.uncond values with an uncond_rows map
+# The module's cases, plus a sparse map without any uncond row where it has none (its "sparse_none" case
+# leaves uncond at the default "some").
+HETERO_CASES = list(hetero.CASES) + ([] if any(c.uncond == "none" for c in hetero.CASES) else [
+    hetero.MixedCase("sparse_no_uncond_rows", uncond="none", terms=frozenset({"noise"}))])
+
+
+def _hetero_variant(case, path: str, dtype: torch.dtype):
+    """(case, misaligned model_output?) of a heterogeneous case on ``path``: for the vector path the last
+    dimension rounded up to a multiple of 8 (rows of whole 16-byte packs in every dtype); for the scalar path
+    the case's own sizes, with model_output one element off a 16-byte boundary where those are whole packs."""
+    if path == "vector":
+        *lead, last = case.shape
+        return dataclasses.replace(case, shape=(*lead, -(-last // 8) * 8)), False
+    return case, math.prod(case.shape[1:]) % VEC[dtype] == 0
+
+
+@pytest.mark.parametrize("path", ["vector", "scalar"])
+@pytest.mark.parametrize("dtype", parity.DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", HETERO_CASES, ids=lambda c: c.name)
+def test_heterogeneous_step(cuda_emulated, case, dtype, path):
+    """test_backends_heterogeneous's cases against the reference, on the expected kernel; every block reads
+    only its own sample's table row and uncond row (per-sample regions, emulator.py), each of its threads
+    step_rows[b] and uncond_rows[b] once for the row (never per element)."""
+    case, misaligned = _hetero_variant(case, path, dtype)
+    sample, model_output, table, rows, kwargs = hetero.mixed_call(
+        case, "cpu", dtype, parity.seed_of("emulated-heterogeneous", case.name, path, str(dtype)))
+    if misaligned:
+        model_output = _misaligned_copy(model_output)
+    inputs = (sample, model_output, table, rows, kwargs)
+    expected, expected_x0 = hetero.run_case(case, "torch", *inputs)
+    cuda_emulated.clear_log()
+    got, got_x0 = hetero.run_case(case, "cuda", *inputs)
+    tol = parity.step_tol(dtype)
+    if expected is not None:
+        assert got.dtype == dtype
+        parity.assert_matches(got, expected, tol)
+    if expected_x0 is not None:
+        parity.assert_matches(got_x0, expected_x0, tol)
+
+    io, vec, mask = _step_launch(cuda_emulated)
+    assert io == IO_NAMES[dtype]
+    if path == "vector":
+        assert vec == VEC[dtype], f"took the scalar kernel (pack of {vec})"
+        cfg = case.uncond != "none_scale_free"
+        want = _mask(case.terms, cfg, case.learned_variance, case.outputs != "x0_only")
+        assert mask == want, f"ran the kernel of feature mask {mask}, expected {want}"
+    else:
+        assert (vec, mask) == (1, None), f"took the vector kernel (pack of {vec}, mask {mask})"
+    # At most 65535 rows: every thread works on one row, so one read of each map per thread.
+    [launch] = [r for r in cuda_emulated.launches() if "guided_step_kernel" in r.kernel]
+    accesses = cuda_emulated.last_accesses
+    per_sample_steps = case.shape[0] > 1  # a one-sample [1] step is a plain device step index
+    assert accesses.get("step_rows", 0) == (launch.threads if per_sample_steps else 0), accesses
+    assert accesses.get("uncond_rows", 0) == (launch.threads if case.uncond in SPARSE else 0), accesses
+
+
+def test_heterogeneous_cases_are_reused():
+    """Both paths above do see what they are meant to: each of the cases' features, whole packs on the
+    vector path, and sizes of both kinds on the scalar one."""
+    assert {c.uncond for c in HETERO_CASES} >= {*SPARSE, "dense", "none_scale_free"}
+    assert {c.name for c in hetero.CASES} <= {c.name for c in HETERO_CASES}
+    for dtype in parity.DTYPES:
+        scalar = [_hetero_variant(c, "scalar", dtype) for c in HETERO_CASES]
+        assert any(m for _, m in scalar) and not all(m for _, m in scalar)
+        for case in HETERO_CASES:
+            shape = _hetero_variant(case, "vector", dtype)[0].shape
+            assert math.prod(shape[1:]) % VEC[dtype] == 0 and shape[:-1] == case.shape[:-1]
+
+
+def test_sample_without_uncond_row_ignores_its_scale(cuda_emulated):
+    hetero.test_sample_without_uncond_row_ignores_its_scale("cuda", "cpu")
+    _step_launch(cuda_emulated)  # the one step ran on the emulated kernels
+
+
+@pytest.mark.parametrize("path", ["vector", "scalar"])
+def test_sparse_sample_without_uncond_row_is_exact(cuda_emulated, path):
+    """m = c exactly for a sample without an uncond row: infinite cond values stay infinite (u = c with w = 1
+    would make them NaN: c - c) and its scale is not used (NaN here, past the host checks: run_step)."""
+    from fastguide.core.args import StepArgs
+    from fastguide.core.ops import run_step
+    inf = float("inf")
+    n = 8 if path == "vector" else 7
+    gen = torch.Generator().manual_seed(parity.seed_of("sparse-exact", path))
+    sample = torch.randn(3, n, generator=gen)
+    model_output = torch.randn(4, n, generator=gen)
+    model_output[0, :3] = torch.tensor([inf, -inf, inf])
+    model_output[2, 1] = -inf
+    table = torch.randn(hetero.ROWS, parity.NUM_COLS, generator=gen)
+    step_rows, uncond_rows = torch.tensor([2, 7, 4]), torch.tensor([-1, 3, -1])
+    scale = torch.tensor([float("nan"), 2.5, inf])
+
+    def step(backend: str):
+        out, x0 = torch.full_like(sample, 7.0), torch.full_like(sample, 7.0)
+        args = StepArgs(sample, model_output, table, 0, scale=scale, out=out, x0_out=x0, step_rows=step_rows,
+                        uncond_rows=uncond_rows)
+        if backend == "torch":
+            reference.guided_step(args)
+        else:
+            run_step(args, backend)
+        return out, x0
+
+    (want_out, want_x0), (out, x0) = step("torch"), step("cuda")
+    assert torch.isinf(want_x0[0, :3]).all() and not torch.isnan(want_x0).any()  # the case tests something
+    torch.testing.assert_close(x0, want_x0, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5, equal_nan=True)
+    _, vec, _ = _step_launch(cuda_emulated)
+    assert vec == (4 if path == "vector" else 1)
+
+
+def test_per_sample_regions_catch_another_samples_rows(cuda_emulated, monkeypatch):
+    """The checker's per-sample regions are enforced: with every table row and uncond row registered for
+    the wrong sample, the launch faults on a block reading its own (as it would on a kernel that read
+    another sample's)."""
+    case = dataclasses.replace(hetero.CASES[1], shape=(3, 2, 8))  # sparse_some
+    sample, model_output, table, rows, kwargs = hetero.mixed_call(case, "cpu", torch.float32, 5)
+    add_region = cuda_emulated.add_region
+    for which in ("table", "uncond"):
+        def shifted(name, base, n_rows, row_bytes, stride_bytes, writable, sample_row=-1):
+            if sample_row >= 0 and which in name:
+                sample_row = (sample_row + 1) % 3
+            add_region(name, base, n_rows, row_bytes, stride_bytes, writable, sample_row)
+
+        monkeypatch.setattr(cuda_emulated, "add_region", shifted)
+        with pytest.raises(RuntimeError, match=r"other sample row's 4-byte read|other sample row's 16-byte read"):
+            hetero.run_case(case, "cuda", sample, model_output, table, rows, kwargs)
+        monkeypatch.setattr(cuda_emulated, "add_region", add_region)
+    hetero.run_case(case, "cuda", sample, model_output, table, rows, kwargs)  # registered right: runs
 
 
 # ------------------------------------------------------------------------------------ row reductions

@@ -44,7 +44,7 @@ ALL = frozenset(parity.TERMS)
 CASES = [
     MixedCase("steps_only_no_cfg", uncond="none_scale_free"),
     MixedCase("sparse_some"),
-    MixedCase("sparse_none"),
+    MixedCase("sparse_none", uncond="none"),
     MixedCase("sparse_all", uncond="all"),
     MixedCase("dense_per_row_steps", uncond="dense"),
     MixedCase("sparse_every_term", terms=ALL),

@@ -6,6 +6,10 @@
 // loads before any arithmetic so that enough bytes are in flight to saturate HBM. Which element streams
 // are present is a compile-time feature mask, so an absent term costs no load, no register and no math;
 // misaligned or odd-sized tensors take a scalar kernel whose features are runtime flags.
+//
+// Heterogeneous batches (GuidedStepArgs::step_rows / uncond_rows) are read per block row: one index load
+// per row and thread for each map that is present, behind a branch that is uniform over the grid, so a
+// call without them runs the same loads as before.
 #include <array>
 #include <utility>
 
@@ -19,7 +23,7 @@ using namespace detail;
 
 // Element streams besides x and the (cond) prediction; each is one bit of a kernel's feature mask.
 enum StepFeature : int {
-  kCfg = 1 << 0,         // model_output has 2B rows [uncond; cond]
+  kCfg = 1 << 0,         // an uncond prediction may be present: 2B rows [uncond; cond], or sparse rows
   kScoreGrad = 1 << 1,   // g_score
   kMeanGrad = 1 << 2,    // g_mean (read only when out is written)
   kNoise = 1 << 3,       // noise
@@ -64,6 +68,8 @@ struct GuidedStepParams {
   const float* table;
   const int64_t* step_ptr;
   int64_t step;
+  const int64_t* step_rows;    // [B] table row per sample (overrides step_ptr / step), or null
+  const int64_t* uncond_rows;  // [B] sparse CFG map (with kCfg): uncond row of sample b or < 0, or null
   Bits* out;
   int64_t out_stride;
   Bits* x0_out;
@@ -96,8 +102,22 @@ __global__ void __launch_bounds__(kStepThreads)
 
   for (int64_t b = blockIdx.y; b < p.batch; b += gridDim.y) {
     const Bits* x_row = p.sample + b * p.sample_stride;
-    const Bits* u_row = p.model_output + b * p.model_output_stride;
-    const Bits* c_row = feat.has(kCfg) ? p.model_output + (p.batch + b) * p.model_output_stride : u_row;
+    // The prediction rows: without CFG row b; dense CFG [uncond; cond], rows b and B + b; sparse CFG
+    // (uncond_rows) the cond prediction in row b and the uncond one in row uncond_rows[b], or none. A
+    // sample without one skips the combine (m = c exactly; u = c with w = 1 would turn an infinite c into
+    // NaN), and its uncond loads.
+    const Bits* c_row = p.model_output + b * p.model_output_stride;
+    const Bits* u_row = c_row;
+    bool has_u = feat.has(kCfg);
+    if (feat.has(kCfg)) {
+      if (p.uncond_rows == nullptr) {
+        c_row = p.model_output + (p.batch + b) * p.model_output_stride;
+      } else {
+        const int64_t u_index = __ldg(p.uncond_rows + b);
+        has_u = u_index >= 0;
+        if (has_u) u_row = p.model_output + u_index * p.model_output_stride;
+      }
+    }
     const Bits* v_row = c_row + p.n;  // learned variance: second half of the cond row
     const Bits* gs_row = p.g_score + b * p.g_score_stride;
     const Bits* gm_row = p.g_mean + b * p.g_mean_stride;
@@ -115,7 +135,7 @@ __global__ void __launch_bounds__(kStepThreads)
       const int64_t e = k * VEC;
       x[i] = load_pack<IO, VEC>(x_row + e);
       c[i] = load_pack<IO, VEC>(c_row + e);
-      if (feat.has(kCfg)) u[i] = load_pack<IO, VEC>(u_row + e);
+      if (feat.has(kCfg) && has_u) u[i] = load_pack<IO, VEC>(u_row + e);
       if (feat.has(kScoreGrad)) gs[i] = load_pack<IO, VEC>(gs_row + e);
       if (feat.has(kNoise)) z[i] = load_pack<IO, VEC>(z_row + e);
       if (feat.has(kMeanGrad)) gm[i] = load_pack<IO, VEC>(gm_row + e);
@@ -140,10 +160,12 @@ __global__ void __launch_bounds__(kStepThreads)
       clip_mul = 1.f / hi;
     }
 
-    // The step index lives on the device so a CUDA-graph replay reads the current one.
-    const int64_t step = p.step_ptr != nullptr ? __ldg(p.step_ptr) : p.step;
-    // Coefficients are uniform over the grid (cached after the first warp); plain loads through a restrict
-    // pointer, so those of absent terms are dropped by the compiler.
+    // The step index lives on the device so a CUDA-graph replay reads the current one; with step_rows
+    // every sample has its own.
+    const int64_t step = p.step_rows != nullptr ? __ldg(p.step_rows + b)
+                         : p.step_ptr != nullptr ? __ldg(p.step_ptr) : p.step;
+    // Coefficients are uniform over the block row (over the grid without step_rows; cached after the first
+    // warp); plain loads through a restrict pointer, so those of absent terms are dropped by the compiler.
     const float* __restrict__ coef = p.table + step * kNumCols;
     const float px = coef[P_X], pm = coef[P_M], pg = coef[P_G], pz = coef[P_Z];
     const float qx = coef[Q_X], qm = coef[Q_M], qg = coef[Q_G], qz = coef[Q_Z];
@@ -161,7 +183,7 @@ __global__ void __launch_bounds__(kStepThreads)
       for (int j = 0; j < VEC; ++j) {
         const float xf = pack_get(x[i], j);
         float m = pack_get(c[i], j);
-        if (feat.has(kCfg)) {
+        if (feat.has(kCfg) && has_u) {
           const float uf = pack_get(u[i], j);
           m = uf + w * (m - uf);
         }
@@ -272,6 +294,8 @@ GuidedStepParams<IO> typed_params(const GuidedStepArgs& a) {
   p.table = a.table;
   p.step_ptr = a.step_ptr;
   p.step = a.step;
+  p.step_rows = a.step_rows;
+  p.uncond_rows = a.has_cfg ? a.uncond_rows : nullptr;  // a sparse map only means something with CFG
   p.out = static_cast<Bits*>(a.out);
   p.out_stride = a.out_stride;
   p.x0_out = static_cast<Bits*>(a.x0_out);

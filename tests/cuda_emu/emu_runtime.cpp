@@ -65,6 +65,11 @@ struct Region {
   uintptr_t base;
   int64_t rows, row_bytes, stride_bytes;
   bool writable;
+  // >= 0: the memory of one sample row, for the blocks that work on it only. Kernels with a row per grid
+  // row loop over rows (b = blockIdx.y, blockIdx.y + gridDim.y, ...), so that is grid row
+  // sample_row % gridDim.y. -1: any block.
+  int64_t sample_row;
+  int64_t accesses = 0;  // checked accesses that landed here (the test reads them after a launch)
 
   // Byte range [lo, hi) covering every row.
   uintptr_t end() const {
@@ -476,30 +481,50 @@ std::string describe_address(uintptr_t a) {
                 (long long)(best->end() - best->base));
 }
 
-const Region* g_last_region = nullptr;  // where the previous global access landed (usually the next's too)
+Region* g_last_region = nullptr;  // where the previous global access landed (usually the next's too)
+
+// Whether the running block works on region r's sample row (always, for a region of every block).
+bool serves_running_block(const Region& r) {
+  return r.sample_row < 0 || uint64_t(r.sample_row) % emu_grid_dim.y == emu_block_idx.y;
+}
 
 __attribute__((noinline)) void check_outside_stack(uintptr_t a, size_t n, bool write, void* pc) {
   const Wave& w = *g_wave;
   if (!write && ((a >= w.ctx_lo && a + n <= w.ctx_hi) || is_builtin(a, n))) return;  // arguments, builtins
-  if (g_last_region != nullptr && g_last_region->contains(a, n) && (!write || g_last_region->writable)) return;
+  if (g_last_region != nullptr && g_last_region->contains(a, n) && (!write || g_last_region->writable) &&
+      serves_running_block(*g_last_region)) {
+    ++g_last_region->accesses;
+    return;
+  }
   for (const Block& b : w.blocks) {
     for (const SharedVariable& v : b.shared) {
       if (a >= uintptr_t(v.data) && a + n <= uintptr_t(v.data + v.bytes)) return;
     }
   }
   bool readable = false;
-  for (const Region& r : g_regions) {
+  const Region* other_row = nullptr;
+  for (Region& r : g_regions) {
     if (r.contains(a, n)) {
+      if (!serves_running_block(r)) {
+        other_row = &r;
+        continue;
+      }
       if (!write || r.writable) {
         g_last_region = &r;
+        ++r.accesses;
         return;
       }
       readable = true;
     }
   }
-  kernel_fault(format("%s %zu-byte %s at 0x%zx, %s [pc +0x%zx]",
-                      readable ? "illegal (read-only)" : "out-of-bounds", n, write ? "write" : "read", size_t(a),
-                      describe_address(a).c_str(), size_t(caller_offset(pc))));
+  const char* kind = readable ? "illegal (read-only)" : other_row != nullptr ? "other sample row's" : "out-of-bounds";
+  const std::string whose =
+      other_row == nullptr || readable
+          ? std::string()
+          : format(" (of sample row %lld: grid row %lld, not this block's)", (long long)other_row->sample_row,
+                   (long long)(uint64_t(other_row->sample_row) % emu_grid_dim.y));
+  kernel_fault(format("%s %zu-byte %s at 0x%zx, %s%s [pc +0x%zx]", kind, n, write ? "write" : "read", size_t(a),
+                      describe_address(a).c_str(), whose.c_str(), size_t(caller_offset(pc))));
 }
 
 // Called for every load and store of the CUDA translation units; kernels mostly touch their own stack.
@@ -877,11 +902,21 @@ EMU_EXPORT int emu_set_schedule(int schedule) {
   emu::g_schedule = schedule;
   return 0;
 }
-// Global memory the next launches may touch: `rows` rows of `row_bytes` bytes, `stride_bytes` apart.
+// Global memory the next launches may touch: `rows` rows of `row_bytes` bytes, `stride_bytes` apart;
+// sample_row >= 0: only by the blocks of grid row sample_row % gridDim.y (see Region).
 EMU_EXPORT void emu_region_add(const char* name, uint64_t base, int64_t rows, int64_t row_bytes,
-                               int64_t stride_bytes, int writable) {
-  emu::g_regions.push_back({name, uintptr_t(base), rows, row_bytes, stride_bytes, writable != 0});
+                               int64_t stride_bytes, int writable, int64_t sample_row) {
+  emu::g_regions.push_back({name, uintptr_t(base), rows, row_bytes, stride_bytes, writable != 0,
+                            sample_row < 0 ? -1 : sample_row});
   emu::g_last_region = nullptr;  // the vector may have moved
+}
+EMU_EXPORT int64_t emu_num_regions() { return int64_t(emu::g_regions.size()); }
+// Name (into buf) and checked accesses of region i since it was added; -1 when there is no region i.
+EMU_EXPORT int64_t emu_region_accesses(int64_t i, char* buf, int size) {
+  if (i < 0 || i >= int64_t(emu::g_regions.size())) return -1;
+  const emu::Region& r = emu::g_regions[size_t(i)];
+  if (size > 0) snprintf(buf, size_t(size), "%s", r.name.c_str());
+  return r.accesses;
 }
 EMU_EXPORT void emu_regions_clear() {
   emu::g_regions.clear();

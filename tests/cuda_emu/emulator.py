@@ -4,7 +4,10 @@ control API through ctypes, and stands in for ``fastguide.backends.cuda._run``.
 Before each kernel call, ``Emulator.run`` registers the global memory the kernel may touch, derived from its
 argument block by the contract of ``csrc/fastguide_abi.h`` (rows x row length for every tensor, the [B]
 vectors, the selected coefficient row, read-only inputs and writable outputs); the memory checker fails the
-launch on any other access. Faults come back as RuntimeError with the kernel and source line resolved.
+launch on any other access. Memory that belongs to one sample (a heterogeneous step's table row, a sparse
+CFG batch's uncond row) is registered for the blocks of that sample's grid row only. Faults come back as
+RuntimeError with the kernel and source line resolved; ``last_accesses`` has the accesses per region of the
+latest launch.
 """
 
 from __future__ import annotations
@@ -43,12 +46,17 @@ class Emulator:
         lib = self.lib = ctypes.CDLL(str(self.path))
         lib.emu_device_name.restype = ctypes.c_char_p
         lib.emu_region_add.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int64,
-                                       ctypes.c_int64, ctypes.c_int]
+                                       ctypes.c_int64, ctypes.c_int, ctypes.c_int64]
+        lib.emu_num_regions.restype = ctypes.c_int64
+        lib.emu_region_accesses.restype = ctypes.c_int64
+        lib.emu_region_accesses.argtypes = [ctypes.c_int64, ctypes.c_char_p, ctypes.c_int]
         lib.emu_log_size.restype = ctypes.c_int64
         lib.emu_log_entry.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)]
         lib.emu_take_host_fault.argtypes = [ctypes.c_char_p, ctypes.c_int]
         self.devices = [lib.emu_device_name(i).decode() for i in range(lib.emu_num_devices())]
         self._symbols: Optional[Dict[int, str]] = None
+        # Checked accesses per region name (summed over same-named regions) of the latest ``run``.
+        self.last_accesses: Dict[str, int] = {}
 
     # ------------------------------------------------------------------------------------------- control
 
@@ -59,8 +67,20 @@ class Emulator:
         self.lib.emu_reset_last_error()
 
     def add_region(self, name: str, base: int, rows: int, row_bytes: int, stride_bytes: int,
-                   writable: bool) -> None:
-        self.lib.emu_region_add(name.encode(), base, rows, row_bytes, stride_bytes, int(writable))
+                   writable: bool, sample_row: int = -1) -> None:
+        """Memory the next launches may touch; ``sample_row`` >= 0: only from the blocks that work on that
+        sample row (grid row ``sample_row % gridDim.y``)."""
+        self.lib.emu_region_add(name.encode(), base, rows, row_bytes, stride_bytes, int(writable), sample_row)
+
+    def region_accesses(self) -> Dict[str, int]:
+        """Checked accesses of the kernels launched since the regions were registered, per region name."""
+        counts: Dict[str, int] = {}
+        buf = ctypes.create_string_buffer(256)
+        for i in range(self.lib.emu_num_regions()):
+            n = self.lib.emu_region_accesses(i, buf, len(buf))
+            name = buf.value.decode()
+            counts[name] = counts.get(name, 0) + n
+        return counts
 
     def clear_regions(self) -> None:
         self.lib.emu_regions_clear()
@@ -120,8 +140,10 @@ class Emulator:
     def run(self, kernel, launch, device) -> None:
         """``fastguide.backends.cuda._run`` for the emulated module: stream 0, the kernel's memory registered."""
         self.register(launch.args)
+        self.last_accesses = {}
         try:
             kernel(launch.args, 0)
+            self.last_accesses = self.region_accesses()
         except RuntimeError as exc:
             if "[cuda-emu]" in str(exc):
                 raise RuntimeError(self.explain(str(exc))) from None
@@ -139,10 +161,24 @@ class Emulator:
         region = self._region
         if kind == "GuidedStepArgs":
             es = ELEMENT_BYTES[a.dtype]
-            rows_in = a.batch * (2 if a.has_cfg else 1)
             region("sample", a.sample, a.batch, a.n * es, a.sample_stride * es)
-            region("model_output", a.model_output, rows_in, a.n * es * (2 if a.learned_variance else 1),
-                   a.model_output_stride * es)
+            # Prediction rows: the prediction (n elements), and in a cond row (or the only row) also the
+            # learned variance channels after it; an uncond row's variance is never read.
+            pred, full = a.n * es, a.n * es * (2 if a.learned_variance else 1)
+            mo, mo_stride = a.model_output, a.model_output_stride * es
+            if not a.has_cfg:
+                region("model_output", mo, a.batch, full, mo_stride)
+            elif a.uncond_rows:
+                # Sparse CFG: B cond rows, then uncond rows; each sample may read only its own (if any).
+                region("uncond_rows", a.uncond_rows, 1, a.batch * 8, 0)
+                region("model_output (cond rows)", mo, a.batch, full, mo_stride)
+                for b, u in enumerate(_int64s(a.uncond_rows, a.batch)):
+                    if u >= 0:
+                        region(f"model_output[{u}] (uncond of sample {b})", mo + u * mo_stride, 1, pred, 0,
+                               sample_row=b)
+            else:
+                region("model_output (uncond rows)", mo, a.batch, pred, mo_stride)
+                region("model_output (cond rows)", mo + a.batch * mo_stride, a.batch, full, mo_stride)
             if a.has_cfg:
                 region("scale", a.scale, a.batch, 4, a.scale_stride * 4)
             region("mfactor", a.mfactor, 1, a.batch * 4, 0)
@@ -150,12 +186,20 @@ class Emulator:
                 region(name, getattr(a, name), a.batch, a.n * es, getattr(a, f"{name}_stride") * es)
             if a.clip_mode == 2:
                 region("threshold", a.threshold, 1, a.batch * 4, 0)
-            step = a.step
-            if a.step_ptr:
-                region("step", a.step_ptr, 1, 8, 0)
-                step = ctypes.c_int64.from_address(a.step_ptr).value
-            # Only the selected row of the coefficient table.
-            region(f"table[{step}]", a.table + step * NUM_COLS * 4, 1, NUM_COLS * 4, 0)
+            row_bytes = NUM_COLS * 4
+            if a.step_rows:
+                # One row per sample (step_ptr / step are not read): sample b's row, for sample b only.
+                region("step_rows", a.step_rows, 1, a.batch * 8, 0)
+                for b, step in enumerate(_int64s(a.step_rows, a.batch)):
+                    region(f"table[{step}] (sample {b})", a.table + step * row_bytes, 1, row_bytes, 0,
+                           sample_row=b)
+            else:
+                step = a.step
+                if a.step_ptr:
+                    region("step", a.step_ptr, 1, 8, 0)
+                    step = ctypes.c_int64.from_address(a.step_ptr).value
+                # Only the selected row of the coefficient table.
+                region(f"table[{step}]", a.table + step * row_bytes, 1, row_bytes, 0)
             region("out", a.out, a.batch, a.n * es, a.out_stride * es, writable=True)
             region("x0_out", a.x0_out, a.batch, a.n * es, a.x0_out_stride * es, writable=True)
             if a.out:  # the second copy of the result is written only together with out
@@ -180,6 +224,11 @@ class Emulator:
             raise TypeError(f"no memory contract for {kind}")
 
     def _region(self, name: str, base: int, rows: int, row_bytes: int, stride_bytes: int,
-                writable: bool = False) -> None:
+                writable: bool = False, sample_row: int = -1) -> None:
         if base:  # 0: the tensor is absent and must not be touched
-            self.add_region(name, base, rows, row_bytes, stride_bytes, writable)
+            self.add_region(name, base, rows, row_bytes, stride_bytes, writable, sample_row)
+
+
+def _int64s(address: int, count: int) -> List[int]:
+    """``count`` int64 values at ``address`` (host memory: the emulated device is the CPU)."""
+    return list((ctypes.c_int64 * count).from_address(address)) if count > 0 else []

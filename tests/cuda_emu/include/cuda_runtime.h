@@ -24,7 +24,9 @@
 //     -fsanitize=address in call mode and -fsanitize=alignment,bounds,...; the callbacks in
 //     emu_runtime.cpp allow a kernel to touch only its own stack, its kernel arguments, its cluster's shared
 //     memory and the global-memory regions that the test registered for the launch (emu_region_add, with
-//     read/write permission). Misaligned accesses (a 16-byte load needs a 16-byte aligned address, as on
+//     read/write permission, optionally for the blocks of one sample row only: a kernel whose grid rows
+//     loop over sample rows may touch a row's region only from grid row sample_row % gridDim.y; each
+//     region counts the accesses that landed in it). Misaligned accesses (a 16-byte load needs a 16-byte aligned address, as on
 //     the GPU), out-of-bounds array indexing and signed overflow fail the launch too.
 //
 // Not emulated (limits):
