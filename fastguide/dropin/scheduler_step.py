@@ -12,9 +12,9 @@ where, and in the shape and dtype, diffusers draws it (``_draw_noise``), runs on
 the scheduler (``_advance``).
 
 Supported: ``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``,
-``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler`` (``dpmsolver++``, order 1 or 2) and
-``FlowMatchEulerDiscreteScheduler`` (SD3, Flux, Wan, Qwen-Image: every config option, stochastic sampling
-included). Anything else raises ``ValueError`` naming the scheduler or the option.
+``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler`` (``dpmsolver++`` and ``sde-dpmsolver++``,
+order 1 or 2), ``FlowMatchEulerDiscreteScheduler`` (SD3, Flux, Wan, Qwen-Image: every config option, stochastic
+sampling included) and ``LCMScheduler``. Anything else raises ``ValueError`` naming the scheduler or the option.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from ..core import ops as _ops
 from ..core.args import StepArgs
 from ..core.checks import (Scale, check_bool, check_finite, check_fraction, check_model_output, check_real,
                            check_sample, check_scale, check_tensor)
-from ..samplers.scheduler_tables import DDIM, DDPM, DPM, EULER, FLOW, SchedulerPlan, config, dpm_lower_order_final
+from ..samplers.scheduler_tables import (DDIM, DDPM, DPM, EULER, FLOW, LCM, SchedulerPlan, config,
+                                         dpm_lower_order_final)
 from . import guidance as _dropin_guidance
 from .schedulers import (INDEX_BASED, SchedulerState, off_schedule_plan, output_of, plan_of, scheduler_state,
                          variant)
@@ -175,7 +176,7 @@ def _indexed_step(scheduler, state: SchedulerState, timestep) -> Tuple[int, bool
     """(step index this call uses, whether the scheduler's counter must be initialised from ``timestep``)."""
     integer = isinstance(timestep, int) and not isinstance(timestep, bool) or \
         isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()
-    if state.kind != DPM and integer:
+    if state.kind not in (DPM, LCM) and integer:
         # As Euler*.step: integer indices (enumerate) are a common mistake; pass a value of scheduler.timesteps.
         raise ValueError("timestep must be a value of scheduler.timesteps, not an integer index")
     n = len(scheduler.timesteps)
@@ -197,6 +198,18 @@ def _indexed_step(scheduler, state: SchedulerState, timestep) -> Tuple[int, bool
     return index, init
 
 
+def _check_lcm_timestep(plan: SchedulerPlan, index: int, timestep) -> None:
+    """LCMScheduler.step takes abar_t and c_skip/c_out from the timestep it is given but the previous timestep
+    from its step index, so the row of step ``index`` is its step only for ``scheduler.timesteps[index]``.
+    Checked where that reads nothing from a device (numbers and CPU tensors, outside torch.compile)."""
+    if torch.compiler.is_compiling() or isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
+        return
+    value = _scalar_timestep(timestep)
+    if not float(value).is_integer() or plan.timestep_rows.get(int(value)) != index:
+        raise ValueError(f"timestep {value!r} is not scheduler.timesteps[{index}] (the scheduler's step index); "
+                         "LCMScheduler steps through its timesteps in order")
+
+
 def _select_row(scheduler, call: _Call, timestep) -> Tuple[Optional[int], bool]:
     """Point ``call.args`` at this step's row (and the previous x0 for DPM-Solver++ 2M); returns (host step
     index or None when found on the device, whether the scheduler's counter must be initialised)."""
@@ -204,6 +217,8 @@ def _select_row(scheduler, call: _Call, timestep) -> Tuple[Optional[int], bool]:
     init_index = False
     if state.kind in INDEX_BASED:
         index, init_index = _indexed_step(scheduler, state, timestep)
+        if state.kind == LCM:
+            _check_lcm_timestep(plan, index, timestep)
     elif torch.compiler.is_compiling() and isinstance(timestep, torch.Tensor):
         index = None  # found on the device: reading the timestep on the host would break the graph
     else:
@@ -241,6 +256,19 @@ def _predicted_x0(call: _Call, clip: bool = True) -> torch.Tensor:
     return x0
 
 
+def _lcm_denoised(call: _Call) -> torch.Tensor:
+    """LCMScheduler's ``denoised`` (``c_skip x + c_out x0^``, its second output): the plan's second block, one
+    more pass without noise, run before the step proper (whose ``out`` may be ``sample``)."""
+    a = call.args
+    denoised = torch.empty_like(a.sample, memory_format=torch.contiguous_format)
+    pass_args = StepArgs(a.sample, a.model_output, a.table, a.step + call.plan.num_steps, scale=a.scale,
+                         rescale=a.rescale, g_score=a.g_score, learned_variance=a.learned_variance, out=denoised)
+    pass_args.clip_mode, pass_args.clip_lo, pass_args.clip_hi, pass_args.threshold = \
+        a.clip_mode, a.clip_lo, a.clip_hi, a.threshold
+    _ops.run_step(pass_args, call.backend)
+    return denoised
+
+
 def _threshold(call: _Call) -> None:
     """Saharia et al. 2022 dynamic threshold per sample: the ``ratio`` quantile of |x0^|, clamped to
     [1, max_value] (in fp32 like diffusers, which upcasts half inputs). The quantile needs the whole raw x0
@@ -275,9 +303,9 @@ def _draw_noise(call: _Call, index: Optional[int]) -> None:
         raise RuntimeError("fastguide.step inside torch.compile cannot draw from a torch.Generator (dynamo "
                            "cannot trace generators); draw the noise outside the compiled function and "
                            "pass noise=..., or pass generator=None")
-    elif plan.kind == FLOW:
-        # FlowMatchEulerDiscreteScheduler.step draws in float32 (the dtype of its upcast sample) whatever the
-        # model's dtype, so the generator advances and the values come out exactly as there.
+    elif plan.fp32_noise:
+        # FlowMatchEulerDiscreteScheduler.step and DPMSolverMultistepScheduler.step (sde-dpmsolver++) draw in
+        # float32 whatever the model's dtype, so the generator advances and the values come out exactly as there.
         z = _noise.randn(a.sample.shape, call.generator, a.model_output.device, torch.float32)
         a.noise = z if z.dtype == a.sample.dtype else z.to(a.sample.dtype)
     else:
@@ -325,7 +353,8 @@ def scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *
                    g_mean: Optional[torch.Tensor] = None, guide: Optional[Callable] = None,
                    check_finite_output: bool = False,
                    noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One scheduler step; returns (prev_sample, x0 or None).
+    """One scheduler step; returns (prev_sample, x0 or None); for LCMScheduler the second value is its
+    ``denoised`` output instead of x0^.
 
     ``options`` is the plan key of the scheduler's step options (``schedulers.variant``; None: the
     defaults). ``g_score``
@@ -347,11 +376,13 @@ def scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *
     if not torch.compiler.is_compiling():  # (a log call would break the graph)
         _warn_if_input_not_scaled(scheduler)
     _draw_noise(call, index)
-    need_x0 = want_x0 or call.state.kind == DPM
+    lcm = call.state.kind == LCM
+    denoised = _lcm_denoised(call) if want_x0 and lcm else None
+    need_x0 = want_x0 and not lcm or call.state.kind == DPM
     x0 = call.args.x0_out = torch.empty_like(sample, memory_format=torch.contiguous_format) if need_x0 else None
     prev = _ops.run_step(call.args, backend)
     _advance(scheduler, call, index, init_index, timestep, x0)
-    return prev, x0 if want_x0 else None
+    return prev, (denoised if lcm else x0) if want_x0 else None
 
 
 def _guide_of(scheduler, state: SchedulerState, guidance, y, sample: torch.Tensor, timestep,
@@ -399,12 +430,13 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
             dtype).
         scheduler: keyword only; a supported diffusers scheduler after ``set_timesteps``:
             ``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``,
-            ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler`` (``dpmsolver++``, order 1 or 2),
-            ``FlowMatchEulerDiscreteScheduler`` (velocity ``model_output``; ``shift``, dynamic shifting with
-            ``set_timesteps(..., mu=...)``, ``shift_terminal``, ``invert_sigmas``, ``stochastic_sampling``,
-            Karras / exponential / beta sigmas and custom sigmas all come from its ``sigmas``; latents of any
-            shape, ``[B, C, H, W]`` or token-shaped ``[B, L, D]``). Anything else raises ``ValueError`` naming
-            the scheduler or the config option.
+            ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler`` (``dpmsolver++`` or
+            ``sde-dpmsolver++``, order 1 or 2), ``LCMScheduler``, ``FlowMatchEulerDiscreteScheduler``
+            (velocity ``model_output``; ``shift``, dynamic shifting with ``set_timesteps(..., mu=...)``,
+            ``shift_terminal``, ``invert_sigmas``, ``stochastic_sampling``, Karras / exponential / beta sigmas
+            and custom sigmas all come from its ``sigmas``; latents of any shape, ``[B, C, H, W]`` or
+            token-shaped ``[B, L, D]``). Anything else raises ``ValueError`` naming the scheduler or the
+            config option.
         guidance_scale: CFG scale w: a float >= 0 or a ``[B]`` float tensor (per-sample); default None (no CFG,
             ``model_output`` has B rows).
         guidance_rescale: float in [0, 1], default 0: diffusers' ``rescale_noise_cfg`` phi; needs
@@ -435,23 +467,27 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
             torch on the CPU, CUDA then Triton then torch on a GPU), or ``"torch"``, ``"cpp"``, ``"triton"``,
             ``"cuda"``.
         noise: optional tensor of the sample's shape and dtype, default None: used instead of drawing from
-            ``generator`` on steps that draw noise (needed inside ``torch.compile`` for a seeded loop).
+            ``generator`` on steps that draw noise (needed inside ``torch.compile`` for a seeded loop; for
+            ``sde-dpmsolver++`` it is DPMSolverMultistepScheduler's ``variance_noise``).
         return_dict: None (default), False or True. Left unset, fastguide's convenience: the ``prev_sample``
             tensor itself. ``False``: exactly the tuple ``scheduler.step(..., return_dict=False)`` returns
-            (``(prev_sample, pred_original_sample)``; DPMSolverMultistepScheduler: ``(prev_sample,)``), so
+            (``(prev_sample, pred_original_sample)``; DPMSolverMultistepScheduler: ``(prev_sample,)``;
+            LCMScheduler: ``(prev_sample, denoised)``, one more fused pass for ``denoised``), so
             ``...step(..., return_dict=False)[0]`` is the sample. ``True``: the scheduler's own output class
-            (``DDIMSchedulerOutput``, ``SchedulerOutput`` for DPM-Solver,
+            (``DDIMSchedulerOutput``, ``SchedulerOutput`` for DPM-Solver, ``LCMSchedulerOutput``,
             ``FlowMatchEulerDiscreteSchedulerOutput`` (``prev_sample`` only) ...; ``StepOutput`` for a
             scheduler whose module defines none).
 
     Returns ``prev_sample`` (the tensor ``out`` when given), or the tuple / output object asked for.
     Timesteps: DDIMScheduler takes any integer training timestep (as its own step does; one outside
     ``scheduler.timesteps`` gets its own row, built on first use: eagerly only, not inside
-    ``torch.compile``); the other schedulers take the values of ``scheduler.timesteps``.
+    ``torch.compile``); the other schedulers take the values of ``scheduler.timesteps`` (LCMScheduler, which
+    reads both its step index and the timestep, the one at its step index: another is a ``ValueError``).
     Precision: the coefficient rows are computed in float64 from the scheduler's arrays and rounded once,
     where diffusers computes them in float32, so results can differ from diffusers' by its own fp32 rounding
-    (e.g. ~5e-5 relative in DDPM's first betas). FlowMatchEulerDiscreteScheduler's stochastic noise is drawn
-    in float32 as there (the generator advances alike) and rounded to a half-precision sample's dtype.
+    (e.g. ~5e-5 relative in DDPM's first betas). FlowMatchEulerDiscreteScheduler's stochastic noise and
+    DPM++ SDE's noise are drawn in float32 as there (the generator advances alike) and rounded to a
+    half-precision sample's dtype.
 
     Every argument is checked, and the guidance networks run (their outputs checked: a wrong shape is a
     ``ValueError`` naming the network and the expected shape), before ``generator``, ``out`` or the scheduler
@@ -488,11 +524,11 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
     output_class, fields = output_of(scheduler, state.kind) if return_dict is not None else (None, ())
     prev, x0 = scheduler_step(model_output, timestep, sample, scheduler=scheduler, guidance_scale=guidance_scale,
                               guidance_rescale=guidance_rescale, generator=generator, options=options, out=out,
-                              backend=backend, want_x0=return_dict is not None and "pred_original_sample" in fields,
+                              backend=backend, want_x0=return_dict is not None and len(fields) > 1,
                               guide=guide, check_finite_output=check_finite, noise=noise)
     if return_dict is None:
         return prev
-    values = {"prev_sample": prev, "pred_original_sample": x0}
+    values = {"prev_sample": prev, "pred_original_sample": x0, "denoised": x0}
     if not return_dict:
         return tuple(values[f] for f in fields)
     if output_class is None:

@@ -17,7 +17,7 @@ import torch
 
 from ..backends import dispatch as _dispatch
 from ..core.checks import check_device
-from ..samplers.scheduler_tables import (BUILDERS, ddim_plan, DDIM, DDPM, DPM, EULER, EULER_ANCESTRAL, FLOW,
+from ..samplers.scheduler_tables import (BUILDERS, ddim_plan, DDIM, DDPM, DPM, EULER, EULER_ANCESTRAL, FLOW, LCM,
                                          PREPARE_HELP, SchedulerPlan, config)
 
 # diffusers class name -> the step formula it uses.
@@ -28,8 +28,11 @@ KINDS = {
     "EulerAncestralDiscreteScheduler": EULER_ANCESTRAL,
     "DPMSolverMultistepScheduler": DPM,
     "FlowMatchEulerDiscreteScheduler": FLOW,
+    "LCMScheduler": LCM,
 }
-INDEX_BASED = (EULER, EULER_ANCESTRAL, DPM, FLOW)  # schedulers that keep a step counter (``_step_index``)
+INDEX_BASED = (EULER, EULER_ANCESTRAL, DPM, FLOW, LCM)  # schedulers that keep a step counter (``_step_index``)
+_VP_CLIPPED = (DDPM, DDIM, LCM)  # schedulers with clip_sample / clip_sample_range
+_THRESHOLDED = (DDPM, DDIM, DPM, LCM)  # schedulers with dynamic thresholding
 
 
 def kind_of(scheduler) -> str:
@@ -55,6 +58,7 @@ _PREDICTION_TYPES = {
     EULER: ("epsilon", "v_prediction", "sample", "original_sample"),
     EULER_ANCESTRAL: ("epsilon", "v_prediction"),
     DPM: ("epsilon", "v_prediction", "sample"),
+    LCM: ("epsilon", "v_prediction", "sample"),
 }
 
 
@@ -83,21 +87,21 @@ def check_config(scheduler, kind: str) -> None:
         _check_choice(scheduler, "variance_type", (None, "fixed_small", "fixed_small_log", "fixed_large",
                                                    "learned_range"))
     elif kind == DPM:
-        _check_choice(scheduler, "algorithm_type", ("dpmsolver++",))
+        _check_choice(scheduler, "algorithm_type", ("dpmsolver++", "sde-dpmsolver++"))
         _check_choice(scheduler, "solver_order", (1, 2))
         _check_choice(scheduler, "solver_type", ("midpoint", "heun"))
         _check_choice(scheduler, "variance_type", (None,))
         if config(scheduler, "use_flow_sigmas", False):
             raise ValueError("scheduler.config.use_flow_sigmas=True is not supported by fastguide.step")
-    if kind in (DDPM, DDIM, DPM) and config(scheduler, "thresholding", False):
+    if kind in _THRESHOLDED and config(scheduler, "thresholding", False):
         ratio = config(scheduler, "dynamic_thresholding_ratio")
         if not isinstance(ratio, numbers.Real) or not 0.0 <= float(ratio) <= 1.0:
             raise ValueError(f"scheduler.config.dynamic_thresholding_ratio must be in [0, 1], got {ratio!r}")
-    elif kind in (DDPM, DDIM) and config(scheduler, "clip_sample", False):
+    elif kind in _VP_CLIPPED and config(scheduler, "clip_sample", False):
         rng = config(scheduler, "clip_sample_range", 1.0)
         if not isinstance(rng, numbers.Real) or not float(rng) > 0.0 or not math.isfinite(float(rng)):
             raise ValueError(f"scheduler.config.clip_sample_range must be a finite float > 0, got {rng!r}")
-    if kind in (DDIM, DPM) and getattr(scheduler, "num_inference_steps", None) is None:
+    if kind in (DDIM, DPM, LCM) and getattr(scheduler, "num_inference_steps", None) is None:
         raise ValueError(f"scheduler: {type(scheduler).__name__} has no schedule yet; call "
                          "scheduler.set_timesteps(...) first")
 
@@ -108,7 +112,7 @@ class SchedulerState:
 
     refs: tuple                               # the objects it was built from, compared by identity
     kind: str
-    clip: Optional[Tuple[float, float]]       # clip_sample range, DDPM/DDIM
+    clip: Optional[Tuple[float, float]]       # clip_sample range, DDPM/DDIM/LCM
     threshold: Optional[Tuple[float, float]]  # (dynamic_thresholding_ratio, sample_max_value)
     solver_order: int = 1                     # DPM-Solver++
     plans: Dict[tuple, SchedulerPlan] = field(default_factory=dict)
@@ -144,7 +148,7 @@ _mark_step_counter_dynamic()
 def _state_refs(scheduler, kind: str) -> tuple:
     """set_timesteps assigns new ``timesteps``/``sigmas`` tensors and a config change a new config object;
     holding them makes identity a safe key."""
-    arrays = (scheduler.sigmas,) if kind in INDEX_BASED else (scheduler.alphas_cumprod,)
+    arrays = (scheduler.sigmas,) if kind in INDEX_BASED and kind != LCM else (scheduler.alphas_cumprod,)
     return (scheduler.timesteps, scheduler.config) + arrays
 
 
@@ -161,10 +165,10 @@ def scheduler_state(scheduler) -> SchedulerState:
         raise RuntimeError(PREPARE_HELP)
     check_config(scheduler, kind)
     clip = threshold = None
-    if kind in (DDPM, DDIM, DPM) and config(scheduler, "thresholding", False):
+    if kind in _THRESHOLDED and config(scheduler, "thresholding", False):
         threshold = (float(config(scheduler, "dynamic_thresholding_ratio")),
                      float(config(scheduler, "sample_max_value")))
-    elif kind in (DDPM, DDIM) and config(scheduler, "clip_sample", False):
+    elif kind in _VP_CLIPPED and config(scheduler, "clip_sample", False):
         r = float(config(scheduler, "clip_sample_range", 1.0))
         clip = (-r, r)
     order = int(config(scheduler, "solver_order")) if kind == DPM else 1
@@ -212,6 +216,7 @@ _OUTPUTS = {
     EULER_ANCESTRAL: ("EulerAncestralDiscreteSchedulerOutput", ("prev_sample", "pred_original_sample")),
     DPM: ("SchedulerOutput", ("prev_sample",)),
     FLOW: ("FlowMatchEulerDiscreteSchedulerOutput", ("prev_sample",)),
+    LCM: ("LCMSchedulerOutput", ("prev_sample", "denoised")),
 }
 
 
@@ -250,7 +255,8 @@ def prepare(scheduler, device: Union[None, str, torch.device] = None, **step_opt
     Args:
         scheduler: a supported diffusers scheduler (``DDPMScheduler``, ``DDIMScheduler``,
             ``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler``,
-            ``FlowMatchEulerDiscreteScheduler``) after ``set_timesteps``; its config is validated here.
+            ``FlowMatchEulerDiscreteScheduler``, ``LCMScheduler``) after ``set_timesteps``; its config is
+            validated here.
         device: where the samples will live: a device string (``"cuda"``, ``"cuda:1"``, ``"cpu"``), a
             ``torch.device`` or an index; default None: where ``scheduler.timesteps`` lives (the tables are
             built there too in any case). It must be usable here: an invalid string or an accelerator that

@@ -6,7 +6,9 @@ here, in float64, from the scheduler's *own* state after ``set_timesteps`` (``al
 them), with the row primitives the native samplers use (``fastguide.samplers.rows``). Where a diffusers
 scheduler differs from the paper or from the native sampler, the builder below says so (DDIM's previous
 timestep, Euler's v-prediction sigma, DPM-Solver's lower-order final step). Flow matching
-(``FlowMatchEulerDiscreteScheduler``) runs on the flow state ``x = (1 - s) x0 + s eps`` (``flow_plan``).
+(``FlowMatchEulerDiscreteScheduler``) runs on the flow state ``x = (1 - s) x0 + s eps`` (``flow_plan``);
+DPM-Solver++ covers its SDE variant (``sde-dpmsolver++``, DPM++ 2M SDE) too, and ``LCMScheduler`` is
+``lcm_plan``.
 
 diffusers computes these coefficients in float32; fastguide computes them in float64 and rounds the row
 once, so results can differ from diffusers' by diffusers' own fp32 rounding (e.g. ~5e-5 relative in
@@ -26,7 +28,7 @@ from ..core.layout import Col
 from .rows import ddim_noise_std, ddim_update, ddpm_mean, euler_update, prediction_coeffs, row, sqrt
 
 DDPM, DDIM, EULER, EULER_ANCESTRAL, DPM = "ddpm", "ddim", "euler", "euler_ancestral", "dpmsolver++"
-FLOW = "flow_match_euler"
+FLOW, LCM = "flow_match_euler", "lcm"
 
 PREPARE_HELP = ("fastguide.step inside torch.compile needs the scheduler's tables built beforehand: call "
                 "fastguide.dropin.prepare(scheduler, device, **step_options) after scheduler.set_timesteps(...) "
@@ -44,11 +46,12 @@ class SchedulerPlan:
 
     ``rows`` holds ``num_steps`` rows (one per position in ``scheduler.timesteps``); DPM-Solver++ with
     ``solver_order=2`` appends ``num_steps`` second-order rows (row ``num_steps + i`` is step ``i`` taken with
-    the previous x0). Per step, ``alpha``/``sigma`` give the state's parametrisation ``x = alpha x0 + sigma
-    eps`` (for Euler that is the sigma after churn), which defines the score-correction columns
-    (``eps -= sigma g``, ``x0 += sigma^2/alpha g``). ``variance`` is DDPM's fixed mean-shift variance
-    (``mu += Sigma g``); None where the model supplies it (learned_range: the DV column) or the scheduler has
-    no mean shift.
+    the previous x0), and LCM ``num_steps`` rows of its ``denoised`` output (row ``num_steps + i``:
+    ``c_skip x + c_out x0^`` of step ``i``, no noise). Per step, ``alpha``/``sigma`` give the state's
+    parametrisation ``x = alpha x0 + sigma eps`` (for Euler that is the sigma after churn), which defines the
+    score-correction columns (``eps -= sigma g``, ``x0 += sigma^2/alpha g``). ``variance`` is DDPM's fixed
+    mean-shift variance (``mu += Sigma g``); None where the model supplies it (learned_range: the DV column) or
+    the scheduler has no mean shift.
 
     >>> plan = fastguide.dropin.plan_for(scheduler)     # after scheduler.set_timesteps(...)
     >>> plan.sigma[i], plan.variance[i]                 # state parametrisation / DDPM variance of step i
@@ -62,7 +65,8 @@ class SchedulerPlan:
     draws_noise: np.ndarray                # [num_steps] bool: diffusers draws noise on this step
     variance: Optional[np.ndarray] = None  # [num_steps] DDPM fixed variance for a mean shift
     learned_variance: bool = False         # model output carries 2C channels (DDPM learned_range)
-    timestep_rows: Dict[int, int] = field(default_factory=dict)  # DDPM/DDIM: timestep value -> step
+    timestep_rows: Dict[int, int] = field(default_factory=dict)  # DDPM/DDIM/LCM: timestep value -> step
+    fp32_noise: bool = False               # diffusers draws the noise in float32, whatever the model's dtype
     _device_tensors: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -236,14 +240,31 @@ def dpm_lower_order_final(scheduler, i: int, n: int) -> bool:
                                config(scheduler, "final_sigmas_type") == "zero")
 
 
+def _dpm_d1(sde: bool, heun: bool, h: float, decay: float, a_n: float, r0: float) -> float:
+    """The coefficient of ``x0 - x0_prev`` (the D1 term, ``D1 = (x0 - x0_prev) / r0``) in diffusers' 2M update:
+    midpoint ``b / 2 D1`` with ``b`` the first-order x0 coefficient; heun ``a_n ((e^-h - 1)/h + 1) D1``, and
+    for the SDE variant ``a_n ((1 - e^-2h)/(-2h) + 1) D1``."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if sde:
+            d2 = decay * decay
+            return a_n * ((1.0 - d2) / (-2.0 * h) + 1.0) / r0 if heun else 0.5 * a_n * (1.0 - d2) / r0
+        return a_n * ((decay - 1.0) / h + 1.0) / r0 if heun else 0.5 * a_n * (1.0 - decay) / r0
+
+
 def dpm_plan(scheduler) -> SchedulerPlan:
     """DPM-Solver++ (Lu et al. 2022) 1S and 2M on the VP state, with alpha = 1/sqrt(1+sigma^2),
-    sigma_vp = sigma alpha, so exp(-h) = sigma_next / sigma (no log of a zero final sigma needed)."""
+    sigma_vp = sigma alpha, so exp(-h) = sigma_next / sigma (no log of a zero final sigma needed).
+
+    ``algorithm_type="sde-dpmsolver++"`` (DPM++ 2M SDE, Lu et al. 2022 / k-diffusion's ``dpmpp_2m_sde``, as
+    diffusers takes it): ``x_next = (s_n / s) e^-h x + a_n (1 - e^-2h) D0 + d1 D1 + s_n sqrt(1 - e^-2h) z``,
+    with the noise drawn in float32 on every step (also the last, where it has amplitude 0 when the final
+    sigma is 0)."""
     sig = _f64(scheduler.sigmas)
     n = len(scheduler.timesteps)
     pred = config(scheduler, "prediction_type")
     order = int(config(scheduler, "solver_order"))
     heun = config(scheduler, "solver_type") == "heun"
+    sde = config(scheduler, "algorithm_type") == "sde-dpmsolver++"
     first_rows, second_rows, alpha, sigma = [], [], np.zeros(n), np.zeros(n)
 
     def vp(x: float) -> Tuple[float, float]:
@@ -256,7 +277,11 @@ def dpm_plan(scheduler) -> SchedulerPlan:
         a_n, s_n = vp(nxt)
         decay = nxt / s  # exp(-h)
         pred_cols = prediction_coeffs(pred, a_s, s_s, with_eps=False)
-        first_rows.append(row(pred_cols, a_s, s_s, A=s_n / s_s, B=a_n * (1.0 - decay)))
+        if sde:
+            upd = dict(A=s_n / s_s * decay, B=a_n * (1.0 - decay * decay), E=s_n * sqrt(1.0 - decay * decay))
+        else:
+            upd = dict(A=s_n / s_s, B=a_n * (1.0 - decay))
+        first_rows.append(row(pred_cols, a_s, s_s, **upd))
         alpha[i], sigma[i] = a_s, s_s
         if order == 2:
             second = first_rows[-1].copy()
@@ -265,11 +290,50 @@ def dpm_plan(scheduler) -> SchedulerPlan:
                 with np.errstate(divide="ignore", invalid="ignore"):
                     h = np.log(np.float64(s) / nxt)
                     r0 = np.log(np.float64(sig[i - 1]) / s) / h
-                    d1 = a_n * ((decay - 1.0) / h + 1.0) / r0 if heun else 0.5 * a_n * (1.0 - decay) / r0
-                # x_next = A x + a_n (1 - e^-h) x0 + d1 (x0 - x0_prev), the D1 term of the 2M update.
-                second = row(pred_cols, a_s, s_s, A=s_n / s_s, B=a_n * (1.0 - decay) + d1, F=-d1)
+                d1 = _dpm_d1(sde, heun, h, decay, a_n, r0)
+                # x_next = ... + B x0 + d1 (x0 - x0_prev), the D1 term of the 2M update.
+                second = row(pred_cols, a_s, s_s, **dict(upd, B=upd["B"] + d1, F=-d1))
             second_rows.append(second)
-    return SchedulerPlan(DPM, np.stack(first_rows + second_rows), n, alpha, sigma, np.zeros(n, dtype=bool))
+    return SchedulerPlan(DPM, np.stack(first_rows + second_rows), n, alpha, sigma, np.full(n, sde),
+                         fp32_noise=True)
+
+
+def lcm_plan(scheduler) -> SchedulerPlan:
+    """LCMScheduler (Luo et al. 2023, multistep consistency sampling) as its ``step`` computes it, on
+    ``x = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``:
+
+    * x0^ from the prediction type (clipped / thresholded as configured), then the boundary-condition
+      ``denoised = c_skip x + c_out x0^`` with ``c_skip = 0.25 / (u^2 + 0.25)``, ``c_out = u / sqrt(u^2 + 0.25)``,
+      ``u = timestep_scaling * t`` (sigma_data = 0.5);
+    * ``x_prev = sqrt(abar_prev) denoised + sqrt(1 - abar_prev) z``, the previous timestep being the next entry
+      of ``scheduler.timesteps`` (the step's own timestep past the end); on the step with index
+      ``num_inference_steps - 1`` no noise is drawn and ``x_prev = denoised``. (With custom timesteps and
+      ``strength < 1`` the schedule is shorter than ``num_inference_steps``, so every step draws.)
+
+    The second block (row ``num_steps + i``) computes ``denoised`` alone, the step's second output."""
+    abar = _f64(scheduler.alphas_cumprod)
+    final = float(_f64(scheduler.final_alpha_cumprod))
+    ts = [int(t) for t in _f64(scheduler.timesteps)]
+    n = len(ts)
+    last = int(scheduler.num_inference_steps) - 1
+    pred = config(scheduler, "prediction_type")
+    scaling = float(config(scheduler, "timestep_scaling"))
+    rows, denoised_rows, alpha, sigma = [], [], np.zeros(n), np.zeros(n)
+    draws = np.array([i != last for i in range(n)], dtype=bool)
+    for i, t in enumerate(ts):
+        prev = ts[i + 1] if i + 1 < n else t
+        at = abar[t]
+        ap = abar[prev] if prev >= 0 else final
+        a, s = sqrt(at), sqrt(1.0 - at)
+        u = t * scaling
+        c_skip, c_out = 0.25 / (u * u + 0.25), u / sqrt(u * u + 0.25)
+        pred_cols = prediction_coeffs(pred, a, s, with_eps=False)
+        keep = sqrt(ap) if draws[i] else 1.0
+        rows.append(row(pred_cols, a, s, A=keep * c_skip, B=keep * c_out, E=sqrt(1.0 - ap) if draws[i] else 0.0))
+        denoised_rows.append(row(pred_cols, a, s, A=c_skip, B=c_out))
+        alpha[i], sigma[i] = a, s
+    return SchedulerPlan(LCM, np.stack(rows + denoised_rows), n, alpha, sigma, draws,
+                         timestep_rows=_first_positions(ts))
 
 
 def flow_plan(scheduler) -> SchedulerPlan:
@@ -296,8 +360,8 @@ def flow_plan(scheduler) -> SchedulerPlan:
         else:
             rows.append(row(pred, 1.0 - s, s, A=1.0, B=-(nxt - s), C=nxt - s))
         alpha[i], sigma[i] = 1.0 - s, s
-    return SchedulerPlan(FLOW, np.stack(rows), n, alpha, sigma, np.full(n, stochastic))
+    return SchedulerPlan(FLOW, np.stack(rows), n, alpha, sigma, np.full(n, stochastic), fp32_noise=True)
 
 
 BUILDERS = {DDPM: ddpm_plan, DDIM: ddim_plan, EULER: euler_plan, EULER_ANCESTRAL: euler_ancestral_plan,
-            DPM: dpm_plan, FLOW: flow_plan}
+            DPM: dpm_plan, FLOW: flow_plan, LCM: lcm_plan}
