@@ -127,8 +127,10 @@ setup(
         "triton": ["triton"],
         # `fastguide demo` and `fastguide train-digits`: the scikit-learn digits, shipped weights, PNG grids.
         "demo": ["scikit-learn", "safetensors", "pillow", "tqdm"],
+        # `fastguide serve`: the HTTP server (fastguide.serve.http); format "png" answers also need pillow.
+        "serve": ["starlette>=0.37", "uvicorn>=0.29"],
         # tests/test_build.py builds wheels without build isolation, so the build tools are test needs too.
         "test": ["pytest", "hypothesis", "diffusers>=0.30", "scikit-learn", "safetensors", "pillow", "triton",
-                 "tqdm", "pybind11>=2.12", "cmake>=3.18", "ninja", "wheel"],
+                 "tqdm", "pybind11>=2.12", "cmake>=3.18", "ninja", "wheel", "starlette>=0.37", "uvicorn>=0.29"],
     },
 )

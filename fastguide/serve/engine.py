@@ -150,6 +150,8 @@ class Engine:
             self.metrics.count("invalid")
             raise
         with self._cond:
+            if self.error is not None:
+                raise EngineClosed(f"the engine failed to start: {self.error}")
             if self._closing:
                 self.metrics.count("rejected_closed")
                 raise EngineClosed("the engine is shutting down")

@@ -5,7 +5,8 @@
 Endpoints:
 
 * ``GET /health``: 200 ``{"status": "ok"}`` once the engine has run its warm-up request, before that 503
-  ``{"status": "loading"}`` (a readiness probe: route traffic on 200).
+  ``{"status": "loading"}`` (a readiness probe: route traffic on 200); 503 ``{"status": "error", "error"}``
+  if the warm-up raised. Samples sent before the warm-up is done wait for it in the queue.
 * ``POST /v1/samples``: a JSON object, the engine's request (label, seed, steps, sampler, guidance, target,
   format, prompt). ``"format": "raw"`` (default) answers 200 JSON ``{"id", "shape", "dtype": "float32",
   "data", "latency_s"}``, ``data`` the base64 of the sample's little-endian C-order float32 bytes
@@ -25,17 +26,20 @@ Errors are JSON ``{"error": message, "field": where}`` (``field`` where one fiel
 429   the engine's bounded queue is full; ``Retry-After`` (whole seconds, at least 1) says when to retry
 500   sampling this request failed (a network raised, or the sample was not finite); other requests
       in the same batch are unaffected
-503   the engine is closing (the server is shutting down) or the request was cancelled by it
+503   the server is shutting down: the engine accepts nothing new, or ``graceful_timeout`` ran out
+      before this request finished (it was cancelled)
 ====  ===========================================================================================
 
 Nothing is queued for a refused request: the engine validates the whole request before queueing it. A
 client that disconnects while waiting has its request cancelled: the engine frees its batch rows at its
 next step, so an abandoned request costs at most one step.
 
-Shutdown: on SIGTERM (or SIGINT) uvicorn stops accepting connections, lets every in-flight request finish
-and answer, then runs the lifespan shutdown, which closes the engine with ``drain=True`` (whatever is still
-queued finishes) and joins its worker; ``serve`` then returns 0. ``graceful_timeout`` bounds the wait for
-in-flight requests (default: no bound).
+Shutdown: on SIGTERM (or SIGINT) uvicorn stops accepting connections, closes idle keep-alive ones, lets
+every request with a connection waiting finish and answer (those running in the batch and those still in
+the engine's queue), then runs the lifespan shutdown, which closes the engine with ``drain=True`` and joins
+its worker; ``serve`` then returns 0 (uvicorn re-raises the signal after its shutdown; ``serve`` makes that a
+no-op so a graceful stop exits 0, not -15). ``graceful_timeout`` bounds the wait: the requests still
+unanswered then are cancelled and answered 503.
 
 Why Starlette and uvicorn: the server is a thin layer over the engine (three routes, a lifespan, one
 disconnect watch), so it wants a small, real ASGI stack rather than a framework. Starlette is a few
@@ -242,8 +246,7 @@ def create_app(model: Union[str, Any, None] = None, *, engine: Any = None, max_b
         raise TypeError("create_app needs a model (a ModelSpec or a model name) or an engine, not both")
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
-    state = _ServerState()
-    RequestError, QueueFull, EngineClosed, RequestFailed = _serve_errors()
+    handlers = _Handlers(_ServerState(), max_body_bytes)
 
     def build():
         return build_engine(model, max_batch=max_batch, max_queue=max_queue, backend=backend, policy=policy,
@@ -253,7 +256,7 @@ def create_app(model: Union[str, Any, None] = None, *, engine: Any = None, max_b
     async def lifespan(app):
         eng = engine if engine is not None else await run_in_threadpool(build)
         eng.start()
-        state.engine = eng
+        handlers.state.engine = eng
         try:
             yield
         finally:
@@ -261,8 +264,24 @@ def create_app(model: Union[str, Any, None] = None, *, engine: Any = None, max_b
             # clients still connected when a graceful timeout ran out), then join the worker.
             await run_in_threadpool(lambda: eng.close(drain=True, timeout=close_timeout))
 
-    async def health(request: Request) -> Response:
-        eng = state.engine
+    app = Starlette(routes=[Route("/health", handlers.health, methods=["GET"]),
+                            Route("/metrics", handlers.metrics, methods=["GET"]),
+                            Route(SAMPLES_PATH, handlers.samples, methods=["POST"])],
+                    exception_handlers={HTTPException: handlers.http_error}, lifespan=lifespan)
+    app.state.server = handlers.state
+    return app
+
+
+class _Handlers:
+    """The endpoints, over one server's state (its engine, once started, and the HTTP counters)."""
+
+    def __init__(self, state: "_ServerState", max_body_bytes: int):
+        self.state = state
+        self.max_body_bytes = max_body_bytes
+        self.errors = _serve_errors()  # RequestError, QueueFull, EngineClosed, RequestFailed
+
+    async def health(self, request: Request) -> Response:
+        eng = self.state.engine
         if eng is not None and eng.ready:
             return JSONResponse({"status": "ok"})
         error = getattr(eng, "error", None)
@@ -270,38 +289,52 @@ def create_app(model: Union[str, Any, None] = None, *, engine: Any = None, max_b
             return JSONResponse({"status": "error", "error": f"{type(error).__name__}: {error}"}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
 
-    async def metrics(request: Request) -> Response:
-        eng = state.engine
+    async def metrics(self, request: Request) -> Response:
+        eng = self.state.engine
         text = eng.metrics.prometheus() if eng is not None else ""
         if text and not text.endswith("\n"):
             text += "\n"
-        return Response(text + state.prometheus(), media_type=PROMETHEUS_CONTENT_TYPE)
+        return Response(text + self.state.prometheus(), media_type=PROMETHEUS_CONTENT_TYPE)
 
-    async def samples(request: Request) -> Response:
+    async def http_error(self, request: Request, exc: HTTPException) -> Response:
+        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    async def samples(self, request: Request) -> Response:
         try:
-            response = await _sample(request)
+            response = await self._sample(request)
         except ClientDisconnect:  # gone while sending the body
-            with state.lock:
-                state.disconnects += 1
+            self._disconnected()
             response = Response(status_code=_CLIENT_GONE)
-        state.count(response.status_code)
+        self.state.count(response.status_code)
         return response
 
-    async def _sample(request: Request) -> Response:
-        eng = state.engine
+    def _disconnected(self) -> None:
+        with self.state.lock:
+            self.state.disconnects += 1
+
+    async def _sample(self, request: Request) -> Response:
+        eng = self.state.engine
         if eng is None:
             return _error(503, "the engine is not running")
         if getattr(eng, "error", None) is not None:
             return _error(503, f"the engine failed to start: {eng.error}")
         try:
-            body = await _read_json(request, max_body_bytes)
+            body = await _read_json(request, self.max_body_bytes)
         except _BadBody as e:
             return _error(e.status, str(e), field="body")
         if body.get("format") == "png" and not _have_pillow():
             return _error(422, "format 'png' needs pillow on the server (pip install pillow); use format 'raw'",
                           field="format")
+        future = self._submit(eng, body)
+        if isinstance(future, Response):
+            return future
+        return await self._answer(eng, request, future)
+
+    def _submit(self, eng, body):
+        """The request's future, or the error response when the engine refuses it."""
+        RequestError, QueueFull, EngineClosed, _ = self.errors
         try:
-            future = eng.submit(body)
+            return eng.submit(body)
         except RequestError as e:
             return _error(422, str(e), field=getattr(e, "field", None))
         except QueueFull as e:
@@ -314,32 +347,41 @@ def create_app(model: Union[str, Any, None] = None, *, engine: Any = None, max_b
             log.exception("engine.submit failed")
             return _error(500, f"internal error: {type(e).__name__}: {e}")
 
+    async def _answer(self, eng, request: Request, future) -> Response:
+        """Wait for the result while watching for a disconnect (which cancels the request)."""
         waiter = asyncio.wrap_future(future)
         watcher = asyncio.ensure_future(_until_disconnect(request.receive))
         try:
             await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:  # the server gave up on this request (graceful timeout): free its rows
+        except asyncio.CancelledError:
+            # uvicorn cancels a request's task only when a graceful shutdown's timeout ran out: free the rows
+            # and say so (instead of uvicorn's bare 500 and a logged traceback).
             future.cancel()
-            raise
+            task = asyncio.current_task()
+            if task is not None and hasattr(task, "uncancel"):
+                task.uncancel()
+            return _error(503, "the server is shutting down: the request was cancelled when the graceful "
+                               "shutdown timeout ran out")
         finally:
             watcher.cancel()
         if not waiter.done():  # the client went away: the engine frees the rows at its next step
             future.cancel()
             waiter.cancel()
-            with state.lock:
-                state.disconnects += 1
+            self._disconnected()
             return Response(status_code=_CLIENT_GONE)
         if future.cancelled():
             return _error(503, "the request was cancelled by the server")
+        return await self._render(eng, future)
+
+    async def _render(self, eng, future) -> Response:
         try:
             result = future.result()
-        except RequestFailed as e:
+        except self.errors[3] as e:  # RequestFailed
             return _error(500, str(e) or "sampling this request failed")
         except Exception as e:
             log.exception("request failed in the engine")
             return _error(500, f"internal error: {type(e).__name__}: {e}")
-        fmt = getattr(result.request, "format", "raw")
-        if fmt == "png":
+        if getattr(result.request, "format", "raw") == "png":
             try:
                 png = await run_in_threadpool(_png_bytes, eng, result.sample)
             except Exception as e:
@@ -347,16 +389,6 @@ def create_app(model: Union[str, Any, None] = None, *, engine: Any = None, max_b
             return Response(png, media_type="image/png",
                             headers={"X-Request-Id": str(result.id), "X-Latency-Seconds": f"{result.latency_s:.6f}"})
         return JSONResponse(_raw_json(result))
-
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
-
-    app = Starlette(routes=[Route("/health", health, methods=["GET"]),
-                            Route("/metrics", metrics, methods=["GET"]),
-                            Route(SAMPLES_PATH, samples, methods=["POST"])],
-                    exception_handlers={HTTPException: http_error}, lifespan=lifespan)
-    app.state.server = state
-    return app
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -383,7 +415,8 @@ def _model_name(engine, model) -> str:
 
 def serve(model: Union[str, Any] = "digits", host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
           max_queue: int = 256, backend: str = "auto", policy: Optional[str] = None, *,
-          device: Optional[str] = None, max_steps: Optional[int] = None, log_level: str = "info", graceful_timeout: Optional[float] = None, announce=print,
+          device: Optional[str] = None, max_steps: Optional[int] = None, log_level: str = "info",
+          graceful_timeout: Optional[float] = None, announce=print,
           engine_options: Optional[Dict[str, Any]] = None) -> int:
     """Serve ``model`` (a ``ModelSpec`` or a ``--model`` name) over HTTP until SIGTERM/SIGINT; returns 0 after
     a graceful shutdown (in-flight requests answered, the engine drained), 1 if the app failed to start.

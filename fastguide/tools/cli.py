@@ -20,6 +20,7 @@ import torch
 import fastguide
 from fastguide.examples.mixture import GaussianMixture
 from fastguide.generation.cli import register as register_generation
+from fastguide.serve.cli import register as register_serve
 from fastguide.tools.progress import QUIET_HELP, Progress, progress_enabled, stderr_log  # noqa: F401
 
 DESCRIPTION = """\
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     backends.set_defaults(func=_backends)
     # New subcommands (serve, generate, evaluate, ...) go here, through command(): `fastguide --help` lists them.
     register_generation(sub, formatter_class=_HelpFormatter)  # generate, evaluate (fastguide.generation)
+    register_serve(sub, formatter_class=_HelpFormatter)  # serve (fastguide.serve; Starlette + uvicorn on use)
     return parser
 
 
