@@ -14,7 +14,9 @@ the scheduler (``_advance``).
 Supported: ``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``,
 ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler`` (``dpmsolver++`` and ``sde-dpmsolver++``,
 order 1 or 2), ``FlowMatchEulerDiscreteScheduler`` (SD3, Flux, Wan, Qwen-Image: every config option, stochastic
-sampling included) and ``LCMScheduler``. Anything else raises ``ValueError`` naming the scheduler or the option.
+sampling included), ``FlowMatchHeunDiscreteScheduler`` (both stages, churn, its stored derivative / dt /
+sample kept as its own step keeps them) and ``LCMScheduler``. Anything else raises ``ValueError`` naming the
+scheduler or the option.
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ from ..core import ops as _ops
 from ..core.args import StepArgs
 from ..core.checks import (Scale, check_bool, check_finite, check_fraction, check_model_output, check_real,
                            check_sample, check_scale, check_tensor)
-from ..samplers.scheduler_tables import (DDIM, DDPM, DPM, EULER, FLOW, LCM, SchedulerPlan, config,
+from ..samplers.scheduler_tables import (DDIM, DDPM, DPM, EULER, FLOW, FLOW_HEUN, LCM, SchedulerPlan, config,
                                          dpm_lower_order_final)
 from . import guidance as _dropin_guidance
-from .schedulers import (INDEX_BASED, SchedulerState, off_schedule_plan, output_of, plan_of, scheduler_state,
-                         variant)
+from .schedulers import (INDEX_BASED, HeunStage, SchedulerState, heun_stage, heun_store, off_schedule_plan,
+                         output_of, plan_of, scheduler_state, variant)
 
 GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]
 _DEFAULT_CHURN = (0.0, 0.0, math.inf, 1.0)
@@ -76,6 +78,7 @@ class _Call:
     generator: GeneratorArg
     check_finite: bool
     backend: str
+    heun: Optional[HeunStage] = None   # FlowMatchHeunDiscreteScheduler: this call's stage
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -95,9 +98,9 @@ def _check_scheduler_options(scheduler, kind: str, eta, use_clipped_model_output
         s_churn, s_tmin, s_tmax, s_noise = churn
         churn = (check_real("s_churn", s_churn, minimum=0.0), check_real("s_tmin", s_tmin, allow_inf=True),
                  check_real("s_tmax", s_tmax, allow_inf=True), check_real("s_noise", s_noise))
-        if kind != EULER:
-            raise ValueError(f"s_churn/s_tmin/s_tmax/s_noise apply only to EulerDiscreteScheduler, not "
-                             f"{type(scheduler).__name__}")
+        if kind not in (EULER, FLOW_HEUN):
+            raise ValueError(f"s_churn/s_tmin/s_tmax/s_noise apply only to EulerDiscreteScheduler and "
+                             f"FlowMatchHeunDiscreteScheduler, not {type(scheduler).__name__}")
     return variant(kind, eta, use_clipped_model_output, *churn)
 
 
@@ -225,6 +228,12 @@ def _select_row(scheduler, call: _Call, timestep) -> Tuple[Optional[int], bool]:
         index = _vp_row(scheduler, call, timestep)
         plan = call.plan
     args.step = index if index is not None else plan.row_of_timestep(timestep).to(args.sample.device)
+    if state.kind == FLOW_HEUN:
+        stage = call.heun = heun_stage(scheduler, state, plan, index, args.sample)
+        args.table, args.step = stage.plan.table(args.sample.device), stage.row
+        if stage.second:  # the update starts from the stored sample, with the stored derivative as x0_prev
+            args.sample, args.x0_prev = stage.sample, stage.derivative
+        return index, init_index
     if state.solver_order == 2 and scheduler.lower_order_nums >= 1 and \
             not dpm_lower_order_final(scheduler, index, plan.num_steps):
         args.step = plan.num_steps + index
@@ -288,6 +297,25 @@ def _guidance_terms(call: _Call, guide: Callable, index: Optional[int]) -> None:
     a.g_mean = extra_mean if a.g_mean is None else (a.g_mean if extra_mean is None else a.g_mean + extra_mean)
     if guided_table is not None:
         a.table = guided_table
+
+
+def _heun_inputs(call: _Call) -> Optional[torch.Tensor]:
+    """FlowMatchHeunDiscreteScheduler: draw churn noise where diffusers draws it (a second stage's cancels out
+    of its result, but the generator advances), add a first stage's churn to the sample, and return the sample
+    the scheduler keeps (a copy when ``out`` would overwrite it), the derivative going to ``x0_out``."""
+    stage, a = call.heun, call.args
+    z = None
+    if stage.draws:
+        z = call.noise if call.noise is not None else \
+            _noise.randn(a.sample.shape, call.generator, a.model_output.device, a.model_output.dtype)
+    if stage.second:
+        return None
+    if z is not None:   # as diffusers: x + (z s_noise) sqrt(sigma_hat^2 - sigma^2), its fp32 amplitude
+        a.sample = a.sample + (z * call.options[3]) * float(stage.plan.heun_churn[stage.index])
+    elif a.out is not None and a.out.untyped_storage().data_ptr() == a.sample.untyped_storage().data_ptr():
+        a.sample = a.sample.clone()
+    a.x0_out = torch.empty_like(a.sample, memory_format=torch.contiguous_format)
+    return a.sample
 
 
 def _draw_noise(call: _Call, index: Optional[int]) -> None:
@@ -375,6 +403,13 @@ def scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *
     # Checks are done: from here on the generator, out and the scheduler may change.
     if not torch.compiler.is_compiling():  # (a log call would break the graph)
         _warn_if_input_not_scaled(scheduler)
+    if call.heun is not None:
+        kept = _heun_inputs(call)
+        derivative = call.args.x0_out
+        prev = _ops.run_step(call.args, backend)
+        heun_store(scheduler, call.state, call.heun, kept, derivative)
+        _advance(scheduler, call, index, init_index, timestep, None)
+        return prev, None
     _draw_noise(call, index)
     lcm = call.state.kind == LCM
     denoised = _lcm_denoised(call) if want_x0 and lcm else None
@@ -389,6 +424,9 @@ def _guide_of(scheduler, state: SchedulerState, guidance, y, sample: torch.Tenso
               backend: str) -> Optional[Callable]:
     """The guidance hook of a ``guidance=`` list, everything about it checked first; None for no networks."""
     classifiers, discriminators = _dropin_guidance.split_specs(guidance)
+    if state.kind == FLOW_HEUN and (classifiers or discriminators or y is not None):
+        raise ValueError("guidance: classifier / discriminator guidance is not supported for "
+                         "FlowMatchHeunDiscreteScheduler yet (CFG is: pass guidance_scale)")
     _dropin_guidance.check(classifiers, discriminators, y, sample, state.kind == DDPM, type(scheduler).__name__,
                            x0_as_score=state.kind == FLOW)
     if not (classifiers or discriminators):
@@ -435,8 +473,10 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
             (velocity ``model_output``; ``shift``, dynamic shifting with ``set_timesteps(..., mu=...)``,
             ``shift_terminal``, ``invert_sigmas``, ``stochastic_sampling``, Karras / exponential / beta sigmas
             and custom sigmas all come from its ``sigmas``; latents of any shape, ``[B, C, H, W]`` or
-            token-shaped ``[B, L, D]``). Anything else raises ``ValueError`` naming the scheduler or the
-            config option.
+            token-shaped ``[B, L, D]``), ``FlowMatchHeunDiscreteScheduler`` (``shift``; both stages, each call
+            taking the stage the scheduler is in and keeping its ``prev_derivative`` / ``dt`` / ``sample`` as
+            its own step does; no ``guidance=``, not inside ``torch.compile``). Anything else raises
+            ``ValueError`` naming the scheduler or the config option.
         guidance_scale: CFG scale w: a float >= 0 or a ``[B]`` float tensor (per-sample); default None (no CFG,
             ``model_output`` has B rows).
         guidance_rescale: float in [0, 1], default 0: diffusers' ``rescale_noise_cfg`` phi; needs
@@ -447,7 +487,7 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
         eta: float >= 0, default 0: DDIMScheduler's ``eta``.
         use_clipped_model_output: bool, default False: DDIMScheduler's option of that name.
         s_churn: float >= 0, default 0; s_tmin: default 0; s_tmax: default inf; s_noise: default 1:
-            EulerDiscreteScheduler's churn options (sigma units).
+            the churn options of EulerDiscreteScheduler and FlowMatchHeunDiscreteScheduler (sigma units).
         out: optional tensor of the sample's shape, dtype and device, default None: receives the result (it
             may be ``sample`` itself).
         guidance: sequence of ``ClassifierGuidance`` / ``DiscriminatorGuidance`` specs, default ``()``; needs
@@ -496,7 +536,7 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
     Inside ``torch.compile(fullgraph=True)`` the step traces without graph breaks once the scheduler's
     tables exist (``fastguide.dropin.prepare(scheduler, device)``, or one eager call): DDPM/DDIM find a
     timestep tensor's row on the device (the timestep is then trusted to be in the schedule); index-based
-    schedulers (Euler, Euler ancestral, DPM-Solver++, flow matching) take the step index from fastguide's own
+    schedulers (Euler, Euler ancestral, DPM-Solver++, flow matching Euler) take the step index from fastguide's own
     counter, which ``prepare`` sets (from the scheduler's step or begin index, else 0) and each step advances
     together with the scheduler's ``step_index``. Dynamo traces that counter as a symbolic integer (fastguide
     adds its name, and only its name, to ``torch.compiler.config.dynamic_sources``), so one graph serves every

@@ -17,8 +17,8 @@ import torch
 
 from ..backends import dispatch as _dispatch
 from ..core.checks import check_device
-from ..samplers.scheduler_tables import (BUILDERS, ddim_plan, DDIM, DDPM, DPM, EULER, EULER_ANCESTRAL, FLOW, LCM,
-                                         PREPARE_HELP, SchedulerPlan, config)
+from ..samplers.scheduler_tables import (BUILDERS, ddim_plan, DDIM, DDPM, DPM, EULER, EULER_ANCESTRAL, FLOW,
+                                         FLOW_HEUN, LCM, PREPARE_HELP, SchedulerPlan, config)
 
 # diffusers class name -> the step formula it uses.
 KINDS = {
@@ -28,9 +28,11 @@ KINDS = {
     "EulerAncestralDiscreteScheduler": EULER_ANCESTRAL,
     "DPMSolverMultistepScheduler": DPM,
     "FlowMatchEulerDiscreteScheduler": FLOW,
+    "FlowMatchHeunDiscreteScheduler": FLOW_HEUN,
     "LCMScheduler": LCM,
 }
-INDEX_BASED = (EULER, EULER_ANCESTRAL, DPM, FLOW, LCM)  # schedulers that keep a step counter (``_step_index``)
+# schedulers that keep a step counter (``_step_index``)
+INDEX_BASED = (EULER, EULER_ANCESTRAL, DPM, FLOW, FLOW_HEUN, LCM)
 _VP_CLIPPED = (DDPM, DDIM, LCM)  # schedulers with clip_sample / clip_sample_range
 _THRESHOLDED = (DDPM, DDIM, DPM, LCM)  # schedulers with dynamic thresholding
 
@@ -63,8 +65,9 @@ _PREDICTION_TYPES = {
 
 
 def _check_flow_config(scheduler) -> None:
-    """FlowMatchEulerDiscreteScheduler: every config option is in its ``sigmas`` (the model always predicts the
-    velocity), but before ``set_timesteps`` it holds the training sigmas without the final one."""
+    """FlowMatchEulerDiscreteScheduler / FlowMatchHeunDiscreteScheduler: every config option is in their
+    ``sigmas`` (the model always predicts the velocity; Heun's config is ``shift`` and ``num_train_timesteps``),
+    but before ``set_timesteps`` they hold the training sigmas without the final one."""
     if getattr(scheduler, "num_inference_steps", None) is None or \
             len(scheduler.sigmas) != len(scheduler.timesteps) + 1:
         raise ValueError(f"scheduler: {type(scheduler).__name__} has no schedule yet; call "
@@ -73,7 +76,7 @@ def _check_flow_config(scheduler) -> None:
 
 def check_config(scheduler, kind: str) -> None:
     """Reject every config option whose step the coefficient rows cannot reproduce."""
-    if kind == FLOW:
+    if kind in (FLOW, FLOW_HEUN):
         _check_flow_config(scheduler)
         return
     _check_choice(scheduler, "prediction_type", _PREDICTION_TYPES[kind])
@@ -121,6 +124,9 @@ class SchedulerState:
     # scheduler is a global: one graph per step, then a hard failure at the recompile limit with
     # fullgraph=True). Dynamo traces this attribute as a symbolic integer (see STEP_COUNTER_SOURCE).
     next_index: int = 0
+    # FlowMatchHeunDiscreteScheduler: (the ``dt`` tensor fastguide stored on the scheduler, the plan and step of
+    # that first stage), so the second stage knows its row without reading ``dt`` on the host.
+    heun_record: Optional[tuple] = None
 
 
 # The cached state lives on the scheduler object itself: it dies with it, copies carry it along, and
@@ -177,11 +183,76 @@ def scheduler_state(scheduler) -> SchedulerState:
     return state
 
 
+@dataclass
+class HeunStage:
+    """One FlowMatchHeunDiscreteScheduler call: which stage, the row (of ``plan``'s table) and, for a second
+    stage, the stored sample and derivative it reads (in the sample's dtype)."""
+
+    second: bool
+    plan: SchedulerPlan
+    row: int
+    index: int
+    draws: bool                                 # diffusers draws churn noise on this call
+    sample: Optional[torch.Tensor] = None
+    derivative: Optional[torch.Tensor] = None
+
+
+def heun_stage(scheduler, state: SchedulerState, plan: SchedulerPlan, index: int,
+               sample: torch.Tensor) -> HeunStage:
+    """The stage of this call, as ``FlowMatchHeunDiscreteScheduler.step`` decides it (a second stage while the
+    scheduler holds a ``dt``), checked before anything changes. A second stage after fastguide's own first stage
+    takes the row that stage recorded; after diffusers' first stage, it reads ``scheduler.dt`` once on the host
+    (one sync on CUDA, as diffusers' own step makes several) and checks it is this step's first-stage ``dt`` under
+    the call's churn options."""
+    if torch.compiler.is_compiling():
+        raise RuntimeError("fastguide.step does not trace FlowMatchHeunDiscreteScheduler inside torch.compile "
+                           "(its stage state lives on the scheduler); call it eagerly")
+    if getattr(scheduler, "dt", None) is None:
+        return HeunStage(False, plan, index, index, bool(plan.draws_noise[index]))
+    stored = []
+    for name in ("sample", "prev_derivative"):
+        t = getattr(scheduler, name, None)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(sample.shape) or t.device != sample.device:
+            got = f"{tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"scheduler.{name} must be the first stage's {name} of the sample's shape "
+                             f"{tuple(sample.shape)} on {sample.device} (scheduler.dt is set, so this call is a "
+                             f"second stage), got {got}")
+        stored.append(t if t.dtype == sample.dtype else t.to(sample.dtype))
+    record = state.heun_record
+    if record is not None and record[0] is scheduler.dt:
+        if record[2] != index - 1:
+            raise ValueError(f"scheduler: its first stage was step {record[2]}, but its step index is now {index}; "
+                             "a Heun second stage follows its first stage directly")
+        use = record[1]
+    else:
+        dt, want = float(scheduler.dt), float(plan.heun_dt[index - 1]) if index > 0 else math.nan
+        if not abs(dt - want) <= 1e-6 * abs(want):
+            raise ValueError(f"scheduler.dt={dt!r} is not the first-stage dt of step {index - 1} under this call's "
+                             f"s_churn/s_tmin/s_tmax ({want!r}); pass the same churn options to both stages")
+        use = plan
+    return HeunStage(True, use, use.num_steps + index, index, bool(plan.heun_second_draws[index]), *stored)
+
+
+def heun_store(scheduler, state: SchedulerState, stage: HeunStage, sample: Optional[torch.Tensor],
+               derivative: Optional[torch.Tensor]) -> None:
+    """What ``FlowMatchHeunDiscreteScheduler.step`` keeps: after a first stage the derivative, ``dt`` (a 0-dim
+    float32 tensor on the sigmas' device, bit-identical to diffusers') and the (churned) sample; after a second
+    stage nothing (back to first order)."""
+    if stage.second:
+        scheduler.prev_derivative = scheduler.dt = scheduler.sample = None
+        state.heun_record = None
+        return
+    plan = stage.plan
+    dt = plan.device_tensor(("heun_dt",), scheduler.sigmas.device, lambda: plan.heun_dt)[stage.index]
+    scheduler.prev_derivative, scheduler.dt, scheduler.sample = derivative, dt, sample
+    state.heun_record = (dt, plan, stage.index)
+
+
 def variant(kind: str, eta, use_clipped, s_churn, s_tmin, s_tmax, s_noise) -> tuple:
     """The step options a scheduler's rows depend on (the key of its plan)."""
     if kind == DDIM:
         return (float(eta), bool(use_clipped))
-    if kind == EULER:
+    if kind in (EULER, FLOW_HEUN):
         return (float(s_churn), float(s_tmin), float(s_tmax), float(s_noise))
     return ()
 
@@ -216,6 +287,7 @@ _OUTPUTS = {
     EULER_ANCESTRAL: ("EulerAncestralDiscreteSchedulerOutput", ("prev_sample", "pred_original_sample")),
     DPM: ("SchedulerOutput", ("prev_sample",)),
     FLOW: ("FlowMatchEulerDiscreteSchedulerOutput", ("prev_sample",)),
+    FLOW_HEUN: ("FlowMatchHeunDiscreteSchedulerOutput", ("prev_sample",)),
     LCM: ("LCMSchedulerOutput", ("prev_sample", "denoised")),
 }
 
@@ -255,8 +327,8 @@ def prepare(scheduler, device: Union[None, str, torch.device] = None, **step_opt
     Args:
         scheduler: a supported diffusers scheduler (``DDPMScheduler``, ``DDIMScheduler``,
             ``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler``,
-            ``FlowMatchEulerDiscreteScheduler``, ``LCMScheduler``) after ``set_timesteps``; its config is
-            validated here.
+            ``FlowMatchEulerDiscreteScheduler``, ``FlowMatchHeunDiscreteScheduler``, ``LCMScheduler``) after
+            ``set_timesteps``; its config is validated here.
         device: where the samples will live: a device string (``"cuda"``, ``"cuda:1"``, ``"cpu"``), a
             ``torch.device`` or an index; default None: where ``scheduler.timesteps`` lives (the tables are
             built there too in any case). It must be usable here: an invalid string or an accelerator that
@@ -264,7 +336,7 @@ def prepare(scheduler, device: Union[None, str, torch.device] = None, **step_opt
             before anything is built or changed.
         **step_options: the step options the loop will pass to ``fastguide.step``: ``eta`` and
             ``use_clipped_model_output`` (DDIMScheduler), ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``
-            (EulerDiscreteScheduler); defaults as in ``fastguide.step``.
+            (EulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler); defaults as in ``fastguide.step``.
 
     Returns the scheduler's coefficient plan for those options (``fastguide.dropin.SchedulerPlan``).
 

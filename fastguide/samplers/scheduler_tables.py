@@ -6,7 +6,8 @@ here, in float64, from the scheduler's *own* state after ``set_timesteps`` (``al
 them), with the row primitives the native samplers use (``fastguide.samplers.rows``). Where a diffusers
 scheduler differs from the paper or from the native sampler, the builder below says so (DDIM's previous
 timestep, Euler's v-prediction sigma, DPM-Solver's lower-order final step). Flow matching
-(``FlowMatchEulerDiscreteScheduler``) runs on the flow state ``x = (1 - s) x0 + s eps`` (``flow_plan``);
+(``FlowMatchEulerDiscreteScheduler``) runs on the flow state ``x = (1 - s) x0 + s eps`` (``flow_plan``), its
+two-stage Heun (``FlowMatchHeunDiscreteScheduler``) on the stored derivative (``flow_heun_plan``);
 DPM-Solver++ covers its SDE variant (``sde-dpmsolver++``, DPM++ 2M SDE) too, and ``LCMScheduler`` is
 ``lcm_plan``.
 
@@ -28,7 +29,7 @@ from ..core.layout import Col
 from .rows import ddim_noise_std, ddim_update, ddpm_mean, euler_update, prediction_coeffs, row, sqrt
 
 DDPM, DDIM, EULER, EULER_ANCESTRAL, DPM = "ddpm", "ddim", "euler", "euler_ancestral", "dpmsolver++"
-FLOW, LCM = "flow_match_euler", "lcm"
+FLOW, FLOW_HEUN, LCM = "flow_match_euler", "flow_match_heun", "lcm"
 
 PREPARE_HELP = ("fastguide.step inside torch.compile needs the scheduler's tables built beforehand: call "
                 "fastguide.dropin.prepare(scheduler, device, **step_options) after scheduler.set_timesteps(...) "
@@ -67,6 +68,11 @@ class SchedulerPlan:
     learned_variance: bool = False         # model output carries 2C channels (DDPM learned_range)
     timestep_rows: Dict[int, int] = field(default_factory=dict)  # DDPM/DDIM/LCM: timestep value -> step
     fp32_noise: bool = False               # diffusers draws the noise in float32, whatever the model's dtype
+    # FlowMatchHeunDiscreteScheduler, per step: the first stage's dt (float32, as diffusers stores it), its churn
+    # amplitude sqrt(sigma_hat^2 - sigma^2) (float32) and whether a second stage at this step draws noise.
+    heun_dt: Optional[np.ndarray] = None
+    heun_churn: Optional[np.ndarray] = None
+    heun_second_draws: Optional[np.ndarray] = None
     _device_tensors: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -363,5 +369,49 @@ def flow_plan(scheduler) -> SchedulerPlan:
     return SchedulerPlan(FLOW, np.stack(rows), n, alpha, sigma, np.full(n, stochastic), fp32_noise=True)
 
 
+def flow_heun_plan(scheduler, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> SchedulerPlan:
+    """FlowMatchHeunDiscreteScheduler (Karras et al. 2022 Alg. 2 on the flow ODE, as its ``step`` computes it).
+    Its schedule repeats every sigma but the first (``timesteps`` has ``2N - 1`` entries, ``sigmas`` ``2N``:
+    ``[s0, s1, s1, ..., s_{N-1}, s_{N-1}, 0]``), and each call is a first or a second stage by whether it holds
+    a ``dt``. At step ``k`` (``gamma`` from the stage's own sigma, ``s_churn / (2N - 1)`` capped as there):
+
+    * first stage, rows ``[0, n)``: ``s = sigmas[k]``, ``sh = s (1 + gamma)``; churn ``x' = x + s_noise
+      sqrt(sh^2 - s^2) z`` is added outside the kernel (it is also the stored sample); the derivative
+      ``d = (x' - (x' - s v)) / sh = (s / sh) v`` is the row's x0^ (``P_M = s / sh``, so the kernel writes
+      it through ``x0_out`` in the same pass) and ``x_next = x' + dt d``, ``dt = sigmas[k + 1] - sh``. The last
+      step (to sigma 0) is a first stage too: diffusers ends there.
+    * second stage, rows ``[n, 2n)``: the kernel's x is the *stored* sample and ``x0_prev`` the stored
+      derivative; the new derivative ``(x - (x - s_next v)) / s_next = v`` is x0^, and
+      ``x_next = sample + dt (d + v) / 2`` (``A = 1``, ``B = F = dt / 2``, dt the first stage's). The current
+      sample enters only through churn noise that cancels (diffusers still draws it). Row ``n`` (step 0) has
+      no first stage before it: NaN.
+
+    ``P_G`` is the derivative's response to a score correction ``v -= s/(1-s) g``. sigma_hat, dt and the churn
+    amplitude are computed in float32 as diffusers does, so the stored ``dt`` is bit-identical to diffusers'."""
+    sig32 = scheduler.sigmas.detach().float().cpu().numpy()
+    sig = sig32.astype(np.float64)
+    n = len(sig) - 1
+    tmin32, tmax32 = np.float32(s_tmin), np.float32(s_tmax)
+    gammas = [min(s_churn / n, 2 ** 0.5 - 1) if tmin32 <= s <= tmax32 else 0.0 for s in sig32]
+    sh32 = np.array([sig32[k] * np.float32(gammas[k] + 1.0) for k in range(n)], dtype=np.float32)
+    with np.errstate(invalid="ignore"):
+        dt32 = (sig32[1:] - sh32).astype(np.float32)
+        churn32 = np.sqrt(sh32 * sh32 - sig32[:n] * sig32[:n]).astype(np.float32)
+    first_rows, second_rows = [], []
+    for k in range(n):
+        s, sh, dt = sig[k], float(sh32[k]), float(dt32[k])
+        r = row({Col.P_M: s / sh}, 1.0 - s, s, A=1.0, B=dt)
+        r[Col.P_G] = -r[Col.P_G] / sh
+        first_rows.append(r)
+        half = 0.5 * float(dt32[k - 1]) if k > 0 else np.nan
+        r = row({Col.P_M: 1.0}, 1.0 - s, s, A=1.0, B=half, F=half)
+        r[Col.P_G] = -r[Col.P_G] / s
+        second_rows.append(r)
+    second_draws = np.array([k > 0 and gammas[k - 1] > 0 for k in range(n)], dtype=bool)
+    return SchedulerPlan(FLOW_HEUN, np.stack(first_rows + second_rows), n, 1.0 - sig[:n], sig[:n].copy(),
+                         np.array([g > 0 for g in gammas[:n]], dtype=bool), heun_dt=dt32, heun_churn=churn32,
+                         heun_second_draws=second_draws)
+
+
 BUILDERS = {DDPM: ddpm_plan, DDIM: ddim_plan, EULER: euler_plan, EULER_ANCESTRAL: euler_ancestral_plan,
-            DPM: dpm_plan, FLOW: flow_plan, LCM: lcm_plan}
+            DPM: dpm_plan, FLOW: flow_plan, FLOW_HEUN: flow_heun_plan, LCM: lcm_plan}
