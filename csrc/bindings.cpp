@@ -88,6 +88,10 @@ void bind_guided_step_args(py::module_& m) {
   def_pointer(cls, "out2", &GuidedStepArgs::out2);
   def_pointer(cls, "step_rows", &GuidedStepArgs::step_rows);
   def_pointer(cls, "uncond_rows", &GuidedStepArgs::uncond_rows);
+  def_pointer(cls, "combine", &GuidedStepArgs::combine);
+  def_pointer(cls, "extra", &GuidedStepArgs::extra);
+  cls.def_readwrite("extra_stride", &GuidedStepArgs::extra_stride)
+      .def_readwrite("eps_from_uncond", &GuidedStepArgs::eps_from_uncond);
   // The fields every call sets (and out2), in one call: each property assignment costs a Python -> C++
   // round trip (~0.3 us), and these are most of a loop step's argument-block time.
   cls.def(
@@ -134,6 +138,21 @@ void bind_cfg_rescale_factor_args(py::module_& m) {
   def_pointer(cls, "factor", &CfgRescaleFactorArgs::factor);
 }
 
+void bind_guidance_gram_args(py::module_& m) {
+  py::class_<GuidanceGramArgs> cls(m, "GuidanceGramArgs");
+  cls.def(py::init<>())
+      .def_readwrite("batch", &GuidanceGramArgs::batch)
+      .def_readwrite("n", &GuidanceGramArgs::n)
+      .def_readwrite("dtype", &GuidanceGramArgs::dtype)
+      .def_readwrite("model_output_stride", &GuidanceGramArgs::model_output_stride)
+      .def_readwrite("extra_stride", &GuidanceGramArgs::extra_stride)
+      .def_readwrite("has_momentum", &GuidanceGramArgs::has_momentum)
+      .def_readwrite("momentum", &GuidanceGramArgs::momentum);
+  def_pointer(cls, "model_output", &GuidanceGramArgs::model_output);
+  def_pointer(cls, "extra", &GuidanceGramArgs::extra);
+  def_pointer(cls, "out", &GuidanceGramArgs::out);
+}
+
 void bind_temperature_lse_grad_args(py::module_& m) {
   py::class_<TemperatureLseGradArgs> cls(m, "TemperatureLseGradArgs");
   cls.def(py::init<>())
@@ -173,17 +192,20 @@ PYBIND11_MODULE(_C, m) {
   bind_cfg_rescale_factor_args(m);
   bind_temperature_lse_grad_args(m);
   bind_per_sample_rms_args(m);
+  bind_guidance_gram_args(m);
 
   def_cpu_kernel<GuidedStepArgs>(m, "cpu_guided_step", cpu::guided_step);
   def_cpu_kernel<CfgRescaleFactorArgs>(m, "cpu_cfg_rescale_factor", cpu::cfg_rescale_factor);
   def_cpu_kernel<TemperatureLseGradArgs>(m, "cpu_temperature_lse_grad", cpu::temperature_lse_grad);
   def_cpu_kernel<PerSampleRmsArgs>(m, "cpu_per_sample_rms", cpu::per_sample_rms);
+  def_cpu_kernel<GuidanceGramArgs>(m, "cpu_guidance_gram", cpu::guidance_gram);
 
 #ifdef FASTGUIDE_WITH_CUDA
   def_cuda_kernel<GuidedStepArgs>(m, "cuda_guided_step", cuda::guided_step);
   def_cuda_kernel<CfgRescaleFactorArgs>(m, "cuda_cfg_rescale_factor", cuda::cfg_rescale_factor);
   def_cuda_kernel<TemperatureLseGradArgs>(m, "cuda_temperature_lse_grad", cuda::temperature_lse_grad);
   def_cuda_kernel<PerSampleRmsArgs>(m, "cuda_per_sample_rms", cuda::per_sample_rms);
+  def_cuda_kernel<GuidanceGramArgs>(m, "cuda_guidance_gram", cuda::guidance_gram);
   m.def("has_cuda", [] { return true; });
 #else
   m.def("has_cuda", [] { return false; });

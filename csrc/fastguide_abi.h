@@ -47,6 +47,26 @@ struct GuidedStepArgs {
   // row uncond_rows[b], or none when that is negative (then m = c exactly, whatever the scale).
   const int64_t* step_rows = nullptr;    // [B] int64, or null
   const int64_t* uncond_rows = nullptr;  // [B] int64, or null ([uncond; cond] layout)
+  // Guidance methods beyond CFG (fastguide.guidance.modern): with combine (dense [uncond; cond] layout, has_cfg
+  // set, scale null) the guided prediction is m = a c + b u + d e with (a, b, d) = combine[3 b .. 3 b + 2]; the
+  // d term only when extra is set. eps_from_uncond: eps~ from u (unscaled), x0^ from m (CFG++).
+  const float* combine = nullptr;      // [B, 3] fp32 contiguous, or null
+  const void* extra = nullptr;         int64_t extra_stride = 0;  // e, the sample's shape, or null
+  int32_t eps_from_uncond = 0;
+};
+
+// Per-sample inner products and sums of cond c, uncond u (model_output [uncond; cond], first n elements of a
+// row) and extra e: out[9 b ..] = c.c, c.u, u.u, c.e, u.e, e.e, sum c, sum u, sum e (e terms 0 without extra).
+// With has_momentum, extra is first updated in place: e = (c - u) + momentum e (stored in dtype), and the
+// products use the stored e.
+struct GuidanceGramArgs {
+  int64_t batch = 0, n = 0;
+  int32_t dtype = kF32;
+  const void* model_output = nullptr;  int64_t model_output_stride = 0;  // 2B rows
+  void* extra = nullptr;               int64_t extra_stride = 0;         // B rows, or null
+  int32_t has_momentum = 0;
+  float momentum = 0.f;
+  float* out = nullptr;                // [B, 9] fp32
 };
 
 // Per-sample factor r_b = phi * std(cond_b) / std(guided_b) + (1 - phi), unbiased std (diffusers'

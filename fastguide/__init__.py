@@ -13,7 +13,7 @@ ops), ``backends`` (torch reference, C++, Triton, CUDA), ``samplers`` (schedules
 
 from . import samplers
 from .backends.dispatch import backends
-from .core.ops import guided_step, per_sample_rms, temperature_lse_grad
+from .core.ops import guidance_gram, guided_step, per_sample_rms, temperature_lse_grad
 from .dropin import StepOutput, step
 from .guidance import CFG, ClassifierGuidance, DiscriminatorGuidance, smooth
 from .native import sample
@@ -22,4 +22,4 @@ from .samplers.schedule import Schedule
 __version__ = "0.1.0"
 
 __all__ = ["CFG", "ClassifierGuidance", "DiscriminatorGuidance", "Schedule", "backends", "guided_step",
-           "per_sample_rms", "sample", "samplers", "smooth", "step", "StepOutput", "temperature_lse_grad"]
+           "guidance_gram", "per_sample_rms", "sample", "samplers", "smooth", "step", "StepOutput", "temperature_lse_grad"]

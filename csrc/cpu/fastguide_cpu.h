@@ -12,6 +12,9 @@ void guided_step(const GuidedStepArgs& args);
 // Per-sample CFG-rescale factor into args.factor.
 void cfg_rescale_factor(const CfgRescaleFactorArgs& args);
 
+// Per-sample inner products of cond, uncond and extra (guidance_gram.cpp / .cu).
+void guidance_gram(const GuidanceGramArgs& args);
+
 // tau1 * onehot(y) - tau2 * softmax(tau2 * l), times the per-row scale, into args.out.
 void temperature_lse_grad(const TemperatureLseGradArgs& args);
 

@@ -13,6 +13,9 @@ void guided_step(const GuidedStepArgs& args, void* stream);
 // Per-sample CFG-rescale factor phi * std(cond) / std(guided) + (1 - phi).
 void cfg_rescale_factor(const CfgRescaleFactorArgs& args, void* stream);
 
+// Per-sample inner products of cond, uncond and extra (guidance_gram.cpp / .cu).
+void guidance_gram(const GuidanceGramArgs& args, void* stream);
+
 // tau1 * onehot(y) - tau2 * softmax(tau2 * logits), times a per-row scale.
 void temperature_lse_grad(const TemperatureLseGradArgs& args, void* stream);
 

@@ -112,6 +112,12 @@ class Launch:
             t = t.to(torch.int64).contiguous()
         return self.keep(t)
 
+    def prefill(self, t: torch.Tensor) -> None:
+        """Copy ``t``'s current values into the temporary ``output`` just made for it (an in-out tensor)."""
+        dst, rows = self._copy_back[-1]
+        assert dst is t
+        rows.copy_(t.reshape(rows.shape))
+
     def keep(self, t: torch.Tensor) -> int:
         self._alive.append(t)
         return t.data_ptr()
@@ -204,6 +210,13 @@ def guided_step_args(args: StepArgs) -> Launch:
         a.step_rows = launch.index(args.step_rows)
     if args.uncond_rows is not None:
         a.uncond_rows = launch.index(args.uncond_rows)
+    if args.combine is not None:
+        a.has_cfg = 1
+        a.combine = launch.keep(args.combine.to(torch.float32).contiguous())
+    if args.extra is not None:
+        a.extra, a.extra_stride = launch.input(args.extra, dtype)
+    if args.eps_from_uncond:
+        a.eps_from_uncond = 1
     return launch
 
 
@@ -225,6 +238,35 @@ def cfg_rescale_factor_args(model_output: torch.Tensor, scale, rescale: float,
     factor = torch.empty(batch, dtype=torch.float32, device=device)
     a.factor = launch.keep(factor)
     return launch, factor
+
+
+def guidance_gram_args(model_output: torch.Tensor, extra: Optional[torch.Tensor], momentum: Optional[float],
+                       learned_variance: bool = False) -> Tuple[Launch, torch.Tensor]:
+    """A ``GuidanceGramArgs`` launch and the [B, 9] fp32 tensor it fills; ``extra`` (updated in place with a
+    momentum) goes through a temporary copied back when it is not contiguous in the storage dtype."""
+    dtype = storage_dtype(model_output.dtype)
+    batch = model_output.shape[0] // 2
+    row = row_length(model_output)
+    launch = Launch(extension().GuidanceGramArgs())
+    a = launch.args
+    a.batch = batch
+    a.n = row // 2 if learned_variance else row
+    a.dtype = DTYPE_CODES[dtype]
+    a.model_output, a.model_output_stride = launch.input(model_output, dtype)
+    if extra is not None:
+        if momentum is not None:  # written: in place, or through a temporary holding its current values
+            if extra.is_contiguous() and extra.dtype == dtype:
+                a.extra, a.extra_stride = extra.data_ptr(), row_length(extra)
+            else:
+                a.extra, a.extra_stride = launch.output(extra, dtype)
+                launch.prefill(extra)
+        else:
+            a.extra, a.extra_stride = launch.input(extra, dtype)
+    if momentum is not None:
+        a.has_momentum, a.momentum = 1, float(momentum)
+    out = torch.empty((batch, 9), dtype=torch.float32, device=model_output.device)
+    a.out = launch.keep(out)
+    return launch, out
 
 
 def temperature_lse_grad_args(logits: torch.Tensor, labels: torch.Tensor, tau1: float, tau2: float, scale,

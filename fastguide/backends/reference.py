@@ -76,6 +76,45 @@ def cfg_combine(uncond: Optional[torch.Tensor], cond: torch.Tensor, scale: Optio
     return torch.where(_per_sample(uncond_rows.to(cond.device), cond) >= 0, guided, cond)
 
 
+def linear_combine(combine: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor],
+                   extra: Optional[torch.Tensor]) -> torch.Tensor:
+    """``m = a c + b u + d e`` with per-sample ``(a, b, d)`` = ``combine[b]``: the guided prediction of every
+    method of ``fastguide.guidance.modern`` (u and e terms only when present)."""
+    k = combine.float()
+    m = _per_sample(k[:, 0], cond) * cond
+    if uncond is not None:
+        m = m + _per_sample(k[:, 1], cond) * uncond
+    if extra is not None:
+        m = m + _per_sample(k[:, 2], cond) * extra.float()
+    return m
+
+
+GRAM_COLUMNS = ("cc", "cu", "uu", "ce", "ue", "ee", "sum_c", "sum_u", "sum_e")
+
+
+def guidance_gram(model_output: torch.Tensor, extra: Optional[torch.Tensor] = None, momentum: Optional[float] = None,
+                  learned_variance: bool = False) -> torch.Tensor:
+    """Per-sample inner products and sums of the cond c and uncond u predictions (``model_output`` is
+    ``[uncond; cond]``, prediction channels only) and of ``extra`` e, as a ``[B, 9]`` fp32 tensor in the order
+    of ``GRAM_COLUMNS``: ``c.c, c.u, u.u, c.e, u.e, e.e, sum c, sum u, sum e`` (e columns 0 without ``extra``).
+
+    With ``momentum`` beta, ``extra`` is first updated in place to ``(c - u) + beta e`` (APG's running average
+    of the guidance direction, diffusers' ``MomentumBuffer``) and the products are those of the new e. Every
+    guidance method of ``fastguide.guidance.modern`` is a function of these numbers, so one pass over the
+    predictions serves any of them. Accumulated in fp64 here (the specification); backends may use fp32
+    partial sums.
+    """
+    batch = model_output.shape[0] // 2
+    uncond, cond, _ = split_model_output(model_output, batch, learned_variance)
+    if momentum is not None:
+        extra.copy_((cond - uncond) + float(momentum) * extra.float())
+    c, u = cond.double().reshape(batch, -1), uncond.double().reshape(batch, -1)
+    e = extra.double().reshape(batch, -1) if extra is not None else torch.zeros_like(c)
+    cols = [(c * c).sum(1), (c * u).sum(1), (u * u).sum(1), (c * e).sum(1), (u * e).sum(1), (e * e).sum(1),
+            c.sum(1), u.sum(1), e.sum(1)]
+    return torch.stack(cols, dim=1).float()
+
+
 def cfg_rescale_factor(model_output: torch.Tensor, scale: torch.Tensor, rescale,
                        learned_variance: bool = False, uncond_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-sample factor r of Lin et al. 2023 (diffusers ``rescale_noise_cfg``), as a [B] fp32 tensor.
@@ -111,14 +150,19 @@ def guided_step(args: StepArgs) -> None:
     c = _coefficients(args)
     batch = sample.shape[0]
     uncond, cond, v = split_model_output(model_output, batch, learned_variance, args.uncond_rows)
-    m = cfg_combine(uncond, cond, args.scale, args.uncond_rows)
+    if args.combine is not None:
+        m = linear_combine(args.combine, cond, uncond, args.extra)
+    else:
+        m = cfg_combine(uncond, cond, args.scale, args.uncond_rows)
     if args.mfactor is not None:
         m = m * _per_sample(args.mfactor, m)
     x = sample.float()
     z = noise.float() if noise is not None else None
 
+    # CFG++ (Chung et al. 2024): x0^ from the guided prediction, eps~ from the unconditional one.
+    eps_source = uncond if args.eps_from_uncond else m
     x0 = c[Col.P_X] * x + c[Col.P_M] * m
-    eps = c[Col.Q_X] * x + c[Col.Q_M] * m
+    eps = c[Col.Q_X] * x + c[Col.Q_M] * eps_source
     if z is not None:
         x0 = x0 + c[Col.P_Z] * z
         eps = eps + c[Col.Q_Z] * z

@@ -38,6 +38,13 @@ class StepArgs:
     ``uncond_rows[b]`` (in ``[B, B + K)``) its uncond prediction, or -1 when sample b has none (its guided
     output is then its cond prediction exactly, whatever its scale). The cond row's learned variance is used.
 
+    Guidance methods beyond CFG (``fastguide.guidance.modern``): ``combine`` ([B, 3] fp32, with the dense
+    ``[uncond; cond]`` layout and no ``scale``) gives each sample its own linear combination
+    ``m = a c + b u + d e`` of the cond and uncond predictions and of ``extra`` (the sample's shape; the d
+    term only when given). Every such method (CFG-Zero*, APG, MAMBO-G, TCFG, perturbed-branch guidance) is
+    one ``combine`` computed from per-sample inner products (``guidance_gram``). ``eps_from_uncond``
+    computes eps~ from u instead of m (CFG++: the update renoises with the unconditional prediction).
+
     An instance belongs to one call: ``run_step`` fills in ``mfactor`` (from ``rescale``) and may point
     ``out``/``x0_out`` at temporaries for the kernel.
 
@@ -67,6 +74,9 @@ class StepArgs:
     out2: Optional[torch.Tensor] = None       # a second copy of the result (written only with out)
     step_rows: Optional[torch.Tensor] = None  # [B] int64: per-sample table row (overrides step)
     uncond_rows: Optional[torch.Tensor] = None  # [B] int64: sample b's uncond row of model_output, or -1
+    combine: Optional[torch.Tensor] = None    # [B, 3] fp32 (a, b, d): m = a c + b u + d e, replacing u + w (c - u)
+    extra: Optional[torch.Tensor] = None      # e: a third prediction (APG's running average, a perturbed branch)
+    eps_from_uncond: bool = False             # eps~ from the uncond prediction u, x0^ from m (CFG++)
 
     @property
     def batch(self) -> int:

@@ -32,7 +32,9 @@ def guided_step(sample: Tensor, model_output: Tensor, table: Tensor, step: int, 
                 g_mean: Optional[Tensor], noise: Optional[Tensor], x0_prev: Optional[Tensor], clip_mode: int,
                 clip_lo: float, clip_hi: float, threshold: Optional[Tensor], learned_variance: bool,
                 write_out: bool, write_x0: bool, backend: str, write_out2: bool = False,
-                step_rows: Optional[Tensor] = None, uncond_rows: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                step_rows: Optional[Tensor] = None, uncond_rows: Optional[Tensor] = None,
+                combine: Optional[Tensor] = None, extra: Optional[Tensor] = None,
+                eps_from_uncond: bool = False) -> Tuple[Tensor, Tensor]:
     """Functional fused step: returns (out, x0); an output not asked for is an empty tensor. With
     ``write_out2``, ``out`` holds the result twice, stacked (``[2B, ...]``: rows ``[:B]`` and ``[B:]``),
     written by one kernel pass through ``StepArgs.out`` / ``StepArgs.out2``. ``step_rows`` /
@@ -45,15 +47,29 @@ def guided_step(sample: Tensor, model_output: Tensor, table: Tensor, step: int, 
         mfactor=mfactor, g_score=g_score, g_mean=g_mean, noise=noise, x0_prev=x0_prev, clip_mode=clip_mode,
         clip_lo=clip_lo, clip_hi=clip_hi, threshold=threshold, learned_variance=learned_variance,
         out=(res[:rows] if doubled else res) if write_out else None, x0_out=x0 if write_x0 else None,
-        write_out=write_out, out2=res[rows:] if doubled else None, step_rows=step_rows, uncond_rows=uncond_rows))
+        write_out=write_out, out2=res[rows:] if doubled else None, step_rows=step_rows, uncond_rows=uncond_rows,
+        combine=combine, extra=extra, eps_from_uncond=eps_from_uncond))
     return res, x0
 
 
 @guided_step.register_fake
 def _(sample, model_output, table, step, step_tensor, scale, mfactor, g_score, g_mean, noise, x0_prev,
       clip_mode, clip_lo, clip_hi, threshold, learned_variance, write_out, write_x0, backend, write_out2=False,
-      step_rows=None, uncond_rows=None):
+      step_rows=None, uncond_rows=None, combine=None, extra=None, eps_from_uncond=False):
     return _result(sample, write_out, write_out and write_out2), _empty(sample, write_x0)
+
+
+@torch.library.custom_op("fastguide::guidance_gram", mutates_args=("extra",))
+def guidance_gram(model_output: Tensor, extra: Optional[Tensor], momentum: Optional[float], learned_variance: bool,
+                  backend: str) -> Tensor:
+    """[B, 9] per-sample inner products; with ``momentum``, ``extra`` is updated in place first."""
+    return dispatch.resolve(backend, model_output.device).guidance_gram(model_output, extra, momentum,
+                                                                         learned_variance).float()
+
+
+@guidance_gram.register_fake
+def _(model_output, extra, momentum, learned_variance, backend):
+    return model_output.new_empty((model_output.shape[0] // 2, 9), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastguide::cfg_rescale_factor", mutates_args=())

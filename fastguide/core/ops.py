@@ -17,8 +17,8 @@ from ..backends import dispatch as _dispatch
 from . import hooks
 from . import library as _library  # noqa: F401  (registers torch.ops.fastguide)
 from .args import StepArgs
-from .checks import (Scale, check_clip, check_finite, check_fraction, check_model_output, check_real, check_row_map,
-                     check_sample, check_scale, check_table, check_tensor, host_checks_allowed)
+from .checks import (Scale, check_bool, check_clip, check_finite, check_fraction, check_model_output, check_real,
+                     check_row_map, check_sample, check_scale, check_table, check_tensor, host_checks_allowed)
 from .layout import CLIP_RANGE, CLIP_THRESHOLD
 
 
@@ -30,7 +30,8 @@ def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table, step: U
                 learned_variance: bool = False, out: Optional[torch.Tensor] = None,
                 x0_out: Optional[torch.Tensor] = None, write_out: bool = True,
                 check_outputs_finite: bool = False, uncond_rows: Optional[torch.Tensor] = None,
-                backend: str = "auto") -> Optional[torch.Tensor]:
+                combine: Optional[torch.Tensor] = None, extra: Optional[torch.Tensor] = None,
+                eps_from_uncond: bool = False, backend: str = "auto") -> Optional[torch.Tensor]:
     """One fused guided step over row ``step`` of a coefficient ``table`` (see ``fastguide.core.layout``):
     CFG combine, optional rescale, x0/eps prediction, clipping, guidance terms, noise and the sampler update
     in one kernel.
@@ -77,6 +78,13 @@ def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table, step: U
             samples need: ``uncond_rows[b]`` is the row of sample b's uncond prediction (in ``[B, rows)``)
             or -1 for none, and such a sample keeps its cond prediction exactly, whatever its scale
             (values checked on the CPU).
+        combine: optional ``[B, 3]`` float tensor ``(a, b, d)``, default None, instead of ``scale``: each
+            sample's guided prediction is ``a c + b u + d e`` (``model_output`` is ``[uncond; cond]``, 2B rows;
+            e is ``extra``). The guidance methods of ``fastguide.guidance.modern`` (CFG-Zero*, APG, MAMBO-G,
+            TCFG, perturbed-branch guidance) compute it from ``fastguide.guidance_gram``. Not with ``rescale``.
+        extra: optional tensor of the sample's shape, default None (needs ``combine``): the third prediction e.
+        eps_from_uncond: bool, default False: eps~ from the uncond prediction u while x0^ uses the guided one
+            (CFG++, Chung et al. 2024); needs ``scale`` or ``combine``.
         backend: ``"auto"`` (default: the fastest built backend that runs on the sample's device, C++ then
             torch on the CPU, CUDA then Triton then torch on a GPU), or ``"torch"``, ``"cpp"``, ``"triton"``,
             ``"cuda"`` (an error if that one cannot run here).
@@ -100,7 +108,11 @@ def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table, step: U
             table = table.table.to(sample.device)
     if uncond_rows is not None and scale is None:
         raise ValueError("uncond_rows maps each sample to its uncond row for CFG; it needs guidance_scale (scale)")
-    check_model_output(model_output, sample, scale is not None, learned_variance, sparse=uncond_rows is not None)
+    combine = _check_combine(combine, extra, scale, rescale, uncond_rows, sample)
+    if eps_from_uncond and scale is None and combine is None:
+        raise ValueError("eps_from_uncond reads the uncond prediction: it needs scale or combine ([uncond; cond])")
+    cfg = scale is not None or combine is not None
+    check_model_output(model_output, sample, cfg, learned_variance, sparse=uncond_rows is not None)
     if uncond_rows is not None:
         uncond_rows = check_row_map("uncond_rows", uncond_rows, batch, batch, model_output.shape[0],
                                     sample.device, allow_none_entry=True)
@@ -115,7 +127,8 @@ def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table, step: U
         raise ValueError("pass either clip or threshold, not both")
     args = StepArgs(sample, model_output, table.contiguous(), step, scale=w, rescale=rescale, g_score=g_score,
                     g_mean=g_mean, noise=noise, x0_prev=x0_prev, learned_variance=bool(learned_variance),
-                    out=out, x0_out=x0_out, write_out=write_out, step_rows=step_rows, uncond_rows=uncond_rows)
+                    out=out, x0_out=x0_out, write_out=write_out, step_rows=step_rows, uncond_rows=uncond_rows,
+                    combine=combine, extra=extra, eps_from_uncond=check_bool("eps_from_uncond", eps_from_uncond))
     if step_rows is not None:
         args.step = 0
     set_clip(args, check_clip(clip), threshold)
@@ -123,6 +136,25 @@ def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table, step: U
     if check_outputs_finite:
         check_finite("model_output", model_output)
     return run_step(args, backend)
+
+
+def _check_combine(combine, extra, scale, rescale, uncond_rows, sample: torch.Tensor) -> Optional[torch.Tensor]:
+    """``combine``: a [B, 3] float tensor on the sample's device, instead of ``scale``, dense layout, no
+    rescale; returned as contiguous fp32. ``extra`` needs it and has the sample's shape."""
+    if combine is None:
+        if extra is not None:
+            raise ValueError("extra is the third prediction of combine (a c + b u + d e); pass combine too")
+        return None
+    check_tensor("combine", combine)
+    if combine.shape != (sample.shape[0], 3) or combine.device != sample.device:
+        raise ValueError(f"combine must be a [{sample.shape[0]}, 3] tensor (a, b, d) on {sample.device}, got "
+                         f"{tuple(combine.shape)} on {combine.device}")
+    if scale is not None or uncond_rows is not None:
+        raise ValueError("combine replaces the CFG scale: pass combine or scale (with uncond_rows), not both")
+    if rescale:
+        raise ValueError("guidance_rescale with combine: fold the rescale factor in (fastguide.guidance.modern)")
+    check_tensor("extra", extra, like=sample, allow_none=True)
+    return combine.to(torch.float32).contiguous()
 
 
 def set_clip(args: StepArgs, clip: Optional[Sequence[float]], threshold: Optional[torch.Tensor]) -> None:
@@ -220,7 +252,7 @@ def _traced_step(args: StepArgs, backend: str) -> Optional[torch.Tensor]:
                               step_tensor, a.scale, mfactor, a.g_score, a.g_mean,
                               a.noise, a.x0_prev, a.clip_mode, a.clip_lo, a.clip_hi, a.threshold,
                               a.learned_variance, a.write_out, a.x0_out is not None, backend, doubled,
-                              a.step_rows, a.uncond_rows)
+                              a.step_rows, a.uncond_rows, a.combine, a.extra, a.eps_from_uncond)
     if a.x0_out is not None:
         a.x0_out.copy_(x0)
     if not a.write_out:
@@ -323,6 +355,61 @@ def run_lse_grad(logits: torch.Tensor, labels: torch.Tensor, tau1: float, tau2: 
         hooks.report("fastguide.temperature_lse_grad")
     impl.temperature_lse_grad(logits, labels, tau1, tau2, w, out)
     return out
+
+
+def guidance_gram(model_output: torch.Tensor, extra: Optional[torch.Tensor] = None, momentum: Optional[float] = None,
+                  learned_variance: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Per-sample inner products and sums of the cond c, uncond u and extra e predictions in one pass: the
+    reductions every guidance method of ``fastguide.guidance.modern`` needs (CFG-Zero*'s optimised scale,
+    APG's projection and norm threshold, MAMBO-G's magnitude ratio, TCFG's 2x2 Gram matrix, CFG rescale's
+    standard deviations).
+
+    Args:
+        model_output: ``[2B, ...]`` floating-point ``[uncond; cond]`` predictions (channels doubled with
+            ``learned_variance``: only the prediction half is reduced).
+        extra: optional tensor of a half's shape (``[B, ...]``), default None: a third prediction e (APG's
+            running average, a perturbed branch).
+        momentum: optional finite float beta, default None (needs ``extra``): first update ``extra`` in place
+            to ``(c - u) + beta e`` (APG's momentum buffer), then reduce the new e.
+        learned_variance: bool, default False.
+        backend: ``"auto"`` (default), ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
+
+    Returns a ``[B, 9]`` float32 tensor, columns ``c.c, c.u, u.u, c.e, u.e, e.e, sum c, sum u, sum e``
+    (``fastguide.backends.reference.GRAM_COLUMNS``; the e columns are 0 without ``extra``).
+
+    >>> gram = fastguide.guidance_gram(torch.cat([eps_u, eps_c]))
+    >>> alpha = gram[:, 1] / (gram[:, 2] + 1e-8)          # CFG-Zero*'s optimised scale per sample
+    """
+    check_tensor("model_output", model_output)
+    if model_output.dim() < 2 or model_output.shape[0] % 2 or model_output.shape[0] == 0:
+        raise ValueError(f"model_output must be [uncond; cond] with 2B >= 2 rows, got {tuple(model_output.shape)}")
+    half = list(model_output.shape)
+    half[0] //= 2
+    if check_bool("learned_variance", learned_variance):
+        if half[1] % 2:
+            raise ValueError(f"learned_variance needs an even channel count, got {half[1]}")
+        half[1] //= 2
+    if extra is not None:
+        check_tensor("extra", extra)
+        if list(extra.shape) != half or extra.device != model_output.device:
+            raise ValueError(f"extra must have shape {tuple(half)} on {model_output.device}, got "
+                             f"{tuple(extra.shape)} on {extra.device}")
+    if momentum is not None:
+        momentum = check_real("momentum", momentum)
+        if extra is None:
+            raise ValueError("momentum updates extra (the running average) in place: pass extra")
+    return run_gram(model_output, extra, momentum, bool(learned_variance), backend)
+
+
+def run_gram(model_output: torch.Tensor, extra: Optional[torch.Tensor], momentum: Optional[float],
+             learned_variance: bool, backend: str) -> torch.Tensor:
+    """``guidance_gram`` on checked arguments (a sampling loop checks once)."""
+    if hooks.via_torch_ops():
+        return torch.ops.fastguide.guidance_gram(model_output, extra, momentum, learned_variance, backend)
+    if hooks.observed():
+        hooks.report("fastguide.guidance_gram")
+    return _dispatch.resolve(backend, model_output.device).guidance_gram(model_output, extra, momentum,
+                                                                          learned_variance)
 
 
 def per_sample_rms(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
