@@ -9,6 +9,10 @@ Heterogeneous batches (``StepArgs.step_rows`` / ``uncond_rows``) are two more co
 reads each sample's table row from a [B] index vector, SPARSE_CFG takes the cond prediction from row b and
 the uncond one from the row a [B] map names (none where it is negative: m = c). Each program reads its
 sample's entries once, as scalars; without the flags the kernel compiles exactly as before.
+
+Guidance beyond CFG (``StepArgs.combine`` / ``extra`` / ``eps_from_uncond``) is three more: COMBINE replaces
+``u + w (c - u)`` by the sample's ``a c + b u`` (its three coefficients read once, as scalars), HAS_EXTRA adds
+``d e`` from a third [B, n] stream, and EPS_FROM_UNCOND computes eps~ from u while x0^ keeps m (CFG++).
 """
 
 from __future__ import annotations
@@ -49,8 +53,11 @@ MODE_THRESHOLD = tl.constexpr(CLIP_THRESHOLD)
 
 @triton.jit
 def _guided_prediction(m_ptr, m_stride, row, batch, n, cols, mask, scale_ptr, scale_stride, uncond_rows_ptr,
-                       uncond_rows_stride, HAS_CFG: tl.constexpr, SPARSE_CFG: tl.constexpr):
-    """This sample's model prediction after the CFG combine, and its cond row (the learned variance's)."""
+                       uncond_rows_stride, combine_ptr, extra_ptr, extra_stride, HAS_CFG: tl.constexpr,
+                       SPARSE_CFG: tl.constexpr, COMBINE: tl.constexpr, HAS_EXTRA: tl.constexpr,
+                       EPS_FROM_UNCOND: tl.constexpr):
+    """This sample's model prediction m after the CFG (or linear) combine, its uncond prediction u (the
+    eps source with EPS_FROM_UNCOND; m itself without CFG) and its cond row (the learned variance's)."""
     if SPARSE_CFG:
         # [cond (B rows); uncond (K rows)]: row b is the cond prediction, uncond_rows[b] the uncond one or
         # negative for none, where m = c exactly (whatever the scale) and the uncond load is masked off.
@@ -63,17 +70,27 @@ def _guided_prediction(m_ptr, m_stride, row, batch, n, cols, mask, scale_ptr, sc
         u = tl.load(u_row + cols, mask=cols < tl.where(has_u, n, 0), other=0.0).to(tl.float32)
         w = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
         m = tl.where(has_u, u + w * (c - u), c)
+        if EPS_FROM_UNCOND:  # a sample without an uncond row renoises with its cond prediction
+            u = tl.where(has_u, u, c)
     elif HAS_CFG:
         # [uncond; cond]: this sample's cond row is `batch` rows below its uncond row.
         cond_row = m_ptr + (row + batch) * m_stride
         u = tl.load(m_ptr + row * m_stride + cols, mask=mask, other=0.0).to(tl.float32)
         c = tl.load(cond_row + cols, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
-        m = u + w * (c - u)
+        if COMBINE:  # m = a c + b u (+ d e): the sample's (a, b, d), read once as scalars
+            k = combine_ptr + row * 3
+            m = tl.load(k) * c + tl.load(k + 1) * u
+            if HAS_EXTRA:
+                e = tl.load(extra_ptr + row * extra_stride + cols, mask=mask, other=0.0).to(tl.float32)
+                m = m + tl.load(k + 2) * e
+        else:
+            w = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+            m = u + w * (c - u)
     else:
         cond_row = m_ptr + row * m_stride
         m = tl.load(cond_row + cols, mask=mask, other=0.0).to(tl.float32)
-    return m, cond_row
+        u = m
+    return m, u, cond_row
 
 
 @triton.jit(do_not_specialize=["step", "row0"])
@@ -84,12 +101,13 @@ def guided_step_kernel(
     noise_ptr, noise_stride, x0_prev_ptr, x0_prev_stride,
     clip_lo, clip_hi, threshold_ptr, threshold_stride,
     table_ptr, table_stride_row, table_stride_col, step_ptr, step,
-    step_rows_ptr, step_rows_stride, uncond_rows_ptr, uncond_rows_stride,
+    step_rows_ptr, step_rows_stride, uncond_rows_ptr, uncond_rows_stride, combine_ptr, extra_ptr, extra_stride,
     out_ptr, out_stride, x0_out_ptr, x0_out_stride, out2_ptr, out2_stride,
     HAS_CFG: tl.constexpr, HAS_MFACTOR: tl.constexpr, HAS_G_SCORE: tl.constexpr, HAS_G_MEAN: tl.constexpr,
     HAS_NOISE: tl.constexpr, HAS_X0_PREV: tl.constexpr, LEARNED_VARIANCE: tl.constexpr,
     CLIP_MODE: tl.constexpr, STEP_FROM_PTR: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_X0: tl.constexpr,
-    WRITE_OUT2: tl.constexpr, STEP_ROWS: tl.constexpr, SPARSE_CFG: tl.constexpr, BLOCK: tl.constexpr,
+    WRITE_OUT2: tl.constexpr, STEP_ROWS: tl.constexpr, SPARSE_CFG: tl.constexpr, COMBINE: tl.constexpr,
+    HAS_EXTRA: tl.constexpr, EPS_FROM_UNCOND: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # Grid: (chunks of a row, rows). Row offsets in int64: a [2B, 2n] model output can pass 2**31.
     # `row` is the absolute sample index (row0: the first row of this launch's slice of the batch).
@@ -106,13 +124,17 @@ def guided_step_kernel(
     coef = table_ptr + step_idx * table_stride_row
 
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    m, cond_row = _guided_prediction(m_ptr, m_stride, row, batch, n, cols, mask, scale_ptr, scale_stride,
-                                     uncond_rows_ptr, uncond_rows_stride, HAS_CFG, SPARSE_CFG)
+    m, u, cond_row = _guided_prediction(m_ptr, m_stride, row, batch, n, cols, mask, scale_ptr, scale_stride,
+                                        uncond_rows_ptr, uncond_rows_stride, combine_ptr, extra_ptr, extra_stride,
+                                        HAS_CFG, SPARSE_CFG, COMBINE, HAS_EXTRA, EPS_FROM_UNCOND)
     if HAS_MFACTOR:
         m = m * tl.load(mfactor_ptr + row * mfactor_stride).to(tl.float32)
+    eps_m = m
+    if EPS_FROM_UNCOND:  # CFG++: x0^ from the guided prediction, eps~ from the uncond one
+        eps_m = u
 
     x0 = tl.load(coef + P_X * table_stride_col) * x + tl.load(coef + P_M * table_stride_col) * m
-    eps = tl.load(coef + Q_X * table_stride_col) * x + tl.load(coef + Q_M * table_stride_col) * m
+    eps = tl.load(coef + Q_X * table_stride_col) * x + tl.load(coef + Q_M * table_stride_col) * eps_m
     if HAS_NOISE:
         z = tl.load(noise_ptr + row * noise_stride + cols, mask=mask, other=0.0).to(tl.float32)
         x0 = x0 + tl.load(coef + P_Z * table_stride_col) * z
@@ -171,7 +193,8 @@ def guided_step(args: StepArgs, block: Optional[int] = None) -> None:
     ``x0_prev`` are ``[B, n]``, ``model_output`` is ``[B or 2B, n or 2n]`` (``[B + K, ...]`` with
     ``uncond_rows``), each with unit inner stride (``as_rows``).
 
-    ``scale`` is required exactly when ``model_output`` has 2B rows or ``uncond_rows`` is given; ``scale``,
+    ``scale`` (or ``combine``, [B, 3] fp32 with the dense layout, and then ``extra`` a [B, n] row view too) is
+    required exactly when ``model_output`` has 2B rows or ``uncond_rows`` is given; ``scale``,
     ``mfactor`` and ``threshold`` are [B] vectors with any stride (0 for a broadcast scalar), ``step_rows``
     and ``uncond_rows`` [B] int32/int64 vectors (``StepArgs``). ``block`` overrides the
     elements per program (a power of two; tests use small ones to cross chunk boundaries).
@@ -184,6 +207,12 @@ def guided_step(args: StepArgs, block: Optional[int] = None) -> None:
     if sparse_cfg and args.scale is None:
         raise ValueError("uncond_rows (a sparse CFG batch) needs scale")
     has_cfg = sparse_cfg or model_output.shape[0] == 2 * batch
+    combine = args.combine.to(torch.float32).contiguous() if args.combine is not None else None
+    if combine is not None and (sparse_cfg or not has_cfg):
+        raise ValueError("combine needs the dense [uncond; cond] layout (2B rows, no uncond_rows)")
+    if args.eps_from_uncond and not has_cfg:
+        raise ValueError("eps_from_uncond needs an uncond prediction (scale or combine)")
+    extra = args.extra if combine is not None else None
     step_rows = args.step_rows
     block = block or elementwise_block(n, batch, x.device)
     step_from_ptr = step_rows is None and isinstance(step, torch.Tensor)
@@ -206,12 +235,14 @@ def guided_step(args: StepArgs, block: Optional[int] = None) -> None:
             step if step_from_ptr else args.table, 0 if step_from_ptr or step_rows is not None else int(step),
             step_rows if step_rows is not None else x, _stride(step_rows),
             args.uncond_rows if sparse_cfg else x, _stride(args.uncond_rows),
+            combine if combine is not None else x, extra if extra is not None else x, _stride(extra),
             ptr["out"], stride["out"], ptr["x0_out"], stride["x0_out"], ptr["out2"], stride["out2"],
             HAS_CFG=has_cfg, HAS_MFACTOR=args.mfactor is not None, HAS_G_SCORE=args.g_score is not None,
             HAS_G_MEAN=args.g_mean is not None, HAS_NOISE=args.noise is not None,
             HAS_X0_PREV=args.x0_prev is not None, LEARNED_VARIANCE=bool(args.learned_variance),
             CLIP_MODE=int(args.clip_mode), STEP_FROM_PTR=step_from_ptr, WRITE_OUT=out is not None,
             WRITE_X0=x0_out is not None, WRITE_OUT2=out2 is not None, STEP_ROWS=step_rows is not None,
-            SPARSE_CFG=sparse_cfg, BLOCK=block, num_warps=warps_for(block),
+            SPARSE_CFG=sparse_cfg, COMBINE=combine is not None, HAS_EXTRA=extra is not None,
+            EPS_FROM_UNCOND=bool(args.eps_from_uncond), BLOCK=block, num_warps=warps_for(block),
             enable_fp_fusion=True,
         )

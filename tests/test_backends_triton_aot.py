@@ -19,7 +19,7 @@ import sys
 import pytest
 
 TARGET = ("cuda", 90, 32)
-FLOAT_ARGS = {"clip_lo", "clip_hi", "phi", "tau1", "tau2"}
+FLOAT_ARGS = {"clip_lo", "clip_hi", "phi", "tau1", "tau2", "momentum"}
 # Arguments the JIT sees as multiples of 16 in a typical launch (aligned allocations, n % 16 == 0); the
 # compiler only vectorises memory accesses it can prove aligned.
 ALIGNED_ARGS = re.compile(r"(_ptr|_stride|^n)$")
@@ -29,9 +29,11 @@ STEP = ("guided_step", "guided_step_kernel")
 RESCALE_PARTIAL = ("cfg_rescale_factor", "cfg_rescale_factor_partial_kernel")
 LSE_GRAD = ("temperature_lse_grad", "temperature_lse_grad_kernel")
 RMS_PARTIAL = ("per_sample_rms", "per_sample_rms_partial_kernel")
+GRAM_PARTIAL = ("guidance_gram", "guidance_gram_partial_kernel")
 STEP_OFF = dict(HAS_CFG=False, HAS_MFACTOR=False, HAS_G_SCORE=False, HAS_G_MEAN=False, HAS_NOISE=False,
                 HAS_X0_PREV=False, LEARNED_VARIANCE=False, CLIP_MODE=0, STEP_FROM_PTR=False, WRITE_OUT=True,
-                WRITE_X0=False, WRITE_OUT2=False, STEP_ROWS=False, SPARSE_CFG=False)
+                WRITE_X0=False, WRITE_OUT2=False, STEP_ROWS=False, SPARSE_CFG=False, COMBINE=False,
+                HAS_EXTRA=False, EPS_FROM_UNCOND=False)
 STEP_ALL = dict(STEP_OFF, HAS_CFG=True, HAS_MFACTOR=True, HAS_G_SCORE=True, HAS_G_MEAN=True, HAS_NOISE=True,
                 HAS_X0_PREV=True, LEARNED_VARIANCE=True, CLIP_MODE=2, STEP_FROM_PTR=True, WRITE_X0=True)
 BF16_IO = {p: "bf16" for p in ("x_ptr", "noise_ptr", "g_score_ptr", "out_ptr", "x0_out_ptr")}
@@ -57,6 +59,23 @@ CASES = [
      dict(STEP_OFF, HAS_CFG=True, STEP_ROWS=True, CLIP_MODE=1, WRITE_X0=True, BLOCK=2048), 8, True),
     ("step_predict_x0_only_small_block", *STEP, {"x_ptr": "fp16", "x0_out_ptr": "fp16", "step_ptr": "i32"},
      dict(STEP_OFF, WRITE_OUT=False, WRITE_X0=True, CLIP_MODE=1, STEP_FROM_PTR=True, BLOCK=256), 1, False),
+    # Guidance beyond CFG: the per-sample linear combine (with and without the extra stream), CFG++'s eps
+    # from the uncond prediction (dense, combined and sparse), with every other term on top.
+    ("step_combine_extra_fp32", *STEP, {}, dict(STEP_OFF, HAS_CFG=True, COMBINE=True, HAS_EXTRA=True, BLOCK=2048),
+     8, True),
+    ("step_combine_no_extra_eps_from_uncond_fp16_noise", *STEP,
+     {p: "fp16" for p in ("x_ptr", "m_ptr", "noise_ptr", "out_ptr")},
+     dict(STEP_OFF, HAS_CFG=True, COMBINE=True, EPS_FROM_UNCOND=True, HAS_NOISE=True, BLOCK=2048), 8, True),
+    ("step_combine_extra_all_terms_learned_variance_bf16_extra_fp16", *STEP,
+     dict(BF16_IO, m_ptr="bf16", extra_ptr="fp16", step_ptr="i64"),
+     dict(STEP_ALL, COMBINE=True, HAS_EXTRA=True, EPS_FROM_UNCOND=True, WRITE_OUT2=True, BLOCK=1024), 4, True),
+    ("step_cfg_pp_eps_from_uncond_fp32_x0_too", *STEP, {},
+     dict(STEP_OFF, HAS_CFG=True, EPS_FROM_UNCOND=True, HAS_MFACTOR=True, WRITE_X0=True, CLIP_MODE=1,
+          BLOCK=2048), 8, True),
+    ("step_heterogeneous_sparse_cfg_eps_from_uncond_fp16", *STEP,
+     dict(ROW_MAPS, **{p: "fp16" for p in ("x_ptr", "m_ptr", "noise_ptr", "out_ptr")}),
+     dict(STEP_OFF, HAS_CFG=True, SPARSE_CFG=True, STEP_ROWS=True, EPS_FROM_UNCOND=True, HAS_NOISE=True,
+          BLOCK=2048), 8, True),
     ("cfg_rescale_factor_partial_single_chunk_fp32", *RESCALE_PARTIAL, {},
      dict(SINGLE_CHUNK=True, BLOCK=4096), 8, False),
     ("cfg_rescale_factor_partial_chunks_bf16", *RESCALE_PARTIAL, {"m_ptr": "bf16"},
@@ -75,6 +94,16 @@ CASES = [
      dict(SINGLE_CHUNK=False, BLOCK=4096), 8, False),
     ("per_sample_rms_combine", "per_sample_rms", "per_sample_rms_combine_kernel", {}, dict(BLOCK=256), 4,
      False),
+    ("guidance_gram_partial_cond_uncond_fp32", *GRAM_PARTIAL, {}, dict(HAS_EXTRA=False, MOMENTUM=False,
+                                                                         BLOCK=4096), 8, False),
+    ("guidance_gram_partial_extra_bf16", *GRAM_PARTIAL, {"m_ptr": "bf16", "extra_ptr": "bf16"},
+     dict(HAS_EXTRA=True, MOMENTUM=False, BLOCK=4096), 8, False),
+    # the in-place momentum update of e: the elementwise store of the first pass, 128-bit like the step's
+    ("guidance_gram_partial_momentum_fp32", *GRAM_PARTIAL, {}, dict(HAS_EXTRA=True, MOMENTUM=True, BLOCK=4096),
+     8, True),
+    ("guidance_gram_partial_momentum_fp16_extra_fp32", *GRAM_PARTIAL, {"m_ptr": "fp16"},
+     dict(HAS_EXTRA=True, MOMENTUM=True, BLOCK=1024), 4, True),
+    ("guidance_gram_combine", "guidance_gram", "guidance_gram_combine_kernel", {}, dict(BLOCK=64), 4, False),
 ]
 
 

@@ -35,6 +35,11 @@ def _kernels():
     return guided_step, cfg_rescale_factor, temperature_lse_grad, per_sample_rms
 
 
+def _gram_kernels():
+    from fastguide.kernels import guidance_gram
+    return guidance_gram
+
+
 def randn(*shape, dtype=torch.float32, gen=None):
     return torch.randn(*shape, generator=gen, device="cpu").to(device=DEVICE, dtype=dtype)
 
@@ -373,6 +378,57 @@ def test_step_heterogeneous_maps_strided_int32_and_override_a_device_step():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("n", [1, 127, 129, 385])
+@pytest.mark.parametrize("extra,eps_from_uncond", [(False, True), (True, False), (True, True)])
+def test_step_combine_block_boundaries_and_row_slices(monkeypatch, n, extra, eps_from_uncond):
+    """The linear combine across 128-element chunks and grid row slices (a tiny row limit): each program
+    reads its own sample's (a, b, d) at the absolute row; the extra stream is a strided row view."""
+    guided_step, *_ = _kernels()
+    from fastguide.kernels import launch_utils
+    monkeypatch.setattr(launch_utils, "MAX_GRID_ROWS", 2)
+    gen = torch.Generator().manual_seed(n + 10 * extra + 100 * eps_from_uncond)
+    batch = 5
+    x = randn(batch, n, gen=gen)
+    mo = randn(2 * batch, 2 * n, gen=gen)
+    kwargs = dict(combine=(4 * torch.rand(batch, 3, generator=gen) - 2).to(DEVICE), noise=randn(batch, n, gen=gen),
+                  mfactor=(0.5 + torch.rand(batch, generator=gen)).to(DEVICE), eps_from_uncond=eps_from_uncond)
+    if extra:
+        kwargs["extra"] = randn(batch, 2 * n, gen=gen)[:, :n]
+    table = random_table(3, gen)
+    out, x0 = poisoned(x), poisoned(x)
+    guided_step.guided_step(StepArgs(x, mo, table, 2, **kwargs, learned_variance=True, out=out, x0_out=x0),
+                            block=128)
+    want_out, want_x0 = _reference_rows(x, mo, table, 2, kwargs, True)
+    assert_close(out, want_out, torch.float32)
+    assert_close(x0, want_x0, torch.float32)
+
+
+def test_step_sparse_cfg_eps_from_uncond():
+    """CFG++ on a sparse CFG batch: a sample without an uncond row renoises with its cond prediction (the
+    reference's gathered uncond), whatever its (NaN) scale."""
+    guided_step, *_ = _kernels()
+    gen = torch.Generator().manual_seed(41)
+    batch, n = 4, 45
+    x, mo, uncond = _sparse_inputs(batch, n, gen, [4, -1, 5, -1])
+    scale = torch.tensor([2.0, float("nan"), 0.5, float("nan")], device=DEVICE)
+    table = random_table(3, gen)
+    kwargs = dict(scale=scale, uncond_rows=uncond, noise=randn(batch, n, gen=gen), eps_from_uncond=True)
+    out, x0 = poisoned(x), poisoned(x)
+    guided_step.guided_step(StepArgs(x, mo, table, 1, **kwargs, out=out, x0_out=x0), block=16)
+    want_out, want_x0 = _reference_rows(x, mo, table, 1, kwargs)
+    assert_close(out, want_out, torch.float32)
+    assert_close(x0, want_x0, torch.float32)
+    assert torch.isfinite(out).all()
+
+
+def test_step_combine_needs_the_dense_layout():
+    guided_step, *_ = _kernels()
+    x = randn(2, 8)
+    with pytest.raises(ValueError, match="dense"):
+        guided_step.guided_step(StepArgs(x, randn(2, 8), random_table(1, torch.Generator()), 0,
+                                         combine=torch.ones(2, 3, device=DEVICE), out=poisoned(x)))
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="bf16 needs a GPU (the interpreter has no bf16)")
 def test_step_bf16_on_gpu():
     gen = torch.Generator().manual_seed(23)
@@ -421,6 +477,85 @@ def test_cfg_rescale_factor_through_ops(dtype):
     got = fastguide.guided_step(x, mo, table, 1, **extra, rescale=0.7, learned_variance=True, backend="triton")
     want = fastguide.guided_step(x, mo, table, 1, **extra, rescale=0.7, learned_variance=True, backend="torch")
     assert_close(got, want, dtype)
+
+
+def _assert_gram_close(got, want):
+    # Sums of n products in fp32: relative to the row's largest column, as the parity tests compare.
+    scale = want.abs().amax(dim=1, keepdim=True).clamp_min(1.0)
+    torch.testing.assert_close((got / scale).cpu(), (want / scale).cpu(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 16 * 70 + 3])
+@pytest.mark.parametrize("extra,momentum", [(False, None), (True, None), (True, -0.5)])
+def test_guidance_gram_chunks(n, extra, momentum):
+    """16-element chunks: one chunk, exact multiples, a short last chunk, and more chunks than one combine
+    iteration holds (70 > 64); the momentum update of e lands in every chunk, masked past n."""
+    guidance_gram = _gram_kernels()
+    gen = torch.Generator().manual_seed(n + 7 * extra)
+    batch = 3
+    mo = randn(2 * batch, 2 * n, gen=gen)  # [prediction | variance] rows: only the first n are reduced
+    e = randn(batch, n + 1, gen=gen) if extra else None
+    e_rows = e[:, :n] if extra else None   # a strided row view; the column past it must stay untouched
+    want_e = e_rows.clone() if extra else None
+    want = reference.guidance_gram(mo.reshape(2 * batch, 2, n), want_e.reshape(batch, 1, n) if extra else None,
+                                   momentum, learned_variance=True)
+    tail = e[:, n:].clone() if extra else None
+    got = guidance_gram.guidance_gram(mo, n, e_rows, momentum, block=16)
+    _assert_gram_close(got, want)
+    if extra:
+        assert_close(e_rows, want_e, torch.float32)
+        assert torch.equal(e[:, n:], tail)
+
+
+def test_guidance_gram_grid_row_slices(monkeypatch):
+    """Rows beyond the grid's row limit launch in slices: each sample's cond row is B rows below its uncond
+    row at the absolute index, and its e row and result row are its own."""
+    guidance_gram = _gram_kernels()
+    from fastguide.kernels import launch_utils
+    monkeypatch.setattr(launch_utils, "MAX_GRID_ROWS", 2)
+    gen = torch.Generator().manual_seed(43)
+    batch, n = 5, 70
+    mo, e = randn(2 * batch, n, gen=gen), randn(batch, n, gen=gen)
+    want_e = e.clone()
+    want = reference.guidance_gram(mo, want_e, 0.25)
+    _assert_gram_close(guidance_gram.guidance_gram(mo, n, e, 0.25, block=32), want)
+    assert_close(e, want_e, torch.float32)
+
+
+@pytest.mark.parametrize("view", ["row_strided", "transposed", "channels_strided"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_guidance_gram_momentum_updates_views_in_place(view, dtype):
+    """Through the backend: a written extra that is a slice of a wider tensor is updated through its row view
+    (the rest of the wider tensor untouched); one with no row view goes through a temporary copied back.
+    The products are those of the values stored in e's dtype."""
+    gen = torch.Generator().manual_seed(47)
+    batch, shape = 3, (4, 5, 6)
+    mo = randn(2 * batch, *shape, dtype=dtype, gen=gen)
+    if view == "row_strided":
+        wide = randn(batch, 8, 5, 6, dtype=dtype, gen=gen)
+        e = wide[:, 2:6]
+    elif view == "transposed":
+        wide = randn(6, 5, 4, batch, dtype=dtype, gen=gen)
+        e = wide.permute(3, 2, 1, 0)
+    else:
+        wide = randn(batch, 4, 5, 12, dtype=dtype, gen=gen)
+        e = wide[..., ::2]
+    before = wide.clone()
+    want_e = e.clone()
+    want = fastguide.guidance_gram(mo, want_e, momentum=0.7, backend="torch")
+    got = fastguide.guidance_gram(mo, e, momentum=0.7, backend="triton")
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    scale = want.abs().amax(dim=1, keepdim=True).clamp_min(1.0)
+    torch.testing.assert_close((got / scale).cpu(), (want / scale).cpu(), rtol=tol, atol=tol)
+    assert_close(e, want_e, dtype)
+    untouched = torch.ones_like(wide, dtype=torch.bool)
+    if view == "row_strided":
+        untouched[:, 2:6] = False
+    elif view == "transposed":
+        untouched[:] = False
+    else:
+        untouched[..., ::2] = False
+    assert torch.equal(wide[untouched], before[untouched])
 
 
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 16 * 300 + 1])

@@ -44,8 +44,8 @@ def _load_kernels():
     """Import the kernels on first use: triton decides at decoration time whether to interpret."""
     global _kernels
     if _kernels is None:
-        from ..kernels import cfg_rescale_factor, guided_step, per_sample_rms, temperature_lse_grad
-        _kernels = (guided_step, cfg_rescale_factor, temperature_lse_grad, per_sample_rms)
+        from ..kernels import cfg_rescale_factor, guidance_gram, guided_step, per_sample_rms, temperature_lse_grad
+        _kernels = (guided_step, cfg_rescale_factor, temperature_lse_grad, per_sample_rms, guidance_gram)
     return _kernels
 
 
@@ -76,8 +76,8 @@ def guided_step(args: StepArgs) -> None:
     x0_rows, copy_x0 = _output_rows(args.x0_out, args.sample)
     step_kernels.guided_step(dataclasses.replace(
         args, sample=as_rows(args.sample), model_output=as_rows(args.model_output), g_score=as_rows(args.g_score),
-        g_mean=as_rows(args.g_mean), noise=as_rows(args.noise), x0_prev=as_rows(args.x0_prev), out=out_rows,
-        x0_out=x0_rows, out2=out2_rows))
+        g_mean=as_rows(args.g_mean), noise=as_rows(args.noise), x0_prev=as_rows(args.x0_prev),
+        extra=as_rows(args.extra), out=out_rows, x0_out=x0_rows, out2=out2_rows))
     # In the kernel's store order (x0, out, out2): an output that is x0_out too ends up with the result.
     if copy_x0:
         args.x0_out.copy_(x0_rows.view(args.x0_out.shape))
@@ -94,6 +94,32 @@ def cfg_rescale_factor(model_output: torch.Tensor, scale: torch.Tensor, rescale:
     # With a learned variance each row is [prediction | variance]; the std covers the prediction only.
     n = rows.shape[1] // 2 if learned_variance else rows.shape[1]
     return _load_kernels()[1].cfg_rescale_factor(rows, n, scale, float(rescale))
+
+
+def _written_rows(t: torch.Tensor):
+    """(row view the kernel updates in place, needs copy-back): a view of ``t`` itself when ``as_rows`` gives
+    one with non-overlapping rows (contiguous, or a slice of a wider tensor), else a temporary."""
+    rows = as_rows(t)
+    view = rows.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() and rows.data_ptr() == t.data_ptr()
+    if view and (rows.shape[0] <= 1 or rows.stride(0) >= rows.shape[1]):
+        return rows, False
+    return rows.contiguous() if view else rows, True
+
+
+def guidance_gram(model_output: torch.Tensor, extra: Optional[torch.Tensor], momentum: Optional[float],
+                  learned_variance: bool = False) -> torch.Tensor:
+    _check_runnable(model_output)
+    rows = as_rows(model_output)
+    # With a learned variance each row is [prediction | variance]; only the prediction is reduced.
+    n = rows.shape[1] // 2 if learned_variance else rows.shape[1]
+    copy_back = False
+    extra_rows = as_rows(extra)
+    if extra is not None and momentum is not None:  # written in place: a view of extra, or a temporary
+        extra_rows, copy_back = _written_rows(extra)
+    gram = _load_kernels()[4].guidance_gram(rows, n, extra_rows, momentum)
+    if copy_back:
+        extra.copy_(extra_rows.view(extra.shape))
+    return gram
 
 
 def temperature_lse_grad(logits: torch.Tensor, labels: torch.Tensor, tau1: float, tau2: float,

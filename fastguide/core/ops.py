@@ -203,7 +203,7 @@ def run_step(args: StepArgs, backend: str) -> Optional[torch.Tensor]:
     if fresh:
         out = args.out = torch.empty_like(sample, memory_format=torch.contiguous_format)  # no overlap
     if not fresh or out2 is not None or x0_out is not None:
-        spans = _spans((sample, args.model_output, args.g_score, args.g_mean, args.noise, args.x0_prev))
+        spans = _spans((sample, args.model_output, args.g_score, args.g_mean, args.noise, args.x0_prev, args.extra))
         if out is not None:
             if not fresh and not _writable_in_place(out, spans):
                 args.out = torch.empty_like(sample, memory_format=torch.contiguous_format)
