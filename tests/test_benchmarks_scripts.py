@@ -56,3 +56,47 @@ def test_step_gpu_refuses_to_time_the_interpreter_or_a_missing_gpu(capsys, monke
     if not torch.cuda.is_available():
         assert step_gpu.main(["--sizes", "2x4x64x64"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def _load_script(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_serve_benchmark_quick_run(tmp_path):
+    """``benchmarks/serve.py --quick``: every policy serves the same Poisson trace at every rate, all requests
+    complete, and the engine's model rows are exactly the rows the mix needs (scale-1 traffic costs no
+    uncond rows); the CSV holds one row per rate x policy and the plot is written."""
+    from PIL import Image
+
+    serve = _load_script("serve")
+    out = tmp_path / "serve.csv"
+    threads = torch.get_num_threads()
+    assert serve.main(["--quick", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == threads  # restored
+    rows = list(csv.DictReader(out.open()))
+    rates = sorted({float(r["rate_rps"]) for r in rows})
+    assert len(rates) == 2 and len(rows) == 2 * 3
+    assert {(float(r["rate_rps"]), r["policy"]) for r in rows} == {(x, p) for x in rates for p in serve.POLICIES}
+    for r in rows:
+        assert r["model"] == "digits" and r["torch"] == torch.__version__ and r["quick"] == "1"
+        assert r["device"] and r["date"] and r["threads"] == "1" and r["backend"] == "auto"
+        assert int(r["completed"]) == int(r["requests"]) > 0 and int(r["failed"]) == 0
+        assert float(r["throughput_rps"]) > 0 and float(r["p99_s"]) >= float(r["p50_s"]) > 0
+        assert float(r["model_rows_per_req"]) == pytest.approx(float(r["ideal_rows_per_req"]), rel=1e-3)
+        assert float(r["rows_per_req_scale1"]) < float(r["rows_per_req_cfg"])
+        assert float(r["model_rows_per_req"]) < float(r["dense_rows_per_req"])
+        if r["policy"] == "sequential":
+            assert float(r["mean_batch"]) == 1.0
+    same = {}
+    for r in rows:  # the same trace for every policy of a rate
+        same.setdefault(r["rate_rps"], set()).add((r["requests"], r["ideal_rows_per_req"]))
+    assert all(len(v) == 1 for v in same.values())
+    with Image.open(out.with_suffix(".png")) as img:
+        assert img.size[0] > 100 and img.size[1] > 100

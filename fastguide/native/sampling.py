@@ -16,13 +16,13 @@ import torch
 
 from ..backends import dispatch as _dispatch
 from ..core.cache import LRUCache
-from ..core.checks import (check_bool, check_labels_tensor, check_nonneg, check_range, check_sample,
-                           check_scale)
+from ..core.checks import check_bool, check_labels_tensor, check_nonneg, check_range, check_sample
 from ..core.noise import Generator, check_generator
-from ..guidance.plan import GuidedPlan, build_guided_plan, split_guidance
+from ..guidance.plan import GuidedPlan, build_guided_plan, method_of, split_guidance
 from ..samplers import native as samplers
 from ..samplers.schedule import Schedule
 from . import cudagraph as _cudagraph
+from . import guide as _guide
 from . import inductor as _inductor
 from . import loop as _loop
 from . import spec as _spec
@@ -56,8 +56,12 @@ def sample(model: Callable[..., torch.Tensor], x_T: torch.Tensor, *, schedule: S
         y: optional ``[B]`` tensor (labels, or any per-sample condition the model takes) on x_T's device,
             default None. Required by ``ClassifierGuidance`` (int32/int64 class labels) and by CFG with a
             ``null_label``.
-        guidance: sequence of ``CFG`` (at most one), ``ClassifierGuidance`` and ``DiscriminatorGuidance``
-            specs, default ``()`` (unguided).
+        guidance: sequence of guidance specs, default ``()`` (unguided): at most one CFG-like spec (``CFG``,
+            ``CFGPlusPlus`` (``euler`` / ``euler_ancestral`` only), or one of ``fastguide.guidance.modern``:
+            ``CFGZeroStar``, ``APG``, ``MamboG``, ``TCFG``, ``PerturbedGuidance``), with any
+            ``ClassifierGuidance`` and ``DiscriminatorGuidance`` specs. A CFG-like spec's scale may be a
+            ``[B]`` tensor (per-sample scales); it is read on every call, its other settings are fixed when
+            the loop is built (see ``fastguide.native.guide`` for how each method runs).
         generator: None (default; torch's global RNG), a ``torch.Generator`` or a list of B generators, for
             the noise the sampler draws.
         eta: optional float >= 0, default None (the sampler's own default: 0 for ``ddim``, 1 for
@@ -120,29 +124,32 @@ def sample(model: Callable[..., torch.Tensor], x_T: torch.Tensor, *, schedule: S
     check_bool("progress", progress)
     _dispatch.resolve(backend, x_T.device)  # an unknown or unusable backend is reported before any model call
     gp, spec = build_loop(sampler, schedule, steps, guidance, batch, clip_denoised, eta, **sampler_options)
-    if (gp.classifiers or (gp.cfg is not None and gp.cfg.null_label is not None)) and y is None:
+    if (gp.classifiers or (gp.method is not None and gp.method.null_label is not None)) and y is None:
         raise ValueError("y (labels) is required by classifier guidance and by CFG with a null_label")
     if gp.classifiers and (y.dim() != 1 or y.dtype not in (torch.int32, torch.int64)):
         raise TypeError(f"y must be a [{batch}] integer tensor of class labels for classifier guidance, got "
                         f"{y.dtype} {tuple(y.shape)}")
     cfg_scale = None
     if gp.cfg is not None:  # this call's scale: a cached plan may hold an equal spec with another scale
-        cfg = split_guidance(guidance)[0]
-        cfg_scale = check_scale("CFG scale", cfg.scale, batch, x_T.device, sync_ok=True)
+        cfg_scale = _guide.call_scale(split_guidance(guidance)[0], batch, x_T.device)
     if gp.classifiers and y.device.type == "cpu" and y.numel() and int(y.detach().numpy().min()) < 0:
         raise ValueError(f"y holds negative labels: {y.tolist()}")
     return _run(model, x_T, gp, spec, y, generator, cfg_scale, progress, backend, compile, compile_options)
 
 
-BUILT = LRUCache(64)
+BUILT = LRUCache(512)  # a serving engine sees hundreds of configurations
 
 
-def _guidance_static_key(guidance) -> tuple:
-    """The guidance settings a loop's tables and stage kinds depend on (CFG's scale is not one of them: it is
-    read at run time), networks by identity."""
+def _guidance_static_key(guidance, steps) -> tuple:
+    """The guidance settings a loop's tables and stage kinds depend on (the CFG-like spec's scale is not one
+    of them: it is read at run time; where it is active is, since a modern spec is off where its float scale
+    is the identity), networks by identity."""
     cfg, classifiers, discriminators = split_guidance(guidance)
     ident = _spec.identity
-    return (None if cfg is None else (cfg.rescale, ident(cfg.null_label), cfg.start, cfg.stop),
+    method = None
+    if cfg is not None:
+        method = (_spec.method_key(method_of(cfg)), tuple(bool(cfg.active(i, steps)) for i in range(steps)))
+    return (method,
             tuple((ident(c.classifier), c.scale, c.input, c.tau1, c.tau2, c.gamma, c.g_max, c.add)
                   for c in classifiers),
             tuple((ident(d.discriminator), d.weight, d.weight2, d.t_min, d.t_max) for d in discriminators))
@@ -170,7 +177,7 @@ def _built_loop(sampler, schedule, steps, options, guidance, batch, clip) -> Tup
     """The guided plan and loop spec of a configuration, built once: a repeated call (same schedule object,
     sampler, options and guidance settings) skips rebuilding the coefficient rows in Python."""
     try:
-        key = (id(schedule), sampler, steps, tuple(sorted(options.items())), _guidance_static_key(guidance),
+        key = (id(schedule), sampler, steps, tuple(sorted(options.items())), _guidance_static_key(guidance, steps),
                batch, clip)
         hash(key)
     except TypeError:  # an unhashable option or bad guidance: build, and let the builders report it
