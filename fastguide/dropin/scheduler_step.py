@@ -38,6 +38,7 @@ from ..core.checks import (Scale, check_bool, check_finite, check_fraction, chec
 from ..samplers.scheduler_tables import (DDIM, DDPM, DPM, EULER, FLOW, FLOW_HEUN, LCM, SchedulerPlan, config,
                                          dpm_lower_order_final)
 from . import guidance as _dropin_guidance
+from . import guiders as _guiders
 from .schedulers import (INDEX_BASED, HeunStage, SchedulerState, heun_stage, heun_store, off_schedule_plan,
                          output_of, plan_of, scheduler_state, variant)
 
@@ -105,13 +106,14 @@ def _check_scheduler_options(scheduler, kind: str, eta, use_clipped_model_output
 
 
 def _check_call(model_output, sample, scheduler, guidance_scale, guidance_rescale, generator, options: tuple,
-                out, g_score, g_mean, noise, check_outputs_finite: bool, backend: str) -> _Call:
+                out, g_score, g_mean, noise, check_outputs_finite: bool, backend: str, combine=None,
+                extra=None) -> _Call:
     state = scheduler_state(scheduler)
     if options is None:
         options = variant(state.kind, 0.0, False, *_DEFAULT_CHURN)
     batch = check_sample("sample", sample)
     learned = state.kind == DDPM and config(scheduler, "variance_type") == "learned_range"
-    check_model_output(model_output, sample, guidance_scale is not None, learned)
+    check_model_output(model_output, sample, guidance_scale is not None or combine is not None, learned)
     if model_output.dtype != sample.dtype:
         raise TypeError(f"model_output has dtype {model_output.dtype} but sample has {sample.dtype}; "
                         "pass both in the same dtype")
@@ -129,7 +131,7 @@ def _check_call(model_output, sample, scheduler, guidance_scale, guidance_rescal
     if g_mean is not None and not plan.supports_mean_shift:
         raise ValueError(f"g_mean: a mean shift is defined only for DDPMScheduler, not {type(scheduler).__name__}")
     args = StepArgs(sample, model_output, plan.table(sample.device), 0, scale=w, rescale=rescale, g_score=g_score,
-                    g_mean=g_mean, learned_variance=plan.learned_variance, out=out)
+                    g_mean=g_mean, learned_variance=plan.learned_variance, out=out, combine=combine, extra=extra)
     _ops.set_clip(args, state.clip, None)
     return _Call(state, plan, options, args, noise, generator, check_outputs_finite, backend)
 
@@ -257,7 +259,8 @@ def _predicted_x0(call: _Call, clip: bool = True) -> torch.Tensor:
     a = call.args
     x0 = torch.empty_like(a.sample, memory_format=torch.contiguous_format)
     predict = StepArgs(a.sample, a.model_output, a.table, a.step, scale=a.scale, rescale=a.rescale,
-                       learned_variance=a.learned_variance, x0_out=x0, write_out=False)
+                       learned_variance=a.learned_variance, x0_out=x0, write_out=False, combine=a.combine,
+                       extra=a.extra)
     if clip:
         predict.clip_mode, predict.clip_lo, predict.clip_hi, predict.threshold = \
             a.clip_mode, a.clip_lo, a.clip_hi, a.threshold
@@ -271,7 +274,8 @@ def _lcm_denoised(call: _Call) -> torch.Tensor:
     a = call.args
     denoised = torch.empty_like(a.sample, memory_format=torch.contiguous_format)
     pass_args = StepArgs(a.sample, a.model_output, a.table, a.step + call.plan.num_steps, scale=a.scale,
-                         rescale=a.rescale, g_score=a.g_score, learned_variance=a.learned_variance, out=denoised)
+                         rescale=a.rescale, g_score=a.g_score, learned_variance=a.learned_variance, out=denoised,
+                         combine=a.combine, extra=a.extra)
     pass_args.clip_mode, pass_args.clip_lo, pass_args.clip_hi, pass_args.threshold = \
         a.clip_mode, a.clip_lo, a.clip_hi, a.threshold
     _ops.run_step(pass_args, call.backend)
@@ -379,20 +383,22 @@ def scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *
                    out: Optional[torch.Tensor] = None,
                    backend: str = "auto", want_x0: bool = False, g_score: Optional[torch.Tensor] = None,
                    g_mean: Optional[torch.Tensor] = None, guide: Optional[Callable] = None,
-                   check_finite_output: bool = False,
-                   noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                   check_finite_output: bool = False, noise: Optional[torch.Tensor] = None,
+                   combine: Optional[torch.Tensor] = None,
+                   extra: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One scheduler step; returns (prev_sample, x0 or None); for LCMScheduler the second value is its
     ``denoised`` output instead of x0^.
 
     ``options`` is the plan key of the scheduler's step options (``schedulers.variant``; None: the
-    defaults). ``g_score``
+    defaults). ``combine``/``extra``: a per-sample linear combine instead of ``guidance_scale`` (a guider,
+    ``dropin.guiders``). ``g_score``
     (``eps -= sigma g``) and ``g_mean`` (DDPM mean shift ``mu += Sigma g``) are gradients already scaled;
     ``guide(plan, index, predicted_x0) -> (g_score, g_mean, table or None)`` computes guidance terms once
     the row is known (``dropin.guidance``). Everything is checked before the generator, ``out`` or the
     scheduler is touched.
     """
     call = _check_call(model_output, sample, scheduler, guidance_scale, guidance_rescale, generator, options, out,
-                       g_score, g_mean, noise, check_finite_output, backend)
+                       g_score, g_mean, noise, check_finite_output, backend, combine, extra)
     index, init_index = _select_row(scheduler, call, timestep)
     if call.state.threshold is not None:
         _threshold(call)
@@ -445,7 +451,7 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
          s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
          out: Optional[torch.Tensor] = None, guidance: Sequence = (), y: Optional[torch.Tensor] = None,
          check_finite: bool = False, backend: str = "auto", noise: Optional[torch.Tensor] = None,
-         return_dict: Optional[bool] = None) -> Union[torch.Tensor, tuple, Any]:
+         return_dict: Optional[bool] = None, guider: Any = None) -> Union[torch.Tensor, tuple, Any]:
     """CFG combine + ``scheduler.step`` of a diffusers scheduler in one fused op.
 
     With a 2B-row ``[uncond; cond]`` ``model_output`` and ``guidance_scale`` (a float or a [B] tensor) the
@@ -517,6 +523,12 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
             (``DDIMSchedulerOutput``, ``SchedulerOutput`` for DPM-Solver, ``LCMSchedulerOutput``,
             ``FlowMatchEulerDiscreteSchedulerOutput`` (``prev_sample`` only) ...; ``StepOutput`` for a
             scheduler whose module defines none).
+        guider: a diffusers guider instance, default None, instead of ``guidance_scale``/``guidance_rescale``
+            (``ClassifierFreeGuidance``, ``ClassifierFreeZeroStarGuidance``, ``AdaptiveProjectedGuidance``,
+            ``AdaptiveProjectedMixGuidance``, ``MagnitudeAwareGuidance``, ``TangentialClassifierFreeGuidance``)
+            after ``guider.set_state(step=i, num_inference_steps=N, timestep=t)``: the result is
+            ``scheduler.step(guider.forward(c, u).pred, ...)`` and the guider's state advances alike; 2B
+            rows when the guider guides the step, else B (``fastguide.dropin.guiders``).
 
     Returns ``prev_sample`` (the tensor ``out`` when given), or the tuple / output object asked for.
     Timesteps: DDIMScheduler takes any integer training timestep (as its own step does; one outside
@@ -562,10 +574,17 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
     if guidance or y is not None:
         guide = _guide_of(scheduler, state, guidance, y, sample, timestep, backend)
     output_class, fields = output_of(scheduler, state.kind) if return_dict is not None else (None, ())
-    prev, x0 = scheduler_step(model_output, timestep, sample, scheduler=scheduler, guidance_scale=guidance_scale,
-                              guidance_rescale=guidance_rescale, generator=generator, options=options, out=out,
-                              backend=backend, want_x0=return_dict is not None and len(fields) > 1,
-                              guide=guide, check_finite_output=check_finite, noise=noise)
+    fused = _guiders.Fused(model_output)
+    if guider is not None:
+        if guidance_scale is not None or guidance_rescale != 0.0:
+            raise ValueError("guider= replaces guidance_scale / guidance_rescale: pass one or the other")
+        fused = _guiders.translate(guider, model_output, sample, scheduler, backend)
+    prev, x0 = scheduler_step(fused.model_output, timestep, sample, scheduler=scheduler,
+                              guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, generator=generator,
+                              options=options, out=out, backend=backend,
+                              want_x0=return_dict is not None and len(fields) > 1, guide=guide,
+                              check_finite_output=check_finite, noise=noise, combine=fused.combine, extra=fused.extra)
+    fused.commit()
     if return_dict is None:
         return prev
     values = {"prev_sample": prev, "pred_original_sample": x0, "denoised": x0}
