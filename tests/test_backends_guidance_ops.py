@@ -34,6 +34,7 @@ class CombineCase:
     view: str = "contiguous"
     outputs: str = "fresh"        # "fresh" | "poisoned" | "aliased" | "x0_too" | "x0_only"
     mfactor: bool = False
+    mode: str = "combine"         # "combine" | "scale" (CFG++ on plain CFG) | "sparse" (CFG++ on a sparse map)
 
 
 ALL = frozenset(parity.TERMS)
@@ -55,6 +56,10 @@ CASES = [
     CombineCase("odd_rows", shape=(5, 1, 3, 1), terms=frozenset({"noise"})),
     CombineCase("long_rows", shape=(2, 4, 33, 31), eps_from_uncond=True, terms=frozenset({"noise"})),
     CombineCase("tokens", shape=(4, 17, 8)),
+    CombineCase("cfgpp_scale", mode="scale", extra=False, eps_from_uncond=True, terms=frozenset({"noise"})),
+    CombineCase("cfgpp_scale_clip_x0", mode="scale", extra=False, eps_from_uncond=True, clip="range",
+                outputs="x0_too"),
+    CombineCase("cfgpp_sparse", mode="sparse", extra=False, eps_from_uncond=True, terms=frozenset({"noise"})),
 ]
 
 
@@ -70,7 +75,18 @@ def combine_call(case: CombineCase, device: str, dtype: torch.dtype, seed: int):
     if case.learned_variance:
         model_output[:, channels:] = model_output[:, channels:].clamp(-1, 1)
     kwargs = {t: parity._tensor(case.shape, case.view, gen, device, dtype) for t in case.terms}
-    kwargs["combine"] = (4.0 * torch.rand(batch, 3, generator=gen) - 2.0).to(device)
+    if case.mode == "combine":
+        kwargs["combine"] = (4.0 * torch.rand(batch, 3, generator=gen) - 2.0).to(device)
+    else:
+        kwargs["scale"] = (4.0 * torch.rand(batch, generator=gen)).to(device)
+    if case.mode == "sparse":  # samples 0, 2, ... have an uncond row (in reverse order), the others none
+        with_u = list(range(0, batch, 2))[::-1]
+        uncond = [-1] * batch
+        for j, b in enumerate(with_u):
+            uncond[b] = batch + j
+        cond_u = model_output[batch:], model_output[:batch]
+        model_output = torch.cat([cond_u[0], cond_u[1][torch.tensor(with_u, device=model_output.device)]])
+        kwargs["uncond_rows"] = torch.tensor(uncond, device=device)
     if case.extra:
         kwargs["extra"] = parity._tensor(case.shape, case.view, gen, device, dtype)
     kwargs["eps_from_uncond"] = case.eps_from_uncond

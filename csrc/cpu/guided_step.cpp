@@ -7,6 +7,11 @@
 // buffers so that clipping and the score term can change them. Optional terms are branches around whole
 // loops, never multiplications by zero, so an absent tensor cannot inject NaN.
 //
+// Guidance beyond CFG: with `combine` the tile's guided prediction m = (a c + b u [+ d e]) mf is first formed in
+// an L1 buffer, and the loops above then take it as a non-CFG cond prediction with an exact factor 1. With
+// `eps_from_uncond` (CFG++) eps uses the unscaled uncond prediction u in place of m (kEpsU), x0 still m.
+// Both are picked once per tile; the common case runs the same loops as without them.
+//
 // Aliasing: an output may be one of the inputs exactly (out=sample). The loop that writes `out` (and `out2`,
 // the optional second copy of the result, in the same loop) reads every input of element i before writing
 // element i (hence `omp simd` rather than the compiler's overlap checks), no input is read after it, and
@@ -35,15 +40,18 @@ struct Scratch {
   alignas(64) float g_mean[kTile];
   alignas(64) float noise[kTile];
   alignas(64) float x0_prev[kTile];
+  alignas(64) float e[kTile];  // the combine's third prediction (extra)
   // Intermediates; `res` holds the output before conversion when it is not stored as fp32.
   alignas(64) float x0[kTile];
   alignas(64) float eps[kTile];
   alignas(64) float sigma[kTile];
   alignas(64) float extra[kTile];
   alignas(64) float res[kTile];
+  alignas(64) float m[kTile];  // the combine's guided prediction
 };
 
-// The tile's model-side inputs: sample x, uncond u (CFG only), cond c, noise z, scale w, rescale factor mf.
+// The tile's model-side inputs: sample x, uncond u (CFG, or the eps source with kEpsU), cond c, noise z,
+// scale w, rescale factor mf.
 struct Model {
   const float* x;
   const float* u;
@@ -58,14 +66,14 @@ inline float guided(const Model& in, int64_t i) {
   return kCfg ? (in.u[i] + in.w * (in.c[i] - in.u[i])) * in.mf : in.c[i] * in.mf;
 }
 
-// x0_raw = P_X x + P_M m + P_Z z and eps = Q_X x + Q_M m + Q_Z z into L1 buffers.
-template <bool kCfg, bool kNoise>
+// x0_raw = P_X x + P_M m + P_Z z and eps = Q_X x + Q_M m + Q_Z z into L1 buffers (Q_M u with kEpsU).
+template <bool kCfg, bool kNoise, bool kEpsU>
 inline void predict(const float* k, const Model& in, float* __restrict x0, float* __restrict eps, int64_t len) {
   const float px = k[P_X], pm = k[P_M], pz = k[P_Z], qx = k[Q_X], qm = k[Q_M], qz = k[Q_Z];
   for (int64_t i = 0; i < len; ++i) {
     const float m = guided<kCfg>(in, i);
     float x0_raw = px * in.x[i] + pm * m;
-    float e = qx * in.x[i] + qm * m;
+    float e = qx * in.x[i] + qm * (kEpsU ? in.u[i] : m);
     if (kNoise) {
       x0_raw += pz * in.z[i];
       e += qz * in.z[i];
@@ -76,8 +84,8 @@ inline void predict(const float* k, const Model& in, float* __restrict x0, float
 }
 
 // out = A x + B x0 + C eps (+ extra) with x0 and eps computed in registers: the whole step in one loop,
-// storing to out2 too when kOut2 (fp32 storage).
-template <bool kCfg, bool kNoise, bool kExtra, bool kOut2>
+// storing to out2 too when kOut2 (fp32 storage); eps from u with kEpsU.
+template <bool kCfg, bool kNoise, bool kExtra, bool kOut2, bool kEpsU>
 inline void fused_loop(const float* k, const Model& in, const float* extra, float* out, float* out2,
                        int64_t len) {
   const float px = k[P_X], pm = k[P_M], pz = k[P_Z], qx = k[Q_X], qm = k[Q_M], qz = k[Q_Z];
@@ -86,7 +94,7 @@ inline void fused_loop(const float* k, const Model& in, const float* extra, floa
   for (int64_t i = 0; i < len; ++i) {
     const float m = guided<kCfg>(in, i);
     float x0 = px * in.x[i] + pm * m;
-    float e = qx * in.x[i] + qm * m;
+    float e = qx * in.x[i] + qm * (kEpsU ? in.u[i] : m);
     if (kNoise) {
       x0 += pz * in.z[i];
       e += qz * in.z[i];
@@ -113,13 +121,27 @@ inline void combine_loop(const float* k, const float* x, const float* x0, const 
 }
 
 // The loops above with or without the second store, picked once per tile.
-template <bool kCfg, bool kNoise, bool kExtra>
+template <bool kCfg, bool kNoise, bool kExtra, bool kEpsU>
 inline void predict_and_combine(const float* k, const Model& in, const float* extra, float* out, float* out2,
                                 int64_t len) {
   if (out2) {
-    fused_loop<kCfg, kNoise, kExtra, true>(k, in, extra, out, out2, len);
+    fused_loop<kCfg, kNoise, kExtra, true, kEpsU>(k, in, extra, out, out2, len);
   } else {
-    fused_loop<kCfg, kNoise, kExtra, false>(k, in, extra, out, nullptr, len);
+    fused_loop<kCfg, kNoise, kExtra, false, kEpsU>(k, in, extra, out, nullptr, len);
+  }
+}
+
+// The combine's guided prediction m = (a c + b u [+ d e]) mf into an L1 buffer, summed in the reference's
+// order ((a c + b u) + d e) mf; the factor only when there is one (mf = 1 would be exact anyway).
+template <bool kE, bool kMf>
+inline void linear_combine(const float* coef, float mf, const float* c, const float* u, const float* e,
+                           float* __restrict m, int64_t len) {
+  const float ka = coef[0], kb = coef[1], kd = coef[2];
+  for (int64_t i = 0; i < len; ++i) {
+    float r = ka * c[i] + kb * u[i];
+    if (kE) r += kd * e[i];
+    if (kMf) r *= mf;
+    m[i] = r;
   }
 }
 
@@ -215,15 +237,39 @@ void step_tile(const GuidedStepArgs& a, const float* k, int64_t row, int64_t beg
       uncond_row = row;
     }
   }
-  const bool cfg = uncond_row >= 0;
+  const bool has_u = uncond_row >= 0;
   Model in;
   in.x = load_row(a, a.sample, a.sample_stride, row, begin, len, s.x);
   in.c = load_row(a, a.model_output, a.model_output_stride, cond_row, begin, len, s.cond);
-  in.u = cfg ? load_row(a, a.model_output, a.model_output_stride, uncond_row, begin, len, s.uncond) : nullptr;
+  in.u = has_u ? load_row(a, a.model_output, a.model_output_stride, uncond_row, begin, len, s.uncond) : nullptr;
   in.z = load_row(a, a.noise, a.noise_stride, row, begin, len, s.noise);
-  in.w = cfg ? a.scale[row * a.scale_stride] : 0.f;
   in.mf = a.mfactor ? a.mfactor[row] : 1.f;
-  const int variant = (cfg ? 2 : 0) | (in.z ? 1 : 0);
+  // CFG u + w (c - u) in the loops, or (combine) m formed here and passed on as a cond prediction with
+  // factor 1, so that the loops below are those of the plain step.
+  bool cfg = has_u;
+  if (a.combine) {
+    const float* coef = a.combine + 3 * row;
+    const float* e = load_row(a, a.extra, a.extra_stride, row, begin, len, s.e);
+    const bool mf = a.mfactor != nullptr;
+    if (e && mf) {
+      linear_combine<true, true>(coef, in.mf, in.c, in.u, e, s.m, len);
+    } else if (e) {
+      linear_combine<true, false>(coef, in.mf, in.c, in.u, e, s.m, len);
+    } else if (mf) {
+      linear_combine<false, true>(coef, in.mf, in.c, in.u, e, s.m, len);
+    } else {
+      linear_combine<false, false>(coef, in.mf, in.c, in.u, e, s.m, len);
+    }
+    in.c = s.m;
+    in.mf = 1.f;
+    cfg = false;
+  }
+  in.w = cfg ? a.scale[row * a.scale_stride] : 0.f;
+  // CFG++: eps from the uncond prediction; a sparse batch's sample without one uses its cond prediction
+  // (the reference's fallback row), unscaled.
+  const bool eps_u = a.eps_from_uncond != 0;
+  if (eps_u && !in.u) in.u = in.c;  // no combine here: in.c is still the cond prediction
+  const int variant = (eps_u ? 4 : 0) | (cfg ? 2 : 0) | (in.z ? 1 : 0);
 
   const float* extra = a.out ? added_terms(a, k, in, row, cond_row, begin, len, s) : nullptr;
   // fp32 outputs are written in place (out2 in the same loop); others go through s.res and are converted.
@@ -232,22 +278,36 @@ void step_tile(const GuidedStepArgs& a, const float* k, int64_t row, int64_t beg
   float* out2 = f32_out && a.out2 ? static_cast<float*>(a.out2) + row * a.out2_stride + begin : nullptr;
 
   if (a.out && a.clip_mode == kClipNone && !a.g_score && !a.x0_out) {
+    // Bits of the case: 8 kEpsU, 4 kCfg, 2 kNoise, 1 kExtra.
     switch (variant * 2 + (extra ? 1 : 0)) {
-      case 0: predict_and_combine<false, false, false>(k, in, extra, out, out2, len); break;
-      case 1: predict_and_combine<false, false, true>(k, in, extra, out, out2, len); break;
-      case 2: predict_and_combine<false, true, false>(k, in, extra, out, out2, len); break;
-      case 3: predict_and_combine<false, true, true>(k, in, extra, out, out2, len); break;
-      case 4: predict_and_combine<true, false, false>(k, in, extra, out, out2, len); break;
-      case 5: predict_and_combine<true, false, true>(k, in, extra, out, out2, len); break;
-      case 6: predict_and_combine<true, true, false>(k, in, extra, out, out2, len); break;
-      default: predict_and_combine<true, true, true>(k, in, extra, out, out2, len); break;
+      case 0: predict_and_combine<false, false, false, false>(k, in, extra, out, out2, len); break;
+      case 1: predict_and_combine<false, false, true, false>(k, in, extra, out, out2, len); break;
+      case 2: predict_and_combine<false, true, false, false>(k, in, extra, out, out2, len); break;
+      case 3: predict_and_combine<false, true, true, false>(k, in, extra, out, out2, len); break;
+      case 4: predict_and_combine<true, false, false, false>(k, in, extra, out, out2, len); break;
+      case 5: predict_and_combine<true, false, true, false>(k, in, extra, out, out2, len); break;
+      case 6: predict_and_combine<true, true, false, false>(k, in, extra, out, out2, len); break;
+      case 7: predict_and_combine<true, true, true, false>(k, in, extra, out, out2, len); break;
+      case 8: predict_and_combine<false, false, false, true>(k, in, extra, out, out2, len); break;
+      case 9: predict_and_combine<false, false, true, true>(k, in, extra, out, out2, len); break;
+      case 10: predict_and_combine<false, true, false, true>(k, in, extra, out, out2, len); break;
+      case 11: predict_and_combine<false, true, true, true>(k, in, extra, out, out2, len); break;
+      case 12: predict_and_combine<true, false, false, true>(k, in, extra, out, out2, len); break;
+      case 13: predict_and_combine<true, false, true, true>(k, in, extra, out, out2, len); break;
+      case 14: predict_and_combine<true, true, false, true>(k, in, extra, out, out2, len); break;
+      default: predict_and_combine<true, true, true, true>(k, in, extra, out, out2, len); break;
     }
   } else {
+    // Bits of the case: 4 kEpsU, 2 kCfg, 1 kNoise.
     switch (variant) {
-      case 0: predict<false, false>(k, in, s.x0, s.eps, len); break;
-      case 1: predict<false, true>(k, in, s.x0, s.eps, len); break;
-      case 2: predict<true, false>(k, in, s.x0, s.eps, len); break;
-      default: predict<true, true>(k, in, s.x0, s.eps, len); break;
+      case 0: predict<false, false, false>(k, in, s.x0, s.eps, len); break;
+      case 1: predict<false, true, false>(k, in, s.x0, s.eps, len); break;
+      case 2: predict<true, false, false>(k, in, s.x0, s.eps, len); break;
+      case 3: predict<true, true, false>(k, in, s.x0, s.eps, len); break;
+      case 4: predict<false, false, true>(k, in, s.x0, s.eps, len); break;
+      case 5: predict<false, true, true>(k, in, s.x0, s.eps, len); break;
+      case 6: predict<true, false, true>(k, in, s.x0, s.eps, len); break;
+      default: predict<true, true, true>(k, in, s.x0, s.eps, len); break;
     }
     clip_x0(a, row, s.x0, len);
     // The score correction enters after clipping (guided-diffusion's condition_score).

@@ -40,6 +40,14 @@ def cfg_rescale_factor(model_output: torch.Tensor, scale: torch.Tensor, rescale:
     return factor
 
 
+def guidance_gram(model_output: torch.Tensor, extra: Optional[torch.Tensor], momentum: Optional[float],
+                  learned_variance: bool = False) -> torch.Tensor:
+    launch, out = abi.guidance_gram_args(model_output, extra, momentum, learned_variance)
+    abi.extension().cpu_guidance_gram(launch.args)
+    launch.finish()
+    return out
+
+
 def temperature_lse_grad(logits: torch.Tensor, labels: torch.Tensor, tau1: float, tau2: float,
                          scale: Optional[torch.Tensor], out: torch.Tensor) -> None:
     launch = abi.temperature_lse_grad_args(logits, labels, tau1, tau2, scale, out)
