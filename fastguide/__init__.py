@@ -16,10 +16,13 @@ from .backends.dispatch import backends
 from .core.ops import guidance_gram, guided_step, per_sample_rms, temperature_lse_grad
 from .dropin import StepOutput, step
 from .guidance import CFG, ClassifierGuidance, DiscriminatorGuidance, smooth
+from .guidance.modern import APG, TCFG, CFGZeroStar, MamboG, PerturbedGuidance
+from .guidance.specs import CFGPlusPlus
 from .native import sample
 from .samplers.schedule import Schedule
 
 __version__ = "0.1.0"
 
-__all__ = ["CFG", "ClassifierGuidance", "DiscriminatorGuidance", "Schedule", "backends", "guided_step",
-           "guidance_gram", "per_sample_rms", "sample", "samplers", "smooth", "step", "StepOutput", "temperature_lse_grad"]
+__all__ = ["APG", "CFG", "CFGPlusPlus", "CFGZeroStar", "ClassifierGuidance", "DiscriminatorGuidance", "MamboG",
+           "PerturbedGuidance", "Schedule", "TCFG", "backends", "guided_step", "guidance_gram", "per_sample_rms",
+           "sample", "samplers", "smooth", "step", "StepOutput", "temperature_lse_grad"]

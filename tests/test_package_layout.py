@@ -100,7 +100,8 @@ def test_modules_and_functions_stay_small(path):
 def test_public_api_is_in_place():
     import fastguide
     for name in ("step", "sample", "CFG", "ClassifierGuidance", "DiscriminatorGuidance", "smooth", "guided_step",
-                 "temperature_lse_grad", "per_sample_rms", "Schedule", "backends", "StepOutput", "samplers"):
+                 "temperature_lse_grad", "per_sample_rms", "Schedule", "backends", "StepOutput", "samplers",
+                 "CFGPlusPlus", "CFGZeroStar", "APG", "MamboG", "TCFG", "PerturbedGuidance", "guidance_gram"):
         assert hasattr(fastguide, name), name
     assert callable(fastguide.sample) and callable(fastguide.step)
     assert callable(fastguide.samplers.build) and callable(fastguide.dropin.prepare)

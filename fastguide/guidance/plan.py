@@ -1,20 +1,77 @@
 """How guidance specs fold into a sampler plan: the mean-shift columns and per-stage factors they need.
 
 ``split_guidance`` is the one parser of guidance lists (the native loop and the drop-in step both use it);
-``build_guided_plan`` adds Ma et al.'s extra variance to a native plan's rows.
+``build_guided_plan`` adds Ma et al.'s extra variance to a native plan's rows and CFG++'s update to the
+rows where it is active; ``method_of`` says how the native loop runs a list's CFG-like spec.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
 from ..core.layout import Col
 from ..samplers import native as samplers
-from .specs import CFG, ClassifierGuidance, DiscriminatorGuidance
+from . import modern
+from .specs import CFG, CFGPlusPlus, ClassifierGuidance, DiscriminatorGuidance
+
+# The specs that decide how the model's [uncond; cond] predictions combine: at most one per loop.
+CFG_LIKE = (CFG, CFGPlusPlus) + tuple(modern.SPECS)
+SPEC_TYPES = CFG_LIKE + (ClassifierGuidance, DiscriminatorGuidance)
+
+
+@dataclass(frozen=True, eq=False)
+class GuidanceMethod:
+    """How the native loop runs a CFG-like spec (fixed when the loop is built):
+
+    * ``combine``: ``""`` CFG's ``u + w (c - u)`` (the step's ``scale``, with CFG rescale); ``"cfgpp"`` the
+      same combine with eps~ from u (CFG++, ``StepArgs.eps_from_uncond``, on the rows of
+      ``samplers.native.cfg_pp_rows``); ``"gram"`` a ``fastguide.guidance.modern`` method: the step's
+      ``combine`` from ``modern.coefficients`` (its CFG rescale folded in), after ``guidance_gram`` when
+      ``gram``.
+    * ``momentum``: APG's beta; the loop keeps the running average as a device buffer (``extra``).
+    * ``extra``: the combine has an e term (APG's running average, the perturbed prediction).
+    * ``perturbed``: ``"model"`` (``PerturbedGuidance.perturbed_model(x, t, y)``, a second network) or
+      ``"batch"`` (no perturbed model: the model's own forward gets a third block, ``[uncond; cond;
+      perturbed]`` with labels ``[null; y; y]``, as diffusers' PAG pipelines batch it, and perturbs it
+      itself; this needs a null label).
+    * ``zero_init_steps``: CFG-Zero*'s steps with prediction 0 (no network runs on them).
+    """
+
+    spec: Any
+    combine: str = ""
+    null_label: Any = None
+    rescale: float = 0.0
+    gram: bool = False
+    momentum: Optional[float] = None
+    extra: bool = False
+    perturbed: str = ""
+    zero_init_steps: int = 0
+
+
+def method_of(spec) -> Optional[GuidanceMethod]:
+    """The ``GuidanceMethod`` of a CFG-like spec (None: no CFG-like guidance). The specs of
+    ``fastguide.guidance.modern`` carry no null label (yet): their uncond half is then a second call
+    ``model(x, t, None)``; one with a ``null_label`` attribute gets the one-call ``[null; y]`` batch."""
+    if spec is None:
+        return None
+    if isinstance(spec, CFG):
+        return GuidanceMethod(spec, "", spec.null_label, float(spec.rescale))
+    if isinstance(spec, CFGPlusPlus):
+        return GuidanceMethod(spec, "cfgpp", spec.null_label)
+    perturbed, null_label = "", getattr(spec, "null_label", None)
+    if isinstance(spec, modern.PerturbedGuidance):
+        perturbed = "model" if spec.perturbed_model is not None else "batch"
+        if perturbed == "batch" and null_label is None:
+            raise ValueError("PerturbedGuidance without a perturbed_model batches the perturbed branch into the "
+                             "model's forward as [uncond; cond; perturbed] with labels [null; y; y], which needs "
+                             "a null label; pass perturbed_model (called as perturbed_model(x, t, y)) instead")
+    zero = int(spec.zero_init_steps) if isinstance(spec, modern.CFGZeroStar) else 0
+    return GuidanceMethod(spec, "gram", null_label, 0.0, modern.needs_gram(spec),
+                          modern.momentum_of(spec), modern.needs_extra(spec), perturbed, zero)
 
 
 @dataclass
@@ -22,7 +79,7 @@ class GuidedPlan:
     """A sampler plan plus the guidance configuration, with the mean-shift columns adjusted."""
 
     plan: samplers.Plan
-    cfg: Optional[CFG]
+    cfg: Optional[Any]                # the CFG-like spec (one of CFG_LIKE) or None
     classifiers: List[ClassifierGuidance]
     discriminators: List[DiscriminatorGuidance]
     rows: np.ndarray
@@ -30,6 +87,7 @@ class GuidedPlan:
     # the one spec (gamma > 0) it applies to.
     x0_factor: List[float]
     x0_factor_spec: Optional[ClassifierGuidance] = None
+    method: Optional[GuidanceMethod] = None  # how the loop runs ``cfg`` (``method_of``)
 
     def uses_mean_shift_x0(self) -> bool:
         """x0 classifiers see x0^ and shift the step's output through the mean-shift column (VP samplers; flow
@@ -42,18 +100,21 @@ class GuidedPlan:
             any(c.input == "x0" for c in self.classifiers)
 
 
-def split_guidance(guidance) -> Tuple[Optional[CFG], List[ClassifierGuidance], List[DiscriminatorGuidance]]:
-    """(the CFG spec or None, classifier specs, discriminator specs) of a guidance spec or list of specs."""
-    if isinstance(guidance, (CFG, ClassifierGuidance, DiscriminatorGuidance)):
+def split_guidance(guidance) -> Tuple[Optional[Any], List[ClassifierGuidance], List[DiscriminatorGuidance]]:
+    """(the CFG-like spec or None, classifier specs, discriminator specs) of a guidance spec or list of specs;
+    CFG-like: ``CFG``, ``CFGPlusPlus`` or a ``fastguide.guidance.modern`` spec, at most one."""
+    if isinstance(guidance, SPEC_TYPES):
         guidance = [guidance]
     if not isinstance(guidance, (list, tuple)):
-        raise TypeError("guidance must be a sequence of fastguide.CFG / ClassifierGuidance / "
-                        "DiscriminatorGuidance specs")
+        raise TypeError("guidance must be a sequence of fastguide guidance specs (CFG or another CFG-like "
+                        "spec, ClassifierGuidance, DiscriminatorGuidance)")
     cfg, clfs, discs = None, [], []
     for g in guidance:
-        if isinstance(g, CFG):
+        if isinstance(g, CFG_LIKE):
             if cfg is not None:
-                raise ValueError("guidance holds more than one CFG spec")
+                raise ValueError(f"guidance holds more than one CFG-like spec ({type(cfg).__name__} and "
+                                 f"{type(g).__name__}): CFG, CFGPlusPlus, CFGZeroStar, APG, MamboG, TCFG and "
+                                 f"PerturbedGuidance each decide how the predictions combine; pass one")
             cfg = g
         elif isinstance(g, ClassifierGuidance):
             clfs.append(g)
@@ -87,6 +148,8 @@ def build_guided_plan(plan: samplers.Plan, guidance) -> GuidedPlan:
     if plan.schedule.kind == "flow":
         _check_flow_guidance(plan, clfs)
     rows = plan.rows.copy()
+    if isinstance(cfg, CFGPlusPlus):
+        rows = samplers.cfg_pp_rows(plan, rows, [cfg.active(st.step, plan.steps) for st in plan.stages])
     x0_factor = [1.0] * len(plan.stages)
     x0_specs = [c for c in clfs if c.input == "x0"]
     ma = [c for c in x0_specs if c.gamma > 0]
@@ -110,4 +173,4 @@ def build_guided_plan(plan: samplers.Plan, guidance) -> GuidedPlan:
                                  "other mean-shift guidance under a learned variance; use gamma=0 or one method")
             elif extra > 0:
                 x0_factor[k] = (st.variance + extra) / st.variance
-    return GuidedPlan(plan, cfg, clfs, discs, rows, x0_factor, spec)
+    return GuidedPlan(plan, cfg, clfs, discs, rows, x0_factor, spec, method_of(cfg))

@@ -3,6 +3,9 @@
 Three methods compose in any combination:
 
 * ``CFG`` — classifier-free guidance (Ho & Salimans 2022): the model runs once on the 2B batch.
+  ``CFGPlusPlus`` (Chung et al. 2024) takes its place on Euler samplers, and so do the methods of
+  ``fastguide.guidance.modern`` (CFG-Zero*, APG, MAMBO-G, TCFG, perturbed-branch guidance): at most one of
+  these CFG-like specs per loop.
 * ``ClassifierGuidance`` — ``input="xt"``: ADM (Dhariwal & Nichol 2021), a noisy classifier on x_t;
   ``input="x0"``: Ma et al. 2023, an off-the-shelf classifier on the predicted x0^ with the temperature
   objective ``tau1 l_y - logsumexp(tau2 l)``, and on sigma samplers their EDM recipe.
@@ -68,6 +71,63 @@ class CFG:
 
     def active(self, step: int, steps: int) -> bool:
         return self.start <= step / steps < self.stop
+
+
+@dataclass(frozen=True)
+class CFGPlusPlus:
+    """CFG++ (Chung et al. 2024, "CFG++: Manifold-constrained Classifier Free Guidance for Diffusion Models")
+    for ``fastguide.sample`` with ``sampler="euler"`` or ``"euler_ancestral"``: the step's x0^ comes from the
+    guided prediction ``u + scale (c - u)`` while the renoising direction is the unconditional eps(u):
+
+        x_next = x0^(u + lambda (c - u)) + sigma_next eps(u)        (+ sigma_up z for euler_ancestral,
+                                                                        stepping to sigma_down)
+
+    which is ComfyUI's ``sample_euler_cfg_pp`` / ``sample_euler_ancestral_cfg_pp`` (``x = denoised + d
+    sigma_next`` with ``d = to_d(x, sigma, uncond_denoised)``). On a flow schedule ``euler`` renoises alike,
+    ``x_next = (1 - s_next) x0^ + s_next eps(u)``.
+
+    Args:
+        scale: float in [0, 1] or a ``[B]`` floating-point tensor of such values: the paper's lambda. It
+            multiplies ``c - u`` exactly as a CFG scale does (in eps, v or x0 space alike, all linear in the
+            prediction), and it is also ComfyUI's ``cfg`` value for its CFG++ samplers
+            (``denoised = uncond + cfg (cond - uncond)``); lambda = 1 is the conditional model's x0^ renoised
+            with the unconditional eps. The paper reports lambda around 0.2 - 0.8 where CFG would use 2 - 12.
+        null_label: default None, as ``CFG``'s: the uncond half's label (one 2B call), or None (a second
+            call ``model(x, t, None)``).
+        start: float in [0, 1], default 0, and
+        stop: float in [start, 1], default 1: the guidance window over the sampling steps, as ``CFG``'s;
+            outside it the step is a plain Euler step of the conditional model.
+
+    Every argument is checked when the spec is made; another sampler is refused by ``fastguide.sample``
+    (``ValueError`` naming ``sampler``).
+
+    >>> fastguide.sample(model, x_T, schedule=s, sampler="euler", steps=30, y=y,
+    ...                  guidance=[fastguide.CFGPlusPlus(0.6, null_label=10)])
+    """
+
+    scale: Union[float, torch.Tensor]
+    null_label: Any = None
+    start: float = 0.0
+    stop: float = 1.0
+
+    def __post_init__(self):
+        if isinstance(self.scale, torch.Tensor):
+            if self.scale.dim() > 1 or not self.scale.is_floating_point():
+                raise ValueError("CFGPlusPlus scale must be a float or a [B] floating-point tensor")
+            check_lambda("CFGPlusPlus scale", self.scale)
+        else:
+            check_fraction("CFGPlusPlus scale", self.scale)
+        check_window("CFGPlusPlus start", self.start, "CFGPlusPlus stop", self.stop)
+
+    def active(self, step: int, steps: int) -> bool:
+        return self.start <= step / steps < self.stop
+
+
+def check_lambda(name: str, scale: torch.Tensor) -> None:
+    """A CFG++ scale tensor's values lie in [0, 1] (read on the CPU only: a device tensor would sync here;
+    ``fastguide.sample`` checks it once, up front, on any device)."""
+    if scale.device.type == "cpu" and scale.numel() and not bool(((scale >= 0) & (scale <= 1)).all()):
+        raise ValueError(f"{name} (CFG++'s lambda) must lie in [0, 1], got {scale.tolist()}")
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ stage — is captured into one ``torch.cuda.CUDAGraph`` and replayed on later ca
 eager loop's (``fastguide.native.loop``): per-stage numbers come from device tables read at a device step counter,
 so a replay never bakes in a stale coefficient.
 
-**Static buffers.** ``x_T``, the labels ``y`` and the CFG scale are copied into buffers the graph reads; the
-result is copied out of the graph's output buffer (a replay overwrites it).
+**Static buffers.** ``x_T``, the labels ``y`` and the CFG-like spec's scale are copied into buffers the graph
+reads; the result is copied out of the graph's output buffer (a replay overwrites it). APG's running average
+is allocated and zeroed inside the captured loop, so each replay starts it from zeros.
 
 **Cache.** One graph per configuration: the model and guidance networks (by identity), the guidance
 settings, the loop's tables and stage kinds (by content: rebuilding an equal schedule hits the cache),
@@ -65,7 +66,8 @@ class GraphEntry:
     private_generators: List[torch.Generator]
     output: torch.Tensor
     tables: LoopTables
-    keep_alive: tuple                  # the networks the graph calls (keeps their ids unique while cached)
+    keep_alive: tuple                  # the networks the graph calls, a perturbed model's through the
+                                       # guidance method (keeps their ids unique while cached)
 
 
 _GRAPHS = LRUCache(GRAPH_CACHE_SIZE, on_evict=lambda entry: entry.graph.reset())
@@ -222,4 +224,4 @@ def _capture(model, spec: LoopSpec, classifiers, discriminators, backend: str, x
         graph.reset()
         raise RuntimeError(CAPTURE_HELP.format(error=f"{type(exc).__name__}: {exc}")) from exc
     return GraphEntry(graph, static_x, static_y, static_scale, static_noise, privates, output, tables,
-                      (model, tuple(classifiers), tuple(discriminators)))
+                      (model, tuple(classifiers), tuple(discriminators), spec.method))

@@ -20,6 +20,7 @@ from ..core.args import StepArgs
 from ..core.layout import CLIP_NONE, CLIP_RANGE
 from ..core.noise import Generator, randn
 from ..guidance.gradients import classifier_grad_core, discriminator_grad_core, edm_shift_core
+from .guide import step_terms
 from .spec import (FIXED_SCALAR_ROWS, ROW_C_IN, ROW_GUIDE_IN, ROW_PRE_NOISE, ROW_X0_FACTOR, LoopInputs, LoopSpec,
                    LoopTables, StageKind, takes_pair)
 
@@ -37,13 +38,47 @@ def _at(table: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     return _gather(table, [counter])
 
 
-def _check_model_output(out, rows: int, x: torch.Tensor, learned: bool) -> torch.Tensor:
+def _check_model_output(out, rows: int, x: torch.Tensor, learned: bool, name: str = "model") -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"model must return a tensor, got {type(out).__name__}")
+        raise TypeError(f"{name} must return a tensor, got {type(out).__name__}")
     expected = (rows, x.shape[1] * (2 if learned else 1)) + tuple(x.shape[2:])
     if tuple(out.shape) != expected:
-        raise ValueError(f"model returned shape {tuple(out.shape)}, expected {expected}")
+        raise ValueError(f"{name} returned shape {tuple(out.shape)}, expected {expected}")
     return out
+
+
+def _predictions(spec: LoopSpec, kind: StageKind, model: Callable, x: torch.Tensor, x_in: torch.Tensor, pair,
+                 counter: torch.Tensor, t_model: torch.Tensor, t_model2: torch.Tensor, y, y_pair):
+    """A stage's network calls: ``(model output, perturbed prediction or None)``. The output is
+    ``[uncond; cond]`` on a guided stage (one call with a null label, else two), the cond prediction
+    otherwise, zeros on a CFG-Zero* zero-init stage; a ``PerturbedGuidance`` stage also returns p, from its
+    perturbed model or from a third block of the model's forward (``fastguide.native.guide``)."""
+    rows, null_pair, e = x.shape[0], spec.null_label is not None, None
+    if kind.zero_init:
+        zeros = torch.zeros_like(x)
+        if not spec.learned_step:
+            return zeros, None
+        out = _check_model_output(model(x_in, _at(t_model, counter), y), rows, x, True)
+        return torch.cat([zeros, out[:, x.shape[1]:]], dim=1), None
+    if kind.perturbed == "batch":  # [uncond; cond; perturbed] in one forward (a null label: GuidanceMethod)
+        t3 = torch.cat([_at(t_model2, counter), _at(t_model, counter)])
+        out = _check_model_output(model(torch.cat([x_in, x_in, x_in]), t3, y_pair), 3 * rows, x, spec.learned_model)
+        out, e = out[: 2 * rows], out[2 * rows:, : x.shape[1]]
+    elif kind.cfg:
+        if null_pair:
+            out = model(pair if pair is not None else torch.cat([x_in, x_in]), _at(t_model2, counter), y_pair)
+        else:
+            t = _at(t_model, counter)
+            out = torch.cat([model(x_in, t, None), model(x_in, t, y)])
+        out = _check_model_output(out, 2 * rows, x, spec.learned_model)
+    else:
+        out = _check_model_output(model(x_in, _at(t_model, counter), y), rows, x, spec.learned_model)
+    if kind.perturbed == "model":
+        p = spec.method.spec.perturbed_model(x_in, _at(t_model, counter), y)
+        e = _check_model_output(p, rows, x, spec.learned_model, "perturbed_model")[:, : x.shape[1]]
+    if spec.learned_model and not spec.learned_step:
+        out = out[:, : x.shape[1]]  # only DDPM uses the learned variance channels
+    return out, e
 
 
 StageFn = Callable[..., Tuple[torch.Tensor, Optional[torch.Tensor]]]
@@ -65,15 +100,15 @@ def make_stage(spec: LoopSpec, kind: StageKind, model: Callable, classifiers: Se
     disc_row = FIXED_SCALAR_ROWS
     edm_row = FIXED_SCALAR_ROWS + len(discriminators)
     x0_rows = {i: edm_row + j for j, i in enumerate(spec.x0_classifier_index)}
-    null_pair = kind.cfg and spec.null_label is not None
     accepts_pair = takes_pair(kind, spec.null_label)
 
-    def step_args(x, out, coeffs, counter, cfg_scale, g_score, g_mean, z, x0_prev, x0_out, write_out=True,
+    def step_args(x, out, coeffs, counter, terms, g_score, g_mean, z, x0_prev, x0_out, write_out=True,
                   dest=None, dest2=None):
-        return StepArgs(x, out, coeffs, counter, scale=cfg_scale if kind.cfg else None, rescale=rescale,
-                        g_score=g_score, g_mean=g_mean, noise=z, x0_prev=x0_prev, clip_mode=clip_mode,
-                        clip_lo=lo, clip_hi=hi, learned_variance=spec.learned_step, out=dest, x0_out=x0_out,
-                        write_out=write_out, out2=dest2)
+        scale, combine, extra, eps_from_uncond = terms
+        return StepArgs(x, out, coeffs, counter, scale=scale, rescale=rescale, g_score=g_score, g_mean=g_mean,
+                        noise=z, x0_prev=x0_prev, clip_mode=clip_mode, clip_lo=lo, clip_hi=hi,
+                        learned_variance=spec.learned_step, out=dest, x0_out=x0_out, write_out=write_out,
+                        out2=dest2, combine=combine, extra=extra, eps_from_uncond=eps_from_uncond)
 
     def stage(x, x0_prev, z_pre, z_step, counter, tables, inputs, dest=None):
         # Nothing flows back into the denoiser (the guidance gradients enable grad for their own networks):
@@ -86,7 +121,8 @@ def make_stage(spec: LoopSpec, kind: StageKind, model: Callable, classifiers: Se
 
     def stage_body(x, x0_prev, z_pre, z_step, counter, tables, inputs, dest):
         coeffs, t_model, t_model2, guide_t, scalars = tables
-        y, y_pair, cfg_scale, classifier_scales, unit = inputs
+        y, y_pair, cfg_scale, classifier_scales, unit = inputs[:5]
+        state = inputs[5] if len(inputs) > 5 else None  # APG's running average (run_loop)
         pair = None
         if type(x) is tuple:  # (the [x; x] model input the previous stage wrote, x)
             if not accepts_pair:
@@ -100,19 +136,8 @@ def make_stage(spec: LoopSpec, kind: StageKind, model: Callable, classifiers: Se
         if kind.pre_noise:
             x = x + _at(scalars[ROW_PRE_NOISE], counter) * z_pre
         x_in = x * _at(scalars[ROW_C_IN], counter) if kind.scales_input else x
-        rows = x.shape[0]
-        if kind.cfg:
-            if null_pair:
-                out = model(pair if pair is not None else torch.cat([x_in, x_in]), _at(t_model2, counter), y_pair)
-            else:
-                t = _at(t_model, counter)
-                out = torch.cat([model(x_in, t, None), model(x_in, t, y)])
-            rows *= 2
-        else:
-            out = model(x_in, _at(t_model, counter), y)
-        out = _check_model_output(out, rows, x, spec.learned_model)
-        if spec.learned_model and not spec.learned_step:
-            out = out[:, : x.shape[1]]  # only DDPM uses the learned variance channels
+        out, e = _predictions(spec, kind, model, x, x_in, pair, counter, t_model, t_model2, y, y_pair)
+        terms = step_terms(kind, spec.method, out, e, state, cfg_scale, x, spec.learned_step, backend)
 
         state_grad = None
         for i in kind.xt_classifiers:
@@ -127,7 +152,7 @@ def make_stage(spec: LoopSpec, kind: StageKind, model: Callable, classifiers: Se
         if kind.x0_classifiers:
             # Ma et al.: the classifier sees x0^ (clipped like the step clips it); no backprop into the model.
             x0_hat = torch.empty_like(x)
-            ops.run_step(step_args(x, out, coeffs, counter, cfg_scale, None, None, z_step, x0_prev_in,
+            ops.run_step(step_args(x, out, coeffs, counter, terms, None, None, z_step, x0_prev_in,
                                    x0_hat, write_out=False), backend)
             for i in kind.x0_classifiers:
                 g = classifier_grad_core(classifiers[i], x0_hat, t_guide, y, classifier_scales[i], None, backend)
@@ -138,10 +163,10 @@ def make_stage(spec: LoopSpec, kind: StageKind, model: Callable, classifiers: Se
         if dest is not None:
             # The fused step writes x_next into both halves of the next stage's model input [x_next; x_next].
             x_pair, lower, upper = dest
-            ops.run_step(step_args(x, out, coeffs, counter, cfg_scale, g_score, g_mean, z_step, x0_prev_in,
+            ops.run_step(step_args(x, out, coeffs, counter, terms, g_score, g_mean, z_step, x0_prev_in,
                                    x0_next, dest=lower, dest2=upper), backend)
             return (x_pair, lower), x0_next
-        x_next = ops.run_step(step_args(x, out, coeffs, counter, cfg_scale, g_score, g_mean, z_step, x0_prev_in,
+        x_next = ops.run_step(step_args(x, out, coeffs, counter, terms, g_score, g_mean, z_step, x0_prev_in,
                                         x0_next), backend)
         return x_next, x0_next
 
@@ -206,6 +231,9 @@ def run_loop(stages: Sequence[StageFn], spec: LoopSpec, x_T: torch.Tensor, table
     x = x_T * spec.init_scale
     x0_prev = None
     table_args, input_args = tables.as_tuple(), inputs.as_tuple()
+    if spec.method is not None and spec.method.momentum is not None:
+        # APG's running average, zeroed here at every loop's start (a graph captures the zeroing too).
+        input_args = input_args + (torch.zeros_like(x),)
     order = range(spec.num_stages)
     if progress is not None:
         order = progress(order)

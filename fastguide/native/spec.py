@@ -13,6 +13,7 @@ A loop is built from a guided plan (``fastguide.guidance.plan.build_guided_plan`
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
@@ -50,14 +51,22 @@ class StageKind:
     discriminators: Tuple[int, ...] = ()  # active discriminators (indices into the discriminator specs)
     edm_recipe: Tuple[int, ...] = ()      # Ma et al.'s EDM recipe shifts x before the denoiser
     guide_scaled: bool = False            # guidance networks see guide_in * x (guide_in != 1)
+    # With ``cfg``, how the predictions combine (``fastguide.guidance.plan.GuidanceMethod``): "" CFG's scale,
+    # "cfgpp" (eps~ from u), "gram" (a ``guidance.modern`` method's combine); and where the perturbed
+    # prediction of ``PerturbedGuidance`` comes from: "" none, "model" (its perturbed_model), "batch" (a third
+    # block of the model's forward).
+    combine: str = ""
+    perturbed: str = ""
+    zero_init: bool = False               # CFG-Zero*'s zero-init: the prediction is 0 and no network runs
 
 
 def takes_pair(kind: StageKind, null_label) -> bool:
     """Whether a stage's model input is exactly ``[x; x]``, with ``x`` the state the stage receives: CFG as one
-    2B call (a null label), and nothing changes x before the model (no input scale c_in != 1, no churn noise,
-    no EDM-recipe shift). Then the previous stage may write that input directly."""
+    2B call (a null label; not a 3B call with a perturbed block), and nothing changes x before the model (no
+    input scale c_in != 1, no churn noise, no EDM-recipe shift). Then the previous stage may write that input
+    directly."""
     return (kind.cfg and null_label is not None and not kind.scales_input and not kind.pre_noise
-            and not kind.edm_recipe)
+            and not kind.edm_recipe and kind.perturbed != "batch")
 
 
 def paired_stages(kinds: Sequence[StageKind], null_label) -> Tuple[bool, ...]:
@@ -88,6 +97,7 @@ class LoopSpec:
     # StageKind field: it changes no code a compiled body runs (compiled loops run unpaired, see
     # ``fastguide.native.loop.run_loop``), so it must not multiply the compiled bodies.
     pair_out: Tuple[bool, ...] = ()
+    method: Any = None        # the CFG-like spec's ``GuidanceMethod`` (None without one)
 
     @property
     def num_stages(self) -> int:
@@ -98,7 +108,8 @@ class LoopSpec:
         return (tuple(self.kinds), self.rows.tobytes(), self.t_model.tobytes(), self.guide_t.tobytes(),
                 self.scalars.tobytes(), self.rows.shape, self.scalars.shape, self.init_scale,
                 self.mean_shift, self.learned_model, self.learned_step, self.clip, self.rescale,
-                identity(self.null_label), self.x0_classifier_index, self.factor_spec, self.pair_out)
+                identity(self.null_label), self.x0_classifier_index, self.factor_spec, self.pair_out,
+                method_key(self.method))
 
 
 def identity(obj) -> Any:
@@ -109,6 +120,27 @@ def identity(obj) -> Any:
     if isinstance(obj, types.MethodType):
         return ("method", id(obj.__self__), id(obj.__func__))
     return ("id", id(obj))
+
+
+def method_key(method) -> tuple:
+    """A ``GuidanceMethod``'s static settings, hashable: the spec's type and every field but its scale (read
+    per call), by value, networks and labels by identity. The stage code bakes them in (``coefficients``
+    reads them while it is traced), so they key the compiled bodies and graphs."""
+    if method is None:
+        return ()
+    spec = method.spec
+    return (type(spec).__name__,) + tuple((f.name, identity(getattr(spec, f.name)))
+                                          for f in dataclasses.fields(spec) if f.name != "scale")
+
+
+def _guide_facts(method, st, n: int) -> dict:
+    """The CFG-like spec's StageKind fields of one stage."""
+    if method is None:
+        return dict(cfg=False)
+    zero = st.step < method.zero_init_steps
+    active = not zero and method.spec.active(st.step, n)
+    return dict(cfg=active, zero_init=zero, combine=method.combine if active else "",
+                perturbed=method.perturbed if active else "")
 
 
 def build_spec(gp, batch: int, clip: Optional[Tuple[float, float]]) -> LoopSpec:
@@ -127,11 +159,11 @@ def build_spec(gp, batch: int, clip: Optional[Tuple[float, float]]) -> LoopSpec:
     scalars = np.zeros((FIXED_SCALAR_ROWS + len(discriminators) + len(x0_index), count))
     t_model, guide_t = np.zeros(count), np.zeros(count)
     kinds = []
-    cfg = gp.cfg
+    method = gp.method
     for k, st in enumerate(stages):
         weights = [spec.weight_at(st.vp_time, st.second_stage) for spec in discriminators]
         kinds.append(StageKind(
-            cfg=cfg is not None and cfg.active(st.step, n),
+            **_guide_facts(method, st, n),
             scales_input=st.c_in != 1.0,
             pre_noise=bool(st.pre_noise),
             noise=bool(st.noise),
@@ -153,14 +185,15 @@ def build_spec(gp, batch: int, clip: Optional[Tuple[float, float]]) -> LoopSpec:
         for j, i in enumerate(x0_index):
             scalars[FIXED_SCALAR_ROWS + len(discriminators) + j, k] = edm_recipe_weight(classifiers[i], st.step, n)
     learned_model = plan.schedule.kind == "vp" and plan.schedule.variance_type == "learned_range"
-    pair_out = paired_stages(kinds, cfg.null_label if cfg is not None else None) if _PAIR_INPUTS else ()
+    null_label = method.null_label if method is not None else None
+    pair_out = paired_stages(kinds, null_label) if _PAIR_INPUTS else ()
     return LoopSpec(kinds=kinds, rows=np.ascontiguousarray(gp.rows, dtype=np.float64), t_model=t_model,
                     guide_t=guide_t, scalars=scalars, init_scale=float(plan.init_scale),
                     mean_shift=plan.sampler == "ddpm", learned_model=learned_model,
                     learned_step=learned_model and plan.sampler == "ddpm", clip=clip,
-                    rescale=float(cfg.rescale) if cfg is not None else 0.0,
-                    null_label=cfg.null_label if cfg is not None else None, x0_classifier_index=x0_index,
-                    factor_spec=factor_spec, pair_out=pair_out if any(pair_out) else ())
+                    rescale=method.rescale if method is not None else 0.0,
+                    null_label=null_label, x0_classifier_index=x0_index,
+                    factor_spec=factor_spec, pair_out=pair_out if any(pair_out) else (), method=method)
 
 
 @dataclass
@@ -205,7 +238,8 @@ class LoopInputs:
     """The per-call tensors a stage reads besides the state: labels and the CFG scale."""
 
     y: Optional[torch.Tensor]          # [B] (or whatever the model takes)
-    y_pair: Optional[torch.Tensor]     # [null; y] for a CFG call with a null label
+    y_pair: Optional[torch.Tensor]     # [null; y] for a CFG call with a null label ([null; y; y] when the
+                                       # model's forward holds a perturbed block)
     cfg_scale: Optional[torch.Tensor]  # [B] fp32
     classifier_scales: Tuple[torch.Tensor, ...]  # [B] fp32 per classifier spec
     unit_scale: Optional[torch.Tensor]           # [B] fp32 ones (the EDM recipe's unit-scale gradient)
@@ -221,7 +255,8 @@ def make_inputs(spec: LoopSpec, classifiers: Sequence, y: Optional[torch.Tensor]
     if any(k.cfg for k in spec.kinds) and spec.null_label is not None:
         null = spec.null_label
         null_y = null.to(device).expand_as(y) if isinstance(null, torch.Tensor) else torch.full_like(y, null)
-        y_pair = torch.cat([null_y, y])
+        triple = any(k.perturbed == "batch" for k in spec.kinds)  # [uncond; cond; perturbed] in one forward
+        y_pair = torch.cat([null_y, y, y] if triple else [null_y, y])
     scales = tuple(torch.full((batch,), float(c.scale), dtype=torch.float32, device=device) for c in classifiers)
     unit = torch.ones(batch, dtype=torch.float32, device=device) if any(k.edm_recipe for k in spec.kinds) else None
     return LoopInputs(y, y_pair, cfg_scale, scales, unit)
@@ -231,7 +266,7 @@ def stage_key(spec: LoopSpec) -> tuple:
     """What the stage code closes over (not the table contents, which it reads at run time)."""
     return (tuple(sorted(set(spec.kinds), key=repr)), spec.mean_shift, spec.learned_model, spec.learned_step,
             spec.clip, spec.rescale, identity(spec.null_label), spec.x0_classifier_index, spec.factor_spec,
-            spec.scalars.shape[0])
+            spec.scalars.shape[0], method_key(spec.method))
 
 
 def guidance_key(classifiers, discriminators) -> tuple:

@@ -408,6 +408,39 @@ def flow_heun(schedule: Schedule, steps: int) -> Plan:
     return _flow_plan("heun", schedule, steps, rows, stages)
 
 
+# ---------------------------------------------------------------------------------------------------
+# CFG++ rows (Chung et al. 2024)
+
+CFG_PP_SAMPLERS = ("euler", "euler_ancestral")
+
+
+def cfg_pp_rows(plan: Plan, rows: np.ndarray, active) -> np.ndarray:
+    """A copy of ``rows`` (``plan``'s, possibly already adjusted) where each stage k with ``active[k]`` takes
+    CFG++'s update: the Euler update ``A x + B x0^`` rewritten with ``x = alpha x0^ + sigma eps~`` as
+    ``(A alpha + B) x0^ + A sigma eps~``, equal to it whenever eps~ and x0^ come from one prediction, and
+    CFG++ once the kernel takes eps~ from the uncond prediction (``StepArgs.eps_from_uncond``). On the sigma
+    state (alpha = 1) that is ``A = 0, B = 1, C = sigma_next`` (``sigma_down`` on ``euler_ancestral``, whose
+    noise column stays): ComfyUI's ``x = denoised + d sigma_next`` with ``d = to_d(x, sigma, uncond_denoised)``.
+    The score-correction columns are untouched: a gradient moves the result as it moves the Euler step's.
+    Samplers other than ``CFG_PP_SAMPLERS`` (``ValueError`` naming ``sampler``) and flow schedules (where
+    ComfyUI's ``to_d`` form and the paper's DDIM form of CFG++ differ) are refused."""
+    if plan.sampler not in CFG_PP_SAMPLERS:
+        raise ValueError(f"CFGPlusPlus runs with sampler='euler' or 'euler_ancestral' (CFG++ renoises an Euler "
+                         f"step with the unconditional eps), not sampler={plan.sampler!r}")
+    if plan.schedule.kind == "flow":
+        raise ValueError("CFGPlusPlus runs on EDM and VP schedules (the sigma state x = x0 + sigma eps), not on "
+                         "a flow schedule (Schedule.flow)")
+    out = np.array(rows, dtype=np.float64, copy=True)
+    for k, st in enumerate(plan.stages):
+        if active[k]:
+            r = out[k]
+            a = r[Col.A]
+            r[Col.B] = a * st.alpha + r[Col.B]
+            r[Col.C] = a * st.sigma
+            r[Col.A] = 0.0
+    return out
+
+
 def _init_scale(schedule: Schedule, sigmas: np.ndarray) -> float:
     """Unit noise becomes x_T: sigma_max for EDM, sqrt(1 + sigma_max^2) for a VP model in sigma state."""
     return float(sigmas[0]) if schedule.kind == "edm" else math.sqrt(1.0 + float(sigmas[0]) ** 2)
