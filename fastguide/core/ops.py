@@ -244,7 +244,7 @@ def _traced_step(args: StepArgs, backend: str) -> Optional[torch.Tensor]:
     elif a.rescale:
         mfactor = ops.cfg_rescale_factor(a.model_output, a.scale, a.rescale, a.learned_variance, backend)
     else:
-        mfactor = None
+        mfactor = a.mfactor  # a caller's factor (the guidance layer's), or None
     step_tensor = a.step if isinstance(a.step, torch.Tensor) else None
     # With a second destination the op returns the result twice, stacked ([2B] rows) from one kernel pass.
     doubled = a.write_out and a.out is not None and a.out2 is not None

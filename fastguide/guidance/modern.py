@@ -21,7 +21,9 @@ window ``int(start N) <= step < int(stop N)`` and its "scale is the identity" te
                             (one window for both terms), autoguidance
 ==========================  =====================================================
 
-Norms and standard deviations are over all non-batch elements of a sample (n of them). On a pipeline,
+Norms and standard deviations are over all non-batch elements of a sample (n of them). ``null_label`` (every
+spec, default None) is what ``fastguide.sample`` gives the uncond half, as ``CFG``'s: with it the loop makes
+one ``[uncond; cond]`` model call per stage, without it an extra call ``model(x, t, None)``. On a pipeline,
 ``fastguide.step(..., guider=g)`` (``fastguide.dropin.guiders``) translates a diffusers guider instance to
 these specs and combines.
 
@@ -110,6 +112,7 @@ class CFGZeroStar:
     rescale: float = 0.0
     start: float = 0.0
     stop: float = 1.0
+    null_label: Any = None                 # the uncond half's label in one [uncond; cond] call (as CFG's)
 
     def __post_init__(self):
         _check_common(self, "CFGZeroStar")
@@ -148,6 +151,7 @@ class APG:
     rescale: float = 0.0
     start: float = 0.0
     stop: float = 1.0
+    null_label: Any = None                 # the uncond half's label in one [uncond; cond] call (as CFG's)
 
     def __post_init__(self):
         _check_common(self, "APG")
@@ -182,6 +186,7 @@ class MamboG:
     rescale: float = 0.0
     start: float = 0.0
     stop: float = 1.0
+    null_label: Any = None                 # the uncond half's label in one [uncond; cond] call (as CFG's)
 
     def __post_init__(self):
         _check_common(self, "MamboG")
@@ -212,6 +217,7 @@ class TCFG:
     rescale: float = 0.0
     start: float = 0.0
     stop: float = 1.0
+    null_label: Any = None                 # the uncond half's label in one [uncond; cond] call (as CFG's)
 
     def __post_init__(self):
         _check_common(self, "TCFG")
@@ -244,6 +250,7 @@ class PerturbedGuidance:
     rescale: float = 0.0
     start: float = 0.0
     stop: float = 1.0
+    null_label: Any = None                 # the uncond half's label in one [uncond; cond] call (as CFG's)
     use_original_formulation: bool = False
 
     def __post_init__(self):
@@ -400,7 +407,8 @@ def coefficients(spec, gram: torch.Tensor, scale: torch.Tensor, n: int,
 
     Args:
         spec: a ``CFGZeroStar``, ``APG``, ``MamboG``, ``TCFG`` or ``PerturbedGuidance``.
-        gram: the ``[B, 9]`` fp32 output of ``fastguide.guidance_gram`` for this step's ``[uncond; cond]``
+        gram: the ``[B, 9]`` fp32 output of ``fastguide.guidance_gram`` for this step's ``[uncond; cond]``, or
+            None for a spec that reads none (``needs_gram(spec)`` False)
             (with APG momentum: after the buffer update, ``momentum=momentum_of(spec)``; for
             ``PerturbedGuidance`` with rescale: with ``extra`` = the perturbed prediction).
         scale: ``[B]`` fp32 per-sample guidance scale w (``spec.scale`` broadcast, or per-sample scales).
@@ -413,9 +421,16 @@ def coefficients(spec, gram: torch.Tensor, scale: torch.Tensor, n: int,
     zero std there and gets NaN).
     """
     _check_spec(spec)
-    dt = _dtype(gram)
-    g = gram.to(dt)
-    w = scale.to(device=gram.device, dtype=dt).reshape(-1).expand(gram.shape[0])
+    if gram is None:  # a method that reads no inner products (needs_gram False)
+        if needs_gram(spec):
+            raise ValueError(f"{type(spec).__name__} needs the gram (fastguide.guidance_gram) of this step")
+        ref = scale.reshape(-1)
+        dt = _dtype(ref)
+        g, w = None, ref.to(dt)
+    else:
+        dt = _dtype(gram)
+        g = gram.to(dt)
+        w = scale.to(device=gram.device, dtype=dt).reshape(-1).expand(gram.shape[0])
     zero = None
     if isinstance(spec, CFGZeroStar):
         a, b, d, zero = _cfg_zero_star(spec, g, w, step)
