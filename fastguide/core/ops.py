@@ -405,6 +405,10 @@ def run_gram(model_output: torch.Tensor, extra: Optional[torch.Tensor], momentum
              learned_variance: bool, backend: str) -> torch.Tensor:
     """``guidance_gram`` on checked arguments (a sampling loop checks once)."""
     if hooks.via_torch_ops():
+        if extra is None:
+            # The op may mutate extra; inductor cannot lower it with extra=None. A zero e gives the same gram.
+            half = model_output[: model_output.shape[0] // 2]
+            extra = torch.zeros_like(half[:, : half.shape[1] // 2] if learned_variance else half)
         return torch.ops.fastguide.guidance_gram(model_output, extra, momentum, learned_variance, backend)
     if hooks.observed():
         hooks.report("fastguide.guidance_gram")

@@ -35,7 +35,8 @@ def split_specs(guidance: Sequence):
     """(classifier specs, discriminator specs) of a drop-in ``guidance`` list; CFG belongs in guidance_scale."""
     cfg, classifiers, discriminators = split_guidance(guidance)
     if cfg is not None:
-        raise ValueError("guidance: pass CFG to fastguide.step as guidance_scale / guidance_rescale, not as a spec")
+        raise ValueError(f"guidance: {type(cfg).__name__} is not a drop-in guidance spec: pass CFG as guidance_scale / "
+                         "guidance_rescale, and CFG-Zero*, APG, MAMBO-G or TCFG as a diffusers guider (guider=)")
     return classifiers, discriminators
 
 

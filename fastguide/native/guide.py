@@ -76,12 +76,7 @@ def step_terms(kind, method, out: torch.Tensor, e: Optional[torch.Tensor], state
         return cfg_scale, None, None, kind.combine == "cfgpp"
     extra = state if method.momentum is not None else e
     if method.gram:
-        gram_extra = extra
-        if extra is None and torch.compiler.is_compiling():
-            # Inductor cannot lower torch.ops.fastguide.guidance_gram (which may mutate ``extra``) called with
-            # extra=None; a zero e gives the same gram (its e columns are 0 either way).
-            gram_extra = torch.zeros_like(x)
-        gram = ops.run_gram(out, gram_extra, method.momentum, learned, backend)
+        gram = ops.run_gram(out, extra, method.momentum, learned, backend)  # (a traced call zero-fills extra=None)
     else:
         # PerturbedGuidance without rescale reads no inner product; coefficients takes a [B, 9] tensor for
         # its device, dtype and batch all the same: a view of the scale, never read.
