@@ -30,6 +30,7 @@ ENTRY_POINTS = {
     "temperature_lse_grad.cu":
         "fastguide::cuda::temperature_lse_grad(fastguide::TemperatureLseGradArgs const&, void*)",
     "per_sample_rms.cu": "fastguide::cuda::per_sample_rms(fastguide::PerSampleRmsArgs const&, void*)",
+    "guidance_gram.cu": "fastguide::cuda::guidance_gram(fastguide::GuidanceGramArgs const&, void*)",
 }
 
 
@@ -170,9 +171,9 @@ def test_step_kernels_use_16_byte_accesses(compiled):
 
 
 def test_reductions_use_clusters_on_sm90_only(compiled):
-    """The rescale and RMS reductions combine a row's blocks through distributed shared memory on Hopper;
+    """The rescale, RMS and gram reductions combine a row's blocks through distributed shared memory on Hopper;
     the sm_80 build must contain no cluster instructions."""
-    for source in ("cfg_rescale_factor.cu", "per_sample_rms.cu"):
+    for source in ("cfg_rescale_factor.cu", "per_sample_rms.cu", "guidance_gram.cu"):
         for arch, expected in (("90", True), ("80", False)):
             result = compiled[(source, arch)]
             if result.returncode != 0:

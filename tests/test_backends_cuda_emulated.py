@@ -18,8 +18,14 @@ fastguide.backends.abi's extension, backend_cuda._run (stream 0) and dispatch's 
   fallback (the cases' odd sizes, or a misaligned model_output), checking the path from the launch log and
   that each thread read step_rows[b] / uncond_rows[b] once per row; a sample without an uncond row is exact
   (infinite cond values, NaN scale); and the per-sample regions do catch a block reading another sample's.
-* The row reductions (RMS, CFG-rescale factor, LSE gradient) over sizes around the vector width, misaligned
-  rows and row offsets, and every emulated device.
+* Guidance beyond CFG: the combine cases of tests/test_backends_guidance_ops.py (m = a c + b u + d e, extra,
+  eps_from_uncond) in fp32/fp16/bf16 on the vector path and on the scalar fallback (odd sizes, or a misaligned
+  extra / model_output), checking the kernel from the launch log, that each thread reads its sample's combine
+  coefficients once per row (a per-sample region) and every element of extra once; CFG++ with a scale on the
+  heterogeneous cases (dense and sparse); and a sweep that runs every beyond-CFG vector kernel.
+* The row reductions (RMS, CFG-rescale factor, LSE gradient, guidance gram) over sizes around the vector width,
+  misaligned rows and row offsets, and every emulated device; the gram cases of
+  tests/test_backends_guidance_ops.py on both paths (extra writable only with a momentum) and on every device.
 * The emulation itself (tests/cuda_emu/selftest.cu): shuffles, barriers, clusters, and that the faults it
   promises to catch do fail.
 
@@ -51,8 +57,9 @@ from fastguide.backends import cuda as backend_cuda
 from cuda_emu import build
 from cuda_emu.emulator import Emulator
 
-import test_backends_heterogeneous as hetero  # (module attributes, so pytest does not collect their tests
-import test_backends_parity as parity         # here again)
+import test_backends_guidance_ops as guide   # (module attributes, so pytest does not collect their tests
+import test_backends_heterogeneous as hetero  # here again)
+import test_backends_parity as parity
 
 MISSING = build.missing_toolchain()
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"CUDA emulation unavailable: {MISSING}")
@@ -167,6 +174,8 @@ def test_parity_suite_is_reused():
 
 # Bits of the kernel's feature mask (csrc/cuda/guided_step.cu, StepFeature), computed here from the call.
 CFG, SCORE_GRAD, MEAN_GRAD, NOISE, X0_PREV, LEARNED_VAR = 1, 2, 4, 8, 16, 32
+EXTRA, BEYOND_CFG = 64, 128  # extra e; guidance beyond CFG (combine and/or eps_from_uncond), not a stream
+RUNTIME_IN_BEYOND = SCORE_GRAD | MEAN_GRAD  # runtime flags in the beyond-CFG kernels, not in their mask
 TERM_BITS = {"g_score": SCORE_GRAD, "g_mean": MEAN_GRAD, "noise": NOISE, "x0_prev": X0_PREV}
 
 
@@ -287,8 +296,9 @@ def _run_sweep_step(call: SweepCall, backend: str, inputs) -> Dict[str, torch.Te
     return results
 
 
+# The beyond-CFG kernels (BeyondCfgFeatures<mask>) have the BEYOND_CFG bit in their mask, the others never.
 _STEP_KERNEL = re.compile(r"guided_step_kernel<[\w:]*?(F32|F16|BF16), (\d+), (\d+), "
-                          r"(?:[\w:()\s]*?StaticFeatures<(\d+)>|[\w:()\s]*?RuntimeFeatures)")
+                          r"(?:[\w:()\s]*?(?:Static|BeyondCfg)Features<(\d+)>|[\w:()\s]*?RuntimeFeatures)")
 IO_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
@@ -298,7 +308,9 @@ def _step_launch(emu: Emulator) -> Tuple[str, int, Optional[int]]:
     assert len(steps) == 1, [r.kernel for r in emu.launches()]
     m = _STEP_KERNEL.search(steps[0].kernel)
     assert m, steps[0].kernel
-    return m.group(1), int(m.group(2)), None if m.group(4) is None else int(m.group(4))
+    mask = None if m.group(4) is None else int(m.group(4))
+    assert ("BeyondCfgFeatures" in steps[0].kernel) == (mask is not None and bool(mask & BEYOND_CFG)), steps[0].kernel
+    return m.group(1), int(m.group(2)), mask
 
 
 def _expected_vector_path(call: SweepCall, dtype: torch.dtype) -> bool:
@@ -529,6 +541,174 @@ def test_per_sample_regions_catch_another_samples_rows(cuda_emulated, monkeypatc
     hetero.run_case(case, "cuda", sample, model_output, table, rows, kwargs)  # registered right: runs
 
 
+# ------------------------------------------------------------------------------- guidance beyond CFG
+
+def _beyond_mask(terms, learned_variance: bool, write_out: bool, extra: bool) -> int:
+    """The static mask of the beyond-CFG kernel a call runs: its streams without the runtime ones."""
+    mask = _mask(terms, True, learned_variance, write_out) | BEYOND_CFG | (EXTRA if extra else 0)
+    return mask & ~RUNTIME_IN_BEYOND
+
+
+def _combine_variant(case, path: str, dtype: torch.dtype):
+    """(case, tensor to misalign or None) of a combine case on ``path``: for the vector path the last dimension
+    rounded up to a multiple of 8 (rows of whole 16-byte packs in every dtype); for the scalar path the case's own
+    sizes, with extra (else model_output) one element off a 16-byte boundary where those are whole packs."""
+    if path == "vector":
+        *lead, last = case.shape
+        return dataclasses.replace(case, shape=(*lead, -(-last // 8) * 8)), None
+    if math.prod(case.shape[1:]) % VEC[dtype]:
+        return case, None
+    return case, "extra" if case.extra else "model_output"
+
+
+def _check_step_path(emu: Emulator, path: str, dtype: torch.dtype, want_mask: int) -> None:
+    io, vec, mask = _step_launch(emu)
+    assert io == IO_NAMES[dtype]
+    if path == "vector":
+        assert vec == VEC[dtype], f"took the scalar kernel (pack of {vec})"
+        assert mask == want_mask, f"ran the kernel of feature mask {mask}, expected {want_mask}"
+    else:
+        assert (vec, mask) == (1, None), f"took the vector kernel (pack of {vec}, mask {mask})"
+
+
+@pytest.mark.parametrize("path", ["vector", "scalar"])
+@pytest.mark.parametrize("dtype", parity.DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", guide.CASES, ids=lambda c: c.name)
+def test_combine_step(cuda_emulated, case, dtype, path):
+    """test_backends_guidance_ops's combine cases (and its CFG++ cases on plain and sparse CFG) against the
+    reference, on the expected kernel; each thread reads its row's combine coefficients once (a, b; d only with
+    extra), and only its own sample's (per-sample regions), or else its scale once, and every element of extra
+    once; extra is never written."""
+    case, misaligned = _combine_variant(case, path, dtype)
+    sample, model_output, table, step, kwargs = guide.combine_call(
+        case, "cpu", dtype, parity.seed_of("emulated-combine", case.name, path, str(dtype)))
+    if misaligned == "model_output":
+        model_output = _misaligned_copy(model_output)
+    elif misaligned:
+        kwargs[misaligned] = _misaligned_copy(kwargs[misaligned])
+    extra_before = kwargs["extra"].clone() if case.extra else None
+    inputs = (sample, model_output, table, step, kwargs)
+    expected, expected_x0 = guide.run_combine(case, "torch", *inputs)
+    cuda_emulated.clear_log()
+    got, got_x0 = guide.run_combine(case, "cuda", *inputs)
+    tol = parity.step_tol(dtype)
+    if case.outputs != "x0_only":
+        assert got.dtype == dtype
+        parity.assert_matches(got, expected, tol)
+    if expected_x0 is not None:
+        parity.assert_matches(got_x0, expected_x0, tol)
+    if case.extra:
+        assert torch.equal(kwargs["extra"], extra_before)
+
+    _check_step_path(cuda_emulated, path, dtype,
+                     _beyond_mask(case.terms, case.learned_variance, case.outputs != "x0_only", case.extra))
+    [launch] = [r for r in cuda_emulated.launches() if "guided_step_kernel" in r.kernel]
+    accesses = cuda_emulated.last_accesses
+    combine = case.mode == "combine"
+    assert accesses.get("combine", 0) == (launch.threads * (3 if case.extra else 2) if combine else 0), accesses
+    assert accesses.get("scale", 0) == (0 if combine else launch.threads), accesses
+    assert accesses.get("uncond_rows", 0) == (launch.threads if case.mode == "sparse" else 0), accesses
+    n = math.prod(case.shape[1:])
+    want_extra = case.shape[0] * n // (VEC[dtype] if path == "vector" else 1) if case.extra else 0
+    assert accesses.get("extra", 0) == want_extra, accesses
+
+
+# Hetero cases with a CFG scale, rerun with CFG++ (eps~ from u): dense, sparse (a sample without an uncond
+# row takes eps~ from its cond prediction, as the reference's u = c), with the runtime g_score / g_mean.
+EPS_FROM_UNCOND_CASES = [c for c in hetero.CASES if c.name in (
+    "sparse_some", "dense_per_row_steps", "sparse_every_term", "sparse_learned_variance", "sparse_x0_only",
+    "odd_rows")]
+
+
+@pytest.mark.parametrize("path", ["vector", "scalar"])
+@pytest.mark.parametrize("dtype", parity.DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", EPS_FROM_UNCOND_CASES, ids=lambda c: c.name)
+def test_eps_from_uncond_with_scale(cuda_emulated, case, dtype, path):
+    case, misaligned = _hetero_variant(case, path, dtype)
+    sample, model_output, table, rows, kwargs = hetero.mixed_call(
+        case, "cpu", dtype, parity.seed_of("emulated-cfg-pp", case.name, path, str(dtype)))
+    kwargs["eps_from_uncond"] = True
+    if misaligned:
+        model_output = _misaligned_copy(model_output)
+    inputs = (sample, model_output, table, rows, kwargs)
+    expected, expected_x0 = hetero.run_case(case, "torch", *inputs)
+    plain, _ = hetero.run_case(case, "torch", sample, model_output, table, rows,
+                               {k: v for k, v in kwargs.items() if k != "eps_from_uncond"})
+    cuda_emulated.clear_log()
+    got, got_x0 = hetero.run_case(case, "cuda", *inputs)
+    tol = parity.step_tol(dtype)
+    if expected is not None:
+        assert not torch.allclose(expected.float(), plain.float())  # the option changes the result
+        parity.assert_matches(got, expected, tol)
+    if expected_x0 is not None:
+        parity.assert_matches(got_x0, expected_x0, tol)
+    _check_step_path(cuda_emulated, path, dtype,
+                     _beyond_mask(case.terms, case.learned_variance, case.outputs != "x0_only", False))
+
+
+def _beyond_sweep_calls() -> List[Tuple[guide.CombineCase, bool, frozenset]]:
+    """(case, combine?, runtime terms) reaching every beyond-CFG kernel: each combination of its static streams
+    (noise, x0_prev, learned variance, extra), with a combine or CFG++ with a scale (extra needs a combine),
+    g_score / g_mean drawn at random (runtime in these kernels; g_mean where the variance needs it)."""
+    calls = []
+    for i, (noise, x0_prev, lv, extra, combine) in enumerate(itertools.product(*[(False, True)] * 5)):
+        if extra and not combine:
+            continue
+        rng = random.Random(parity.seed_of("emulated-beyond-sweep", i))
+        runtime = frozenset(t for t in ("g_score", "g_mean") if rng.random() < 0.5)
+        if lv and not noise:
+            runtime |= {"g_mean"}  # the variance is read only for a term that uses Sigma
+        terms = runtime | {t for t, on in (("noise", noise), ("x0_prev", x0_prev)) if on}
+        case = guide.CombineCase(f"beyond{i}", shape=(2, 2, 3, 8), extra=extra, terms=frozenset(terms),
+                                 learned_variance=lv, eps_from_uncond=not combine or rng.random() < 0.5,
+                                 clip=rng.choice(["none", "range", "threshold"]))
+        calls.append((case, combine, runtime))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", parity.DTYPES, ids=DTYPE_IDS.get)
+def test_beyond_cfg_kernels_sweep(cuda_emulated, dtype):
+    """Every beyond-CFG vector kernel runs and matches the reference (16 per dtype: the combinations of noise,
+    x0_prev, learned variance and extra), with g_score / g_mean present or not at runtime."""
+    failures, masks = [], set()
+    for case, combine, runtime in _beyond_sweep_calls():
+        try:
+            sample, model_output, table, step, kwargs = guide.combine_call(
+                case, "cpu", dtype, parity.seed_of("emulated-beyond", case.name, str(dtype)))
+            if not combine:
+                del kwargs["combine"]
+                gen = torch.Generator().manual_seed(parity.seed_of("emulated-beyond-scale", case.name))
+                kwargs["scale"] = 1.0 + 4.0 * torch.rand(sample.shape[0], generator=gen)
+            expected, expected_x0 = guide.run_combine(case, "torch", sample, model_output, table, step, kwargs)
+            cuda_emulated.clear_log()
+            got, got_x0 = guide.run_combine(case, "cuda", sample, model_output, table, step, kwargs)
+            parity.assert_matches(got, expected, parity.step_tol(dtype))
+            want = _beyond_mask(case.terms, case.learned_variance, True, case.extra)
+            _check_step_path(cuda_emulated, "vector", dtype, want)
+            masks.add(want)
+        except (AssertionError, RuntimeError) as exc:
+            failures.append(f"{case} combine={combine}: {exc}")
+    assert not failures, f"{len(failures)} calls failed:\n" + "\n\n".join(failures[:5])
+    assert len(masks) == 16, sorted(masks)
+
+
+def test_guidance_cases_are_reused():
+    """The cases above are test_backends_guidance_ops's, with what each path is meant to see: whole packs on the
+    vector path, on the scalar one both odd sizes and misaligned whole-pack rows (extra among them)."""
+    names = {c.name for c in guide.CASES}
+    assert {"combine_only", "combine_extra", "eps_from_uncond", "x0_only", "transposed"} <= names
+    assert {c.mode for c in guide.CASES} == {"combine", "scale", "sparse"}
+    assert {c.name for c in guide.GRAM_CASES} >= {"cond_uncond", "momentum", "transposed", "odd", "long_rows"}
+    for dtype in parity.DTYPES:
+        scalar = [_combine_variant(c, "scalar", dtype)[1] for c in guide.CASES]
+        assert None in scalar and "extra" in scalar
+        for case in guide.CASES:
+            shape = _combine_variant(case, "vector", dtype)[0].shape
+            assert math.prod(shape[1:]) % VEC[dtype] == 0 and shape[:-1] == case.shape[:-1]
+        gram_scalar = [_gram_variant(c, "scalar", dtype)[1] for c in guide.GRAM_CASES]
+        assert None in gram_scalar and "extra" in gram_scalar
+
+
 # ------------------------------------------------------------------------------------ row reductions
 
 ALL_DEVICES = [pytest.param(d, id=i) for d, i in DEVICE_IDS.items()]
@@ -595,6 +775,89 @@ def _check_cluster_usage(emu: Emulator, device: int, kernel: str) -> None:
     else:
         assert refused and all(r.cluster[0] > 2 for r in refused), refused
         assert clustered and all(r.cluster[0] == 2 for r in clustered)
+
+
+def _gram_variant(case, path: str, dtype: torch.dtype):
+    """(case, tensor to misalign or None) of a gram case on ``path``, as ``_combine_variant``."""
+    if path == "vector":
+        *lead, last = case.shape
+        return dataclasses.replace(case, shape=(*lead, -(-last // 8) * 8)), None
+    if math.prod(case.shape[1:]) % VEC[dtype]:
+        return case, None
+    return case, "extra" if case.extra else "model_output"
+
+
+def _check_gram(model_output, extra, momentum, learned_variance: bool, dtype: torch.dtype) -> None:
+    """``fastguide.guidance_gram`` on the emulated kernels against the reference, as
+    test_backends_guidance_ops.test_gram_matches_reference compares them; extra updated in place alike."""
+    ref_extra = extra.clone() if extra is not None else None
+    expected = fastguide.guidance_gram(model_output, ref_extra, momentum, learned_variance, backend="torch")
+    got = fastguide.guidance_gram(model_output, extra, momentum, learned_variance, backend="cuda")
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    scale = expected.abs().amax(dim=1, keepdim=True).clamp_min(1.0)
+    torch.testing.assert_close(got / scale, expected / scale, rtol=tol, atol=tol)
+    if extra is not None:
+        parity.assert_matches(extra, ref_extra, parity.step_tol(dtype))
+
+
+_GRAM_KERNEL = re.compile(r"guidance_gram_kernel<[\w:]*?(F32|F16|BF16), (\d+)>")
+
+
+@pytest.mark.parametrize("path", ["vector", "scalar"])
+@pytest.mark.parametrize("dtype", parity.DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", guide.GRAM_CASES, ids=lambda c: c.name)
+def test_guidance_gram_cases(cuda_emulated, case, dtype, path):
+    """test_backends_guidance_ops's gram cases on the expected kernel (16-byte packs, or the scalar one for odd
+    sizes and misaligned rows); extra is registered writable only with a momentum, so a kernel writing it
+    otherwise faults."""
+    case, misaligned = _gram_variant(case, path, dtype)
+    model_output, extra = guide.gram_call(case, "cpu", dtype,
+                                          parity.seed_of("emulated-gram", case.name, path, str(dtype)))
+    if misaligned == "extra":
+        extra = _misaligned_copy(extra)
+    elif misaligned:
+        model_output = _misaligned_copy(model_output)
+    cuda_emulated.clear_log()
+    _check_gram(model_output, extra, case.momentum, case.learned_variance, dtype)
+    [launch] = [r for r in cuda_emulated.launches() if "guidance_gram_kernel" in r.kernel]
+    m = _GRAM_KERNEL.search(launch.kernel)
+    assert m and m.group(1) == IO_NAMES[dtype], launch.kernel
+    assert int(m.group(2)) == (VEC[dtype] if path == "vector" else 1), launch.kernel
+
+
+GRAM_DEVICE_CONFIGS = [pytest.param((A100, "forward"), id="a100"),
+                       pytest.param((SMALL_SM90, "forward"), id="sm90-no-cluster-fit"),
+                       pytest.param((H100, "reverse"), id="h100-reverse-order")]
+
+
+@pytest.mark.parametrize("config", GRAM_DEVICE_CONFIGS)
+def test_guidance_gram_cases_on_other_devices(cuda_emulated, config):
+    device, schedule = config
+    cuda_emulated.configure(device=device, schedule=schedule)
+    for case, dtype in itertools.product(guide.GRAM_CASES, parity.DTYPES):
+        model_output, extra = guide.gram_call(case, "cpu", dtype, parity.seed_of("gram", case.name, str(dtype)))
+        _check_gram(model_output, extra, case.momentum, case.learned_variance, dtype)
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", parity.DTYPES, ids=DTYPE_IDS.get)
+def test_guidance_gram_sweep(cuda_emulated, dtype, device):
+    """Sizes around the pack width up to rows split over clusters of 8 blocks, with the momentum update: aligned
+    rows (the vector kernel), or misaligned ones with a learned variance (rows of extra at their own offsets
+    too), alternating over the sizes so that each kernel meets clusters of several sizes (no extra, and extra
+    without a momentum: the cases above)."""
+    cuda_emulated.configure(device=device)
+    modes = [(1, True, 0.5, True), (0, True, -0.5, False)]  # (row offset, extra?, momentum, learned variance)
+    for i, (batch, n) in enumerate(REDUCTION_SIZES):
+        offset, with_extra, momentum, lv = modes[i % 2]
+        gen = torch.Generator().manual_seed(parity.seed_of("gram-sweep", batch, n, offset, momentum, str(dtype)))
+        model_output = _offset_rows((2 * batch, n * (2 if lv else 1)), offset, dtype, gen)
+        extra = _offset_rows((batch, n), 2 * offset, dtype, gen) if with_extra else None
+        if offset == 0:
+            model_output = model_output.contiguous()
+            extra = extra.contiguous() if with_extra else None
+        _check_gram(model_output, extra, momentum, lv, dtype)
+    _check_cluster_usage(cuda_emulated, device, "guidance_gram_kernel")
 
 
 LSE_SIZES = [1, 2, 3, 5, 8, 9, 31, 64, 333, 4101]

@@ -10,6 +10,13 @@
 // Heterogeneous batches (GuidedStepArgs::step_rows / uncond_rows) are read per block row: one index load
 // per row and thread for each map that is present, behind a branch that is uniform over the grid, so a
 // call without them runs the same loads as before.
+//
+// Guidance beyond CFG (GuidedStepArgs::combine, extra, eps_from_uncond) runs in kernels of their own
+// (feature bits kBeyondCfg and kExtra), so the kernels of plain CFG and of no guidance are exactly what they
+// were: within them a per-sample linear combine m = a c + b u (+ d e) replaces u + w (c - u), its
+// coefficients read once per row, and eps~ may come from u; both are branches uniform over the grid. To keep
+// the number of kernels down, those kernels take the classifier-guidance gradients (g_score, g_mean: rarely
+// paired with these methods) as runtime flags too, so there are 16 of them per dtype rather than 56.
 #include <array>
 #include <utility>
 
@@ -29,8 +36,13 @@ enum StepFeature : int {
   kNoise = 1 << 3,       // noise
   kX0Prev = 1 << 4,      // x0_prev (read only when out is written)
   kLearnedVar = 1 << 5,  // variance channels (read only when out is written and Sigma is used)
+  kExtra = 1 << 6,       // extra e, the third term of a combine (only with kBeyondCfg and combine)
+  // Not a stream: guidance beyond CFG (with kCfg), a combine (read per row) and/or eps~ from u. Which of the
+  // two are set is a runtime branch, uniform over the grid; with kExtra a combine is known to be present.
+  kBeyondCfg = 1 << 7,
 };
-constexpr int kNumFeatureMasks = 1 << 6;
+constexpr int kNumFeatureMasks = 1 << 8;
+constexpr int kStreamFeatures = kNumFeatureMasks - 1 - kBeyondCfg;
 
 template <int MASK>
 struct StaticFeatures {
@@ -40,6 +52,19 @@ struct StaticFeatures {
 struct RuntimeFeatures {
   int mask;
   __device__ __forceinline__ bool has(int feature) const { return (mask & feature) != 0; }
+};
+
+// The features of a kernel for guidance beyond CFG: MASK's at compile time, except those of kRuntimeInBeyond,
+// which come from the call's mask (a branch uniform over the grid).
+constexpr int kRuntimeInBeyond = kScoreGrad | kMeanGrad;
+
+template <int MASK>
+struct BeyondCfgFeatures {
+  static_assert((MASK & kRuntimeInBeyond) == 0 && (MASK & kCfg) && (MASK & kBeyondCfg), "not a beyond-CFG mask");
+  int mask;
+  __device__ __forceinline__ bool has(int feature) const {
+    return (feature & kRuntimeInBeyond) ? (mask & feature) != 0 : (MASK & feature) != 0;
+  }
 };
 
 // GuidedStepArgs with typed pointers; strides in elements.
@@ -76,6 +101,10 @@ struct GuidedStepParams {
   int64_t x0_out_stride;
   Bits* out2;  // second copy of out, or null
   int64_t out2_stride;
+  const float* combine;        // [B, 3] (a, b, d) per sample (with kBeyondCfg; dense CFG, no scale), or null
+  const Bits* extra;           // e (with kExtra)
+  int64_t extra_stride;
+  int32_t eps_from_uncond;     // eps~ from u instead of m (with kBeyondCfg)
 };
 
 constexpr int kStepThreads = 256;
@@ -84,7 +113,7 @@ constexpr int kScalarItems = 2;
 // 16-byte packs per thread per stream. Two keep >= 64 B per thread in flight when only x and the
 // prediction (and one more stream) are read; with five or more streams one pack each is as many bytes
 // and half the registers.
-constexpr int vector_items(int mask) { return 2 + __builtin_popcount(mask) <= 4 ? 2 : 1; }
+constexpr int vector_items(int mask) { return 2 + __builtin_popcount(mask & kStreamFeatures) <= 4 ? 2 : 1; }
 
 // No __restrict__ on the data pointers: out may be sample, x0_out may be x0_prev. Each element is read by
 // the thread that writes it, and every read of a pack happens before its writes, so exact aliasing is safe.
@@ -123,11 +152,12 @@ __global__ void __launch_bounds__(kStepThreads)
     const Bits* gm_row = p.g_mean + b * p.g_mean_stride;
     const Bits* z_row = p.noise + b * p.noise_stride;
     const Bits* xp_row = p.x0_prev + b * p.x0_prev_stride;
+    const Bits* e_row = p.extra + b * p.extra_stride;
     Bits* out_row = p.out + b * p.out_stride;
     Bits* out2_row = p.out2 + b * p.out2_stride;
     Bits* x0_row = p.x0_out + b * p.x0_out_stride;
 
-    P x[ITEMS], c[ITEMS], u[ITEMS], v[ITEMS], gs[ITEMS], gm[ITEMS], z[ITEMS], xp[ITEMS];
+    P x[ITEMS], c[ITEMS], u[ITEMS], v[ITEMS], gs[ITEMS], gm[ITEMS], z[ITEMS], xp[ITEMS], ex[ITEMS];
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int64_t k = first + i * kStepThreads;
@@ -141,11 +171,25 @@ __global__ void __launch_bounds__(kStepThreads)
       if (feat.has(kMeanGrad)) gm[i] = load_pack<IO, VEC>(gm_row + e);
       if (feat.has(kX0Prev)) xp[i] = load_pack<IO, VEC>(xp_row + e);
       if (feat.has(kLearnedVar)) v[i] = load_pack<IO, VEC>(v_row + e);
+      if (feat.has(kExtra)) ex[i] = load_pack<IO, VEC>(e_row + e);
     }
 
     // Per-row scalars and the coefficient row are read after the data loads are issued, so their
     // latency (the step index, then the row it selects) overlaps the loads instead of preceding them.
-    const float w = feat.has(kCfg) ? __ldg(p.scale + b * p.scale_stride) : 0.f;
+    // Beyond CFG (a constant false in the kernels without kBeyondCfg): a combine replaces the scale (there is
+    // none then), and eps~ may come from u; with kExtra there is always a combine.
+    const bool beyond = feat.has(kCfg) && feat.has(kBeyondCfg);
+    const bool combine = beyond && (feat.has(kExtra) || p.combine != nullptr);
+    const bool eps_u = beyond && p.eps_from_uncond != 0;
+    float w = 0.f, ka = 0.f, kb = 0.f, kd = 0.f;
+    if (combine) {
+      const float* k = p.combine + 3 * b;
+      ka = __ldg(k);
+      kb = __ldg(k + 1);
+      if (feat.has(kExtra)) kd = __ldg(k + 2);
+    } else if (feat.has(kCfg)) {
+      w = __ldg(p.scale + b * p.scale_stride);
+    }
     // Multiplying by exactly 1 is an identity (NaN and Inf included), so an absent factor changes nothing.
     const float mfac = p.mfactor != nullptr ? __ldg(p.mfactor + b) : 1.f;
     // Clipping as clamp(x0, lo, hi) * clip_mul: none is (-inf, inf, 1), a range is (lo, hi, 1) and a
@@ -183,14 +227,32 @@ __global__ void __launch_bounds__(kStepThreads)
       for (int j = 0; j < VEC; ++j) {
         const float xf = pack_get(x[i], j);
         float m = pack_get(c[i], j);
-        if (feat.has(kCfg) && has_u) {
-          const float uf = pack_get(u[i], j);
-          m = uf + w * (m - uf);
+        float eps_src;  // the prediction eps~ is formed from: m, or with eps_from_uncond u (unscaled)
+        if (beyond) {
+          // A sample without an uncond row (sparse map, no combine) has u = c, as in the reference.
+          const float uf = has_u ? pack_get(u[i], j) : m;
+          if (combine) {
+            // m = a c + b u + d e, in the reference's order (a combine has the dense layout: has_u).
+            float t = ka * m;
+            t += kb * uf;
+            if (feat.has(kExtra)) t += kd * pack_get(ex[i], j);
+            m = t;
+          } else if (has_u) {
+            m = uf + w * (m - uf);
+          }
+          m *= mfac;
+          eps_src = eps_u ? uf : m;
+        } else {
+          if (feat.has(kCfg) && has_u) {
+            const float uf = pack_get(u[i], j);
+            m = uf + w * (m - uf);
+          }
+          m *= mfac;
+          eps_src = m;
         }
-        m *= mfac;
 
         float x0 = px * xf + pm * m;
-        float eps = qx * xf + qm * m;
+        float eps = qx * xf + qm * eps_src;
         float zf = 0.f;
         if (feat.has(kNoise)) {
           zf = pack_get(z[i], j);
@@ -247,17 +309,29 @@ void launch_guided_step(const GuidedStepParams<IO>& p, Features feat, cudaStream
 }
 
 template <class IO>
-using GuidedStepLauncher = void (*)(const GuidedStepParams<IO>&, cudaStream_t);
+using GuidedStepLauncher = void (*)(const GuidedStepParams<IO>&, int mask, cudaStream_t);
 
 template <class IO, int MASK>
-void launch_vectorized(const GuidedStepParams<IO>& p, cudaStream_t stream) {
-  launch_guided_step<IO, kVec16<IO>, vector_items(MASK)>(p, StaticFeatures<MASK>{}, stream);
+void launch_vectorized(const GuidedStepParams<IO>& p, int mask, cudaStream_t stream) {
+  if constexpr ((MASK & kBeyondCfg) != 0) {
+    // The pack count as if the runtime streams were present (they hold registers either way).
+    launch_guided_step<IO, kVec16<IO>, vector_items(MASK | kRuntimeInBeyond)>(p, BeyondCfgFeatures<MASK>{mask},
+                                                                               stream);
+  } else {
+    launch_guided_step<IO, kVec16<IO>, vector_items(MASK)>(p, StaticFeatures<MASK>{}, stream);
+  }
 }
 
 // Sigma only feeds the g_mean and noise terms, so feature_mask() never sets kLearnedVar without one of
-// them; those masks share the kernel without kLearnedVar instead of instantiating dead variants.
+// them; those masks share the kernel without kLearnedVar instead of instantiating dead variants. Likewise
+// kBeyondCfg comes only with kCfg and kExtra only with kBeyondCfg (extra is a combine's third term).
+// The beyond-CFG kernels' mask leaves out their runtime features.
 constexpr int canonical_mask(int mask) {
-  return (mask & kLearnedVar) && !(mask & (kMeanGrad | kNoise)) ? mask & ~kLearnedVar : mask;
+  if ((mask & kLearnedVar) && !(mask & (kMeanGrad | kNoise))) mask &= ~kLearnedVar;
+  if (!(mask & kCfg)) mask &= ~kBeyondCfg;
+  if (!(mask & kBeyondCfg)) mask &= ~kExtra;
+  if (mask & kBeyondCfg) mask &= ~kRuntimeInBeyond;
+  return mask;
 }
 
 template <class IO, int... MASKS>
@@ -296,6 +370,10 @@ GuidedStepParams<IO> typed_params(const GuidedStepArgs& a) {
   p.step = a.step;
   p.step_rows = a.step_rows;
   p.uncond_rows = a.has_cfg ? a.uncond_rows : nullptr;  // a sparse map only means something with CFG
+  p.combine = a.has_cfg ? a.combine : nullptr;          // so does a combine (with the dense layout)
+  p.extra = static_cast<const Bits*>(p.combine != nullptr ? a.extra : nullptr);  // a combine's third term
+  p.extra_stride = a.extra_stride;
+  p.eps_from_uncond = a.has_cfg ? a.eps_from_uncond : 0;
   p.out = static_cast<Bits*>(a.out);
   p.out_stride = a.out_stride;
   p.x0_out = static_cast<Bits*>(a.x0_out);
@@ -316,6 +394,8 @@ int feature_mask(const GuidedStepArgs& a) {
   if (write_out && a.g_mean) mask |= kMeanGrad;
   if (write_out && a.x0_prev) mask |= kX0Prev;
   if (write_out && a.learned_variance && (a.g_mean || a.noise)) mask |= kLearnedVar;
+  if (a.has_cfg && (a.combine || a.eps_from_uncond)) mask |= kBeyondCfg;
+  if (a.has_cfg && a.combine && a.extra) mask |= kExtra;
   return mask;
 }
 
@@ -328,6 +408,7 @@ bool vectorizable(const GuidedStepArgs& a, int mask, int64_t elem_size) {
          rows_aligned16((mask & kMeanGrad) ? a.g_mean : nullptr, a.g_mean_stride, elem_size) &&
          rows_aligned16((mask & kNoise) ? a.noise : nullptr, a.noise_stride, elem_size) &&
          rows_aligned16((mask & kX0Prev) ? a.x0_prev : nullptr, a.x0_prev_stride, elem_size) &&
+         rows_aligned16((mask & kExtra) ? a.extra : nullptr, a.extra_stride, elem_size) &&
          rows_aligned16(a.out, a.out_stride, elem_size) &&
          rows_aligned16(a.x0_out, a.x0_out_stride, elem_size) &&
          rows_aligned16(a.out ? a.out2 : nullptr, a.out2_stride, elem_size);
@@ -344,7 +425,7 @@ void guided_step(const GuidedStepArgs& args, void* stream) {
     if (vectorizable(args, mask, sizeof(typename IO::Bits))) {
       static constexpr auto launchers =
           vectorized_launchers<IO>(std::make_integer_sequence<int, kNumFeatureMasks>{});
-      launchers[mask](p, as_stream(stream));
+      launchers[mask](p, mask, as_stream(stream));
     } else {
       launch_guided_step<IO, 1, kScalarItems>(p, RuntimeFeatures{mask}, as_stream(stream));
     }

@@ -66,6 +66,16 @@ def cfg_rescale_factor(model_output: torch.Tensor, scale: torch.Tensor, rescale:
     return factor
 
 
+def guidance_gram(model_output: torch.Tensor, extra: Optional[torch.Tensor], momentum: Optional[float],
+                  learned_variance: bool = False) -> torch.Tensor:
+    """Per-sample inner products and sums of cond, uncond and extra (see
+    ``fastguide.backends.reference.guidance_gram``), [B, 9] fp32; with ``momentum`` ``extra`` is updated in place
+    in the same pass."""
+    launch, out = abi.guidance_gram_args(model_output, extra, momentum, learned_variance)
+    _run(abi.extension().cuda_guidance_gram, launch, model_output.device)
+    return out
+
+
 def temperature_lse_grad(logits: torch.Tensor, labels: torch.Tensor, tau1: float, tau2: float,
                          scale: Optional[torch.Tensor], out: torch.Tensor) -> None:
     """Temperature log-sum-exp gradient (see ``fastguide.backends.reference.temperature_lse_grad``) into ``out``."""

@@ -5,9 +5,9 @@ Before each kernel call, ``Emulator.run`` registers the global memory the kernel
 argument block by the contract of ``csrc/fastguide_abi.h`` (rows x row length for every tensor, the [B]
 vectors, the selected coefficient row, read-only inputs and writable outputs); the memory checker fails the
 launch on any other access. Memory that belongs to one sample (a heterogeneous step's table row, a sparse
-CFG batch's uncond row) is registered for the blocks of that sample's grid row only. Faults come back as
-RuntimeError with the kernel and source line resolved; ``last_accesses`` has the accesses per region of the
-latest launch.
+CFG batch's uncond row, a combine's coefficients) is registered for the blocks of that sample's grid row
+only. Faults come back as RuntimeError with the kernel and source line resolved; ``last_accesses`` has the
+accesses per region of the latest launch.
 """
 
 from __future__ import annotations
@@ -180,7 +180,13 @@ class Emulator:
                 region("model_output (uncond rows)", mo, a.batch, pred, mo_stride)
                 region("model_output (cond rows)", mo + a.batch * mo_stride, a.batch, full, mo_stride)
             if a.has_cfg:
-                region("scale", a.scale, a.batch, 4, a.scale_stride * 4)
+                region("scale", a.scale, a.batch, 4, a.scale_stride * 4)  # absent (null) with a combine
+            if a.has_cfg and a.combine:
+                # Per-sample linear combine (a, b, d): sample b's row for sample b only; extra (the d term's e)
+                # is read only with a combine.
+                for b in range(a.batch):
+                    region("combine", a.combine + 12 * b, 1, 12, 0, sample_row=b)
+                region("extra", a.extra, a.batch, a.n * es, a.extra_stride * es)
             region("mfactor", a.mfactor, 1, a.batch * 4, 0)
             for name in ("g_score", "g_mean", "noise", "x0_prev"):
                 region(name, getattr(a, name), a.batch, a.n * es, getattr(a, f"{name}_stride") * es)
@@ -210,6 +216,12 @@ class Emulator:
             region("model_output", a.model_output, 2 * a.batch, a.n * es, a.model_output_stride * es)
             region("scale", a.scale, a.batch, 4, a.scale_stride * 4)
             region("factor", a.factor, 1, a.batch * 4, 0, writable=True)
+        elif kind == "GuidanceGramArgs":
+            es = ELEMENT_BYTES[a.dtype]
+            # The prediction (the first n elements) of each of the 2B rows; extra is written only with a momentum.
+            region("model_output", a.model_output, 2 * a.batch, a.n * es, a.model_output_stride * es)
+            region("extra", a.extra, a.batch, a.n * es, a.extra_stride * es, writable=bool(a.has_momentum))
+            region("out", a.out, 1, a.batch * 9 * 4, 0, writable=True)
         elif kind == "TemperatureLseGradArgs":
             es = ELEMENT_BYTES[a.dtype]
             region("logits", a.logits, a.rows, a.k * es, a.logits_stride * es)
