@@ -27,13 +27,41 @@ with the ops each dispatches per step (``fastguide.tools.opcount.OpCounter``: to
 kernel calls). Both steppers have the scheduler's step index reset to the same step before every call.
 These rows go to benchmarks/results/step_cpu_flow.csv (``--csv`` elsewhere, ``--no-csv`` nowhere).
 
+diffusers guiders (``--guiders``, or ``--guiders-only``): each of ClassifierFreeGuidance (7.5),
+ClassifierFreeZeroStarGuidance (4), AdaptiveProjectedGuidance (7.5, momentum -0.5, norm threshold 15),
+AdaptiveProjectedMixGuidance (defaults: CFG 3.5 up to step 5, then APG 10 with momentum -0.5),
+MagnitudeAwareGuidance (4, alpha 8) and TangentialClassifierFreeGuidance (4) with SD's DDIMScheduler (``--guider-
+schedulers ddim,euler`` adds EulerDiscreteScheduler), at step 25 of 50, at the SD latent (2x4x64x64) and at 2^24
+elements per sample batch (4x4x1024x1024), at 1 and 2 threads (``--guider-threads``), all 18 methods of a shape
+interleaved in one ``measure``:
+
+  fg.step    ``fastguide.step(model_output, t, x, scheduler=s, guider=g, out=buf)``: one ``guidance_gram`` pass
+             (none for plain CFG), the per-sample coefficients (a few ops on [B] tensors), one fused step
+  kernels    the fused path's two kernels alone (``fastguide.guidance_gram`` + ``fastguide.guided_step`` with the
+             step's ``combine``, computed once): fg.step minus kernels is the drop-in's host cost
+  diffusers  ``scheduler.step(g.forward(pred_cond=c, pred_uncond=u).pred, t, x).prev_sample``
+
+Every call first sets ``g.set_state(step=25, num_inference_steps=50, timestep=t)`` as a pipeline does; each
+method has its own guider (a copy made before the first call), and APG's momentum buffer is never reset, so
+the timed calls see its steady state (a tensor running average, updated every call on every path). The
+predictions are correlated as a network's are (c = u + 0.25 noise); before timing, each fused output is
+checked against diffusers'. diffusers 0.42's MAMBO-G cannot take 4-D latents (``torch.norm`` over three dims
+raises), so its diffusers row gets token-shaped views ``[B, C, H*W]`` of the same tensors (no copy). Ops per
+step as for the flow rows; page faults per step tell fresh allocations (glibc mmaps every temporary over 32 MiB
+and the kernel zeroes its pages) apart. These rows go to benchmarks/results/guiders_cpu.csv (``--guider-csv``
+elsewhere); ``--quick`` is a smoke test (the SD latent only, 3 calls of each method).
+
     python benchmarks/step_cpu.py [--repeats 15] [--small-repeats 300] [--flow | --flow-only] [--flow-repeats 400]
+                                  [--guiders | --guiders-only] [--guider-repeats 7] [--guider-small-repeats 300]
+                                  [--guider-threads 1,2] [--guider-schedulers ddim] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
+import logging
 import os
 import platform
 import statistics
@@ -52,6 +80,19 @@ GUIDANCE = 7.5
 STEPS = 50
 FLOW_STEPS, FLOW_SHIFT, FLOW_GUIDANCE = 28, 3.0, 7.0          # SD3's defaults
 FLOW_SHAPES = [("SD3 latent", (2, 16, 128, 128)), ("Flux tokens", (2, 4096, 64))]
+GUIDER_RESULTS = Path(__file__).resolve().parent / "results" / "guiders_cpu.csv"
+GUIDER_STEP = STEPS // 2
+GUIDER_SHAPES = [("2^24 per half", (4, 4, 1024, 1024)), ("SD latent", (2, 4, 64, 64))]
+GUIDERS = {   # name: (diffusers class, keyword arguments)
+    "CFG": ("ClassifierFreeGuidance", dict(guidance_scale=7.5)),
+    "CFG-Zero*": ("ClassifierFreeZeroStarGuidance", dict(guidance_scale=4.0)),
+    "APG": ("AdaptiveProjectedGuidance", dict(guidance_scale=7.5, adaptive_projected_guidance_momentum=-0.5,
+                                              adaptive_projected_guidance_rescale=15.0)),
+    "APG-mix": ("AdaptiveProjectedMixGuidance", {}),
+    "MAMBO-G": ("MagnitudeAwareGuidance", dict(guidance_scale=4.0)),
+    "TCFG": ("TangentialClassifierFreeGuidance", dict(guidance_scale=4.0)),
+}
+GUIDER_METHODS = ("fg.step", "kernels", "diffusers")
 
 
 def stable_diffusion_ddim():
@@ -217,6 +258,179 @@ def run_flow(label: str, shape, repeats: int, block: int) -> list:
     return rows
 
 
+def guider_scheduler(kind: str):
+    """SD's DDIM (as above) or EulerDiscreteScheduler of the same betas, 50 steps."""
+    if kind == "ddim":
+        return stable_diffusion_ddim()
+    from diffusers import EulerDiscreteScheduler
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1)
+    scheduler.set_timesteps(STEPS)
+    scheduler.is_scale_input_called = True      # else every step logs a warning (a pipeline scales the input)
+    return scheduler
+
+
+def make_guider(name: str, scheduler):
+    """The guider as a pipeline leaves it after step 0's ``prepare_inputs`` (APG's momentum buffer exists)."""
+    from diffusers import guiders
+    cls, kwargs = GUIDERS[name]
+    guider = getattr(guiders, cls)(**kwargs)
+    guider.set_state(step=0, num_inference_steps=STEPS, timestep=scheduler.timesteps[0])
+    guider.prepare_inputs({})
+    return guider
+
+
+def guider_fns(name: str, scheduler, x, model_output, out) -> dict:
+    """fg.step, kernels and diffusers of one guider at step GUIDER_STEP, each with its own guider."""
+    index = GUIDER_STEP
+    t = scheduler.timesteps[index]
+    indexed = hasattr(scheduler, "_step_index")      # Euler's step counter, reset before every call
+    guider = make_guider(name, scheduler)
+    uncond, cond = model_output.chunk(2)
+    buffer = getattr(guider, "momentum_buffer", None)
+    momentum = None if buffer is None else float(buffer.momentum)
+    if buffer is not None:   # APG's steady state for these predictions: e = (c - u) + beta e
+        buffer.running_average = (cond - uncond) / (1 - momentum)
+    g_fg, g_diff, g_kern = guider, copy.deepcopy(guider), copy.deepcopy(guider)
+    for g in (g_fg, g_diff, g_kern):
+        g.set_state(step=index, num_inference_steps=STEPS, timestep=t)
+    # the kernels' inputs: this step's combine from the drop-in's own translation (on a copy), a running
+    # average of the sample's shape updated in place by the gram (the fused path's momentum update)
+    fused = fastguide.dropin.guiders.translate(copy.deepcopy(g_kern), model_output, x, scheduler, "cpp")
+    running = None if buffer is None else g_kern.momentum_buffer.running_average.clone()
+    needs_gram = name != "CFG"
+    table = fastguide.dropin.plan_for(scheduler).table(x.device)
+    combine = fused.combine
+    kern_out = torch.empty_like(x)
+    if name == "MAMBO-G" and x.dim() > 3:        # diffusers' mambo_guidance raises for 4-D latents
+        uncond, cond = uncond.flatten(2), cond.flatten(2)
+
+    def fg_step():
+        g_fg.set_state(step=index, num_inference_steps=STEPS, timestep=t)
+        if indexed:
+            scheduler._step_index = index
+        return fastguide.step(model_output, t, x, scheduler=scheduler, guider=g_fg, out=out, backend="cpp")
+
+    def kernels():
+        g_kern.set_state(step=index, num_inference_steps=STEPS, timestep=t)
+        if needs_gram:
+            fastguide.guidance_gram(model_output, extra=running, momentum=momentum, backend="cpp")
+        return fastguide.guided_step(x, model_output, table, index, combine=combine,
+                                     extra=running if fused.extra is not None else None, out=kern_out,
+                                     backend="cpp")
+
+    def diffusers_step():
+        g_diff.set_state(step=index, num_inference_steps=STEPS, timestep=t)
+        if indexed:
+            scheduler._step_index = index
+        pred = g_diff.forward(pred_cond=cond, pred_uncond=uncond).pred
+        return scheduler.step(pred.view(x.shape), t, x).prev_sample
+
+    return {"fg.step": fg_step, "kernels": kernels, "diffusers": diffusers_step}, g_kern
+
+
+def tcfg_fp64(cond, uncond, w: float, original: bool):
+    """diffusers' TCFG ``normalized_guidance`` with its SVD in fp64 (diffusers casts to fp32, whose SVD of a
+    2 x n matrix loses the answer at large n: at 2^22 elements per sample its error is as large as the step)."""
+    vh = torch.linalg.svd(torch.stack([cond, uncond], 1).double().flatten(2), full_matrices=False).Vh
+    v1 = vh[:, 0]
+    u = uncond.double().flatten(1)
+    projected = ((u * v1).sum(1, keepdim=True) * v1).view(uncond.shape)
+    return (cond.double() if original else projected) + w * (cond.double() - projected)
+
+
+def reference_fp64(name: str, guider, scheduler, x, model_output):
+    """The diffusers step of ``guider`` (a copy, at its steady state) on fp64 copies of the tensors: what
+    every method is checked against (TCFG's SVD by ``tcfg_fp64``)."""
+    guider = copy.deepcopy(guider)
+    buffer = getattr(guider, "momentum_buffer", None)
+    if buffer is not None:
+        buffer.running_average = buffer.running_average.double()
+    uncond, cond = model_output.double().chunk(2)
+    if name == "TCFG":
+        pred = tcfg_fp64(cond, uncond, float(guider.guidance_scale), guider.use_original_formulation)
+    else:
+        if name == "MAMBO-G":
+            uncond, cond = uncond.flatten(2), cond.flatten(2)
+        pred = guider.forward(pred_cond=cond, pred_uncond=uncond).pred
+    if hasattr(scheduler, "_step_index"):
+        scheduler._step_index = GUIDER_STEP
+    return scheduler.step(pred.reshape(x.shape), scheduler.timesteps[GUIDER_STEP], x.double()).prev_sample
+
+
+def guider_data(shape):
+    """x and [uncond; cond] with c = u + 0.25 noise: correlated as a network's are (independent halves make
+    TCFG's 2x2 Gram nearly isotropic, its principal direction ill-conditioned, and the fp32 SVD's answer noise)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen)
+    uncond = torch.randn(shape, generator=gen)
+    cond = uncond + 0.25 * torch.randn(shape, generator=gen)
+    return x, torch.cat([uncond, cond])
+
+
+def run_guiders(label: str, shape, repeats: int, block: int, threads: list, kind: str) -> list:
+    """Every guider's fg.step / kernels / diffusers at one shape, checked, then timed at each thread count."""
+    from fastguide.tools.opcount import OpCounter
+    scheduler = guider_scheduler(kind)
+    x, model_output = guider_data(shape)
+    out = torch.empty_like(x)
+    fns, errs, ops = {}, {}, {}
+    for name in GUIDERS:
+        methods, guider = guider_fns(name, scheduler, x, model_output, out)
+        expected = reference_fp64(name, guider, scheduler, x, model_output)
+        # Same math, same answer (twice: APG's running average must stay in step on every path; the second,
+        # warm, call's ops are counted). diffusers' own error is recorded, not checked (its fp32 TCFG SVD fails
+        # at 2^24 elements).
+        for warm in (False, True):
+            for method, fn in methods.items():
+                if warm:
+                    with OpCounter() as counter:
+                        got = fn()
+                    ops[name, method] = counter.count
+                else:
+                    got = fn()
+                err = float((got.double() - expected).abs().max())
+                errs[name, method] = max(err, errs.get((name, method), 0.0))
+                if method != "diffusers" and not err <= 1e-4 * (1 + float(expected.abs().max())):
+                    raise AssertionError(f"{name} {method}: max abs error {err:.3g} vs the fp64 diffusers step")
+                fns[name, method] = fn
+    rows = []
+    for n in threads:
+        torch.set_num_threads(n)
+        faults = {}
+        timings = measure(fns, repeats, block, faults)
+        for (name, method), (sec, p10) in timings.items():
+            fused_sec = timings[name, "fg.step"][0]
+            rows.append(dict(scheduler=kind, size=label, shape="x".join(map(str, shape)), threads=n, guider=name,
+                             diffusers_class=GUIDERS[name][0], method=method, median_us=sec * 1e6,
+                             p10_us=p10 * 1e6, fused_speedup=sec / fused_sec, ops_per_step=ops[name, method],
+                             faults_per_step=faults[name, method], max_abs_err_vs_fp64=errs[name, method],
+                             repeats=repeats))
+    return rows
+
+
+def print_guider_rows(rows: list, meta: dict) -> None:
+    print(f"{meta['device']}, {meta['cores']} cores, torch {meta['torch']}, diffusers {meta['diffusers']}, "
+          f"{meta['date']}, load average {meta['load_avg']}")
+    print(f"{'sched':<5} {'size':<14} {'thr':>3} {'guider':<10} {'method':<10} {'median':>12} {'p10':>12} "
+          f"{'time/fg':>8} {'ops/step':>9} {'faults/step':>12} {'err/fp64':>9}")
+    for r in rows:
+        print(f"{r['scheduler']:<5} {r['size']:<14} {r['threads']:>3} {r['guider']:<10} {r['method']:<10} "
+              f"{r['median_us']:>10.1f}us {r['p10_us']:>10.1f}us {r['fused_speedup']:>7.2f}x "
+              f"{r['ops_per_step']:>9} {r['faults_per_step']:>12.0f} {r['max_abs_err_vs_fp64']:>9.1e}")
+    # the summary: diffusers / fg.step per configuration, and the drop-in's host share
+    configs = list(dict.fromkeys((r["scheduler"], r["size"], r["threads"]) for r in rows))
+    value = {(r["scheduler"], r["size"], r["threads"], r["guider"], r["method"]): r["median_us"] for r in rows}
+    print("\ndiffusers time / fg.step time (share of fg.step outside its two kernels: 1 - kernels / fg.step)")
+    print(f"{'guider':<10} " + " ".join(f"{f'{k} {s} {n}t':>30}" for k, s, n in configs))
+    for name in dict.fromkeys(r["guider"] for r in rows):
+        cells = []
+        for k, s, n in configs:
+            fg, kern, diff = (value[k, s, n, name, m] for m in GUIDER_METHODS)
+            cells.append(f"{f'{diff / fg:.2f}x ({1 - kern / fg:+.0%})':>30}")
+        print(f"{name:<10} " + " ".join(cells))
+
+
 def print_rows(rows: list, meta: dict, ops: bool = False) -> None:
     print(f"{meta['device']}, {meta['cores']} cores, torch {meta['torch']}, triton {meta['triton']}, "
           f"diffusers {meta['diffusers']}, {meta['date']}")
@@ -241,7 +455,23 @@ def parse_args(argv=None):
                         "benchmarks/results/step_cpu_flow.csv; the DDIM rows always go to step_cpu.csv)")
     parser.add_argument("--no-csv", action="store_true", help="print only (a loaded machine's numbers)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    return parser.parse_args(argv)
+    parser.add_argument("--guiders", action="store_true", help="also time the diffusers guiders (fused vs diffusers)")
+    parser.add_argument("--guiders-only", action="store_true", help="time only the guider rows")
+    parser.add_argument("--guider-repeats", type=int, default=7, help="repeats of the 2^24-element guider rows")
+    parser.add_argument("--guider-small-repeats", type=int, default=300, help="repeats of the SD-latent guider rows")
+    parser.add_argument("--guider-threads", default="1,2", help="thread counts of the guider rows (comma-separated)")
+    parser.add_argument("--guider-schedulers", default="ddim", help="ddim and/or euler (comma-separated)")
+    parser.add_argument("--guider-csv", type=Path, default=None, help="where the guider rows go (default "
+                        "benchmarks/results/guiders_cpu.csv)")
+    parser.add_argument("--quick", action="store_true", help="guider rows: the SD latent only, 3 repeats (a smoke "
+                        "test)")
+    args = parser.parse_args(argv)
+    args.guider_threads = [int(n) for n in args.guider_threads.split(",")]
+    args.guider_schedulers = args.guider_schedulers.split(",")
+    bad = set(args.guider_schedulers) - {"ddim", "euler"}
+    if bad or min(args.guider_threads) < 1:
+        parser.error("--guider-schedulers takes ddim, euler; --guider-threads positive counts")
+    return args
 
 
 def main(argv=None) -> None:
@@ -255,7 +485,7 @@ def main(argv=None) -> None:
                 device=cpu_model() or platform.processor() or platform.machine(), cores=os.cpu_count(),
                 torch_threads=torch.get_num_threads(), torch=torch.__version__,
                 triton=version("triton"), diffusers=version("diffusers"), fastguide=fastguide.__version__)
-    if not args.flow_only:
+    if not (args.flow_only or args.guiders_only):
         scheduler = stable_diffusion_ddim()
         rows = run_size("2^24 per half", (4, 4, 1024, 1024), args.repeats, 1, scheduler)
         rows += run_size("SD latent", (2, 4, 64, 64), args.small_repeats, 20, scheduler)
@@ -276,6 +506,34 @@ def main(argv=None) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_csv(rows, path, meta, float_format=".4g")
             print(f"appended to {path}")
+    if args.guiders or args.guiders_only:
+        run_guider_section(args, meta)
+
+
+def run_guider_section(args, meta: dict) -> None:
+    logging.getLogger("diffusers").setLevel(logging.ERROR)   # "Guiders are currently an experimental feature"
+    before, load = torch.get_num_threads(), os.getloadavg()[0]
+    shapes = [s for s in GUIDER_SHAPES if s[0] == "SD latent"] if args.quick else GUIDER_SHAPES
+    rows = []
+    try:
+        for kind in args.guider_schedulers:
+            for label, shape in shapes:
+                big = label != "SD latent"
+                repeats = 3 if args.quick else args.guider_repeats if big else args.guider_small_repeats
+                block = 1 if big or args.quick else 20
+                rows += run_guiders(label, shape, repeats, block, args.guider_threads, kind)
+    finally:
+        torch.set_num_threads(before)
+    meta = {k: v for k, v in meta.items() if k != "torch_threads"}      # a column of each row here
+    meta["load_avg"] = f"{load:.2f} -> {os.getloadavg()[0]:.2f}"     # 1-minute load at the start and the end
+    meta["quick"] = int(args.quick)
+    print(f"diffusers guiders + scheduler step, step {GUIDER_STEP} of {STEPS}, fp32")
+    print_guider_rows(rows, meta)
+    if not args.no_csv:
+        path = args.guider_csv or GUIDER_RESULTS
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_csv(rows, path, meta, float_format=".4g")
+        print(f"appended to {path}")
 
 
 if __name__ == "__main__":

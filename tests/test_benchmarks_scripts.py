@@ -100,3 +100,37 @@ def test_serve_benchmark_quick_run(tmp_path):
     assert all(len(v) == 1 for v in same.values())
     with Image.open(out.with_suffix(".png")) as img:
         assert img.size[0] > 100 and img.size[1] > 100
+
+
+def test_step_cpu_guider_rows_quick_run(tmp_path):
+    """``benchmarks/step_cpu.py --guiders-only --quick``: each of the six diffusers guiders with DDIM and Euler,
+    at 1 and 2 threads, has its fg.step / kernels / diffusers rows, every one checked against the fp64 diffusers
+    step; the fused path dispatches more ops than its bare kernels; the thread count is restored; the CSV
+    carries device, versions and the threads of each row."""
+    pytest.importorskip("diffusers")
+    if not fastguide.backends()["cpp"]:
+        pytest.skip("the benchmark times the cpp backend")
+    step_cpu = _load_script("step_cpu")
+    out = tmp_path / "guiders.csv"
+    threads = torch.get_num_threads()
+    step_cpu.main(["--guiders-only", "--quick", "--guider-threads", "1,2", "--guider-schedulers", "ddim,euler",
+                   "--guider-csv", str(out)])
+    assert torch.get_num_threads() == threads
+    rows = list(csv.DictReader(out.open()))
+    keys = {(r["scheduler"], r["threads"], r["guider"], r["method"]) for r in rows}
+    assert len(rows) == len(keys) == 2 * 2 * 6 * 3
+    assert {r["guider"] for r in rows} == set(step_cpu.GUIDERS)
+    assert {r["diffusers_class"] for r in rows} == {cls for cls, _ in step_cpu.GUIDERS.values()}
+    for r in rows:
+        assert r["device"] and r["date"] and r["torch"] == torch.__version__ and r["diffusers"] and r["quick"] == "1"
+        assert r["size"] == "SD latent" and r["shape"] == "2x4x64x64" and r["threads"] in ("1", "2")
+        assert float(r["median_us"]) >= float(r["p10_us"]) > 0
+        assert float(r["max_abs_err_vs_fp64"]) < 1e-4, r
+    ops = {(r["scheduler"], r["guider"], r["method"]): int(r["ops_per_step"]) for r in rows}
+    for kind in ("ddim", "euler"):
+        for guider in step_cpu.GUIDERS:
+            kernels, fused, diffusers = (ops[kind, guider, m] for m in ("kernels", "fg.step", "diffusers"))
+            # (not fewer than diffusers' everywhere: with Euler, MAMBO-G's [B]-sized coefficient ops outnumber
+            # diffusers' few full-size ones)
+            assert 1 <= kernels < fused and diffusers > 1, (kind, guider, kernels, fused, diffusers)
+    assert ops["ddim", "CFG", "kernels"] == 1      # no gram: the fused step alone
