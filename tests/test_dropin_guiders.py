@@ -22,7 +22,18 @@ from diffusers import guiders as dg  # noqa: E402
 
 import fastguide  # noqa: E402
 
-logging.getLogger("diffusers").setLevel(logging.ERROR)   # "Guiders are currently an experimental feature"
+
+
+@pytest.fixture(autouse=True)
+def quiet_guiders():
+    """diffusers warns "Guiders are currently an experimental feature" per guider; silenced here only (other
+    test files assert on diffusers' own warnings)."""
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)
+
 
 B, SHAPE = 2, (2, 6, 16)       # token-shaped latents [B, L, D] (diffusers' MAMBO-G needs them)
 STEPS = 8

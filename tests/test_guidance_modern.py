@@ -338,8 +338,13 @@ def _diffusers_guider(spec):
     APG(5.0, start=0.1, stop=0.9), APG(1.0), MamboG(3.0, stop=0.5), TCFG(2.0, start=0.34), TCFG(1.0 + 1e-12),
 ], ids=repr)
 def test_active_is_diffusers_window(spec):
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    guider = _diffusers_guider(spec)
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        guider = _diffusers_guider(spec)
+    finally:
+        logger.setLevel(level)
     for n in (7, 10, 13):
         for i in range(n):
             guider.set_state(step=i, num_inference_steps=n, timestep=None)
