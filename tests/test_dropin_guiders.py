@@ -16,8 +16,9 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,  # noqa: E402
-                       FlowMatchEulerDiscreteScheduler)
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
+                       FlowMatchHeunDiscreteScheduler, LCMScheduler)
 from diffusers import guiders as dg  # noqa: E402
 
 import fastguide  # noqa: E402
@@ -259,6 +260,99 @@ def test_zero_star_rescale_on_zero_init_step():
     assert torch.isnan(g.forward(pred_cond=c, pred_uncond=u).pred).all()
     want = copy.deepcopy(sched).step(torch.zeros_like(c), t, x).prev_sample
     assert rel(fastguide.step(mo, t, x, scheduler=sched, guider=g, backend=BACKEND), want) < STEP_TOL
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every scheduler kind of the drop-in (fastguide.dropin.schedulers.KINDS), stochastic ones seeded
+
+
+KIND_STEPS = 5
+# id -> (scheduler factory, step options passed to both paths, learned variance); generators go to both paths
+EVERY_KIND = {
+    "ddpm": (lambda: DDPMScheduler(), {}, False),
+    "ddpm-learned-range": (lambda: DDPMScheduler(variance_type="learned_range"), {}, True),
+    "ddim-eta": (lambda: DDIMScheduler(), {"eta": 0.6}, False),
+    "euler-churn": (lambda: EulerDiscreteScheduler(), {"s_churn": 2.0, "s_tmax": 50.0}, False),
+    "euler-ancestral": (lambda: EulerAncestralDiscreteScheduler(), {}, False),
+    "dpmpp2m": (lambda: DPMSolverMultistepScheduler(solver_order=2), {}, False),
+    "dpmpp2m-sde": (lambda: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), {}, False),
+    "lcm": (lambda: LCMScheduler(), {}, False),
+    "flow-stochastic": (lambda: FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True), {}, False),
+    "flow-heun": (lambda: FlowMatchHeunDiscreteScheduler(shift=3.0), {}, False),
+    "flow-heun-churn": (lambda: FlowMatchHeunDiscreteScheduler(shift=3.0), {"s_churn": 4.0, "s_tmax": 0.9}, False),
+}
+KIND_GUIDERS = ["zero*", "apg-momentum-thr-eta", "zero*-orig-rescale-window"]
+
+
+def test_every_kind_is_covered():
+    from fastguide.dropin.schedulers import KINDS
+    covered = {type(make()).__name__ for make, _, _ in EVERY_KIND.values()}
+    assert covered == set(KINDS)
+
+
+def kind_model(x, t, learned):
+    """fake_model's [uncond; cond], with a variance block in [-1, 1] after each half's C channels (learned)."""
+    mo = fake_model(x, t)
+    if not learned:
+        return mo
+    u, c = mo.chunk(2)
+    return torch.cat([torch.cat([u, torch.tanh(u)], 1), torch.cat([c, torch.tanh(0.5 * c - 0.2)], 1)])
+
+
+def kind_reference_pred(guider, mo, channels, learned):
+    """What the guider makes of the network output: with a learned variance it guides the prediction
+    channels and the cond half's variance is kept (as with guidance_scale)."""
+    u, c = mo.chunk(2)
+    if not learned:
+        return guider.forward(pred_cond=c, pred_uncond=u).pred
+    pred = guider.forward(pred_cond=c[:, :channels], pred_uncond=u[:, :channels]).pred
+    return torch.cat([pred, c[:, channels:]], 1)
+
+
+def stage_state(s):
+    return (getattr(s, "step_index", None), getattr(s, "state_in_first_order", None),
+            getattr(s, "lower_order_nums", None))
+
+
+@pytest.mark.parametrize("scheduler_id", list(EVERY_KIND))
+@pytest.mark.parametrize("guider_id", KIND_GUIDERS)
+def test_every_scheduler_kind_with_guider(guider_id, scheduler_id):
+    """Teacher-forced, as test_guider_loop_matches_diffusers, on every kind: each call (FlowMatchHeun's two
+    stages included) is one pipeline step with the guider's state set for it; the fused pair goes through
+    diffusers every third call; both sides draw from equally seeded generators, whose states must agree."""
+    make, opts, learned = EVERY_KIND[scheduler_id]
+    s_ref = make()
+    s_ref.set_timesteps(KIND_STEPS)
+    s_fg = copy.deepcopy(s_ref)
+    g_ref = GUIDERS[guider_id]()
+    g_fg = copy.deepcopy(g_ref)
+    gen_ref, gen_fg = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5)) * float(getattr(s_ref, "init_noise_sigma", 1.0))
+    n = len(s_ref.timesteps)
+    fused_steps = 0
+    for i, t in enumerate(s_ref.timesteps):
+        for g in (g_ref, g_fg):
+            g.set_state(step=i, num_inference_steps=n, timestep=t)
+            g.prepare_inputs({})
+        x_in = s_ref.scale_model_input(x, t) if hasattr(s_ref, "scale_model_input") else x
+        s_fg.scale_model_input(x, t) if hasattr(s_fg, "scale_model_input") else None
+        mo = kind_model(x_in, t, learned)
+        want = s_ref.step(kind_reference_pred(g_ref, mo, SHAPE[1], learned), t, x, generator=gen_ref,
+                          **opts).prev_sample
+        if i % 3 == 1:
+            got = s_fg.step(kind_reference_pred(g_fg, mo, SHAPE[1], learned), t, x, generator=gen_fg,
+                            **opts).prev_sample
+        else:
+            rows = mo if g_fg.num_conditions == 2 else mo[B:]
+            got = fastguide.step(rows, t, x, scheduler=s_fg, guider=g_fg, generator=gen_fg, backend=BACKEND,
+                                 **opts)
+            fused_steps += 1
+        assert rel(got, want) < STEP_TOL, (i, rel(got, want))
+        check_buffers(g_ref, g_fg)
+        assert stage_state(s_fg) == stage_state(s_ref)
+        assert torch.equal(gen_fg.get_state(), gen_ref.get_state()), i
+        x = want
+    assert fused_steps > 0
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -218,7 +218,10 @@ def translate(guider, model_output: torch.Tensor, sample: torch.Tensor, schedule
     enabled = bool(getattr(guider, _ENABLED[kind])())
     cond = model_output[model_output.shape[0] - batch:]
     if kind == ZERO_STAR and guider._enabled and guider._step < guider.zero_init_steps:
-        return Fused(torch.zeros_like(cond))
+        zero = torch.zeros_like(cond)
+        if learned:     # the zero prediction; the variance stays the cond half's
+            zero[:, sample.shape[1]:] = cond[:, sample.shape[1]:]
+        return Fused(zero)
     if not enabled:
         return Fused(cond)
     if model_output.shape[0] != 2 * batch:
