@@ -27,6 +27,9 @@ from fastguide import dropin  # noqa: E402
 from fastguide.dropin.scheduler_step import scheduler_step  # noqa: E402
 from fastguide.tools.opcount import OpCounter  # noqa: E402
 
+from test_dropin_diffusers import clone_gen, rel_err  # noqa: E402
+from test_dropin_diffusers import diffusers_cfg as pipeline_cfg  # noqa: E402  (CFG + rescale_noise_cfg)
+
 IMAGE = (2, 4, 6, 6)      # [B, C, H, W] latents (SD3-like)
 TOKENS = (2, 12, 8)       # [B, L, D] packed latents (Flux / Qwen-Image-like)
 STEP_TOL = 1e-5           # relative to the reference's largest magnitude, one step from identical inputs
@@ -38,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------
-# A deterministic fake transformer (velocity prediction) and the pipeline-side CFG
+# A deterministic fake transformer (velocity prediction); the pipeline-side CFG is test_dropin_diffusers's
 
 def velocity_model(x: torch.Tensor, t) -> torch.Tensor:
     """[uncond; cond] velocities for latents of any shape at timestep t (= s * 1000); the halves differ."""
@@ -46,34 +49,6 @@ def velocity_model(x: torch.Tensor, t) -> torch.Tensor:
     base = 0.8 * torch.tanh(0.7 * x) - 0.4 * x.roll(1, dims=-1) * (1.0 - s) + 0.3 * s
     cond = base + 0.3 * torch.cos(1.3 * x + 2.0 * s) - 0.2
     return torch.cat([base, cond])
-
-
-def per_sample(scale, like):
-    return scale.view(-1, *([1] * (like.dim() - 1))) if isinstance(scale, torch.Tensor) else scale
-
-
-def pipeline_cfg(mo: torch.Tensor, scale, rescale: float = 0.0) -> torch.Tensor:
-    """What a pipeline feeds scheduler.step: CFG on the velocity, then diffusers' ``rescale_noise_cfg``
-    (``pipeline_stable_diffusion.rescale_noise_cfg``, written out: std over all but the batch dim)."""
-    u, c = mo.chunk(2)
-    g = u + per_sample(scale, u) * (c - u)
-    if rescale:
-        dims = list(range(1, g.dim()))
-        rescaled = g * (c.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True))
-        g = rescale * rescaled + (1 - rescale) * g
-    return g
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    assert got.shape == ref.shape and got.dtype == ref.dtype
-    assert torch.isfinite(got).all() and torch.isfinite(ref).all()
-    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
-
-
-def clone_gen(g):
-    twin = torch.Generator(device=g.device)
-    twin.set_state(g.get_state())
-    return twin
 
 
 def state_of(s) -> dict:

@@ -23,6 +23,9 @@ from diffusers.schedulers.scheduling_flow_match_heun_discrete import (  # noqa: 
 import fastguide  # noqa: E402
 from fastguide import dropin  # noqa: E402
 
+from test_dropin_diffusers import clone_gen, rel_err  # noqa: E402
+from test_dropin_diffusers import diffusers_cfg as pipeline_cfg  # noqa: E402  (CFG + rescale_noise_cfg)
+
 IMAGE = (2, 4, 6, 6)      # [B, C, H, W] latents
 TOKENS = (2, 12, 8)       # [B, L, D] packed latents
 STEP_TOL = 1e-5           # relative to the reference's largest magnitude, one step from identical inputs
@@ -39,29 +42,6 @@ def velocity_model(x: torch.Tensor, t) -> torch.Tensor:
     base = 0.8 * torch.tanh(0.7 * x) - 0.4 * x.roll(1, dims=-1) * (1.0 - s) + 0.3 * s
     cond = base + 0.3 * torch.cos(1.3 * x + 2.0 * s) - 0.2
     return torch.cat([base, cond])
-
-
-def pipeline_cfg(mo: torch.Tensor, scale, rescale: float = 0.0) -> torch.Tensor:
-    """What a pipeline feeds scheduler.step: CFG on the velocity, then diffusers' ``rescale_noise_cfg``."""
-    u, c = mo.chunk(2)
-    w = scale.view(-1, *([1] * (u.dim() - 1))) if isinstance(scale, torch.Tensor) else scale
-    g = u + w * (c - u)
-    if rescale:
-        dims = list(range(1, g.dim()))
-        g = rescale * g * (c.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True)) + (1 - rescale) * g
-    return g
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    assert got.shape == ref.shape and got.dtype == ref.dtype
-    assert torch.isfinite(got).all() and torch.isfinite(ref).all()
-    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
-
-
-def clone_gen(g):
-    twin = torch.Generator(device=g.device)
-    twin.set_state(g.get_state())
-    return twin
 
 
 def latents(shape, seed: int = 0, dtype=torch.float32) -> torch.Tensor:

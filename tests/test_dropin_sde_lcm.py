@@ -22,6 +22,8 @@ from fastguide import dropin  # noqa: E402
 from fastguide.dropin import step  # noqa: E402
 from fastguide.dropin.scheduler_step import scheduler_step  # noqa: E402
 
+from test_dropin_diffusers import clone_gen, diffusers_cfg, rel_err  # noqa: E402  (the shared CFG reference)
+
 B, C, H, W = 2, 3, 8, 8
 STEP_TOL = 1e-5     # relative to the largest magnitude of the reference, one step from identical inputs
 LOOP_TOL = 1e-4     # whole free-running loops
@@ -35,30 +37,6 @@ def fake_model(x: torch.Tensor, t) -> torch.Tensor:
     base = 0.8 * torch.tanh(0.7 * x) + 0.2 * torch.sin(0.013 * t + chan)
     cond = base + 0.3 * torch.cos(1.3 * x + 0.002 * t) - 0.1 * chan
     return torch.cat([base, cond])
-
-
-def diffusers_cfg(mo: torch.Tensor, scale, rescale: float = 0.0) -> torch.Tensor:
-    """What a diffusers pipeline feeds scheduler.step: CFG, then rescale_noise_cfg (Lin et al. 2023)."""
-    u, c = mo.chunk(2)
-    w = scale.view(-1, 1, 1, 1) if isinstance(scale, torch.Tensor) else scale
-    g = u + w * (c - u)
-    if rescale:
-        dims = list(range(1, g.dim()))
-        ratio = c.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True)
-        g = rescale * (g * ratio) + (1 - rescale) * g
-    return g
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    assert got.shape == ref.shape and got.dtype == ref.dtype
-    assert torch.isfinite(got).all() and torch.isfinite(ref).all()
-    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
-
-
-def clone_gen(g):
-    twin = torch.Generator(device=g.device)
-    twin.set_state(g.get_state())
-    return twin
 
 
 def state_of(s) -> dict:
