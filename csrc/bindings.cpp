@@ -65,6 +65,7 @@ void bind_guided_step_args(py::module_& m) {
       .def_readwrite("g_mean_stride", &GuidedStepArgs::g_mean_stride)
       .def_readwrite("noise_stride", &GuidedStepArgs::noise_stride)
       .def_readwrite("x0_prev_stride", &GuidedStepArgs::x0_prev_stride)
+      .def_readwrite("x0_prev2_stride", &GuidedStepArgs::x0_prev2_stride)
       .def_readwrite("clip_mode", &GuidedStepArgs::clip_mode)
       .def_readwrite("clip_lo", &GuidedStepArgs::clip_lo)
       .def_readwrite("clip_hi", &GuidedStepArgs::clip_hi)
@@ -80,6 +81,7 @@ void bind_guided_step_args(py::module_& m) {
   def_pointer(cls, "g_mean", &GuidedStepArgs::g_mean);
   def_pointer(cls, "noise", &GuidedStepArgs::noise);
   def_pointer(cls, "x0_prev", &GuidedStepArgs::x0_prev);
+  def_pointer(cls, "x0_prev2", &GuidedStepArgs::x0_prev2);
   def_pointer(cls, "threshold", &GuidedStepArgs::threshold);
   def_pointer(cls, "table", &GuidedStepArgs::table);
   def_pointer(cls, "step_ptr", &GuidedStepArgs::step_ptr);

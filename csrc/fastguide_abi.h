@@ -9,9 +9,9 @@ namespace fastguide {
 
 enum DType : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
-constexpr int kNumCols = 18;  // columns of a step row, in the order of fastguide.core.layout.Col
+constexpr int kNumCols = 19;  // columns of a step row, in the order of fastguide.core.layout.Col
 enum Col : int32_t {
-  P_X = 0, P_M, P_G, P_Z, Q_X, Q_M, Q_G, Q_Z, A, B, C, D, E, F, DV, EV, LV_MAX, LV_MIN
+  P_X = 0, P_M, P_G, P_Z, Q_X, Q_M, Q_G, Q_Z, A, B, C, D, E, F, DV, EV, LV_MAX, LV_MIN, F2
 };
 enum ClipMode : int32_t { kClipNone = 0, kClipRange = 1, kClipThreshold = 2 };
 
@@ -29,6 +29,7 @@ struct GuidedStepArgs {
   const void* g_mean = nullptr;        int64_t g_mean_stride = 0;
   const void* noise = nullptr;         int64_t noise_stride = 0;
   const void* x0_prev = nullptr;       int64_t x0_prev_stride = 0;
+  const void* x0_prev2 = nullptr;      int64_t x0_prev2_stride = 0;  // coefficient F2
   int32_t clip_mode = kClipNone;
   float clip_lo = -1.f, clip_hi = 1.f;
   const float* threshold = nullptr;    // [B] when clip_mode == kClipThreshold

@@ -43,6 +43,7 @@ C_C = tl.constexpr(int(Col.C))
 C_D = tl.constexpr(int(Col.D))
 C_E = tl.constexpr(int(Col.E))
 C_F = tl.constexpr(int(Col.F))
+C_F2 = tl.constexpr(int(Col.F2))
 C_DV = tl.constexpr(int(Col.DV))
 C_EV = tl.constexpr(int(Col.EV))
 LV_MAX = tl.constexpr(int(Col.LV_MAX))
@@ -93,18 +94,31 @@ def _guided_prediction(m_ptr, m_stride, row, batch, n, cols, mask, scale_ptr, sc
     return m, u, cond_row
 
 
+@triton.jit
+def _x0_history(res, coef, table_stride_col, row, cols, mask, x0_prev_ptr, x0_prev_stride, x0_prev2_ptr,
+                x0_prev2_stride, HAS_X0_PREV: tl.constexpr, HAS_X0_PREV2: tl.constexpr):
+    """res + F x0_prev + F2 x0_prev2: the multistep history terms, each only with its tensor."""
+    if HAS_X0_PREV:
+        xp = tl.load(x0_prev_ptr + row * x0_prev_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        res = res + tl.load(coef + C_F * table_stride_col) * xp
+    if HAS_X0_PREV2:
+        xp2 = tl.load(x0_prev2_ptr + row * x0_prev2_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        res = res + tl.load(coef + C_F2 * table_stride_col) * xp2
+    return res
+
+
 @triton.jit(do_not_specialize=["step", "row0"])
 def guided_step_kernel(
     x_ptr, x_stride, m_ptr, m_stride, n, batch, row0,
     scale_ptr, scale_stride, mfactor_ptr, mfactor_stride,
     g_score_ptr, g_score_stride, g_mean_ptr, g_mean_stride,
-    noise_ptr, noise_stride, x0_prev_ptr, x0_prev_stride,
+    noise_ptr, noise_stride, x0_prev_ptr, x0_prev_stride, x0_prev2_ptr, x0_prev2_stride,
     clip_lo, clip_hi, threshold_ptr, threshold_stride,
     table_ptr, table_stride_row, table_stride_col, step_ptr, step,
     step_rows_ptr, step_rows_stride, uncond_rows_ptr, uncond_rows_stride, combine_ptr, extra_ptr, extra_stride,
     out_ptr, out_stride, x0_out_ptr, x0_out_stride, out2_ptr, out2_stride,
     HAS_CFG: tl.constexpr, HAS_MFACTOR: tl.constexpr, HAS_G_SCORE: tl.constexpr, HAS_G_MEAN: tl.constexpr,
-    HAS_NOISE: tl.constexpr, HAS_X0_PREV: tl.constexpr, LEARNED_VARIANCE: tl.constexpr,
+    HAS_NOISE: tl.constexpr, HAS_X0_PREV: tl.constexpr, HAS_X0_PREV2: tl.constexpr, LEARNED_VARIANCE: tl.constexpr,
     CLIP_MODE: tl.constexpr, STEP_FROM_PTR: tl.constexpr, WRITE_OUT: tl.constexpr, WRITE_X0: tl.constexpr,
     WRITE_OUT2: tl.constexpr, STEP_ROWS: tl.constexpr, SPARSE_CFG: tl.constexpr, COMBINE: tl.constexpr,
     HAS_EXTRA: tl.constexpr, EPS_FROM_UNCOND: tl.constexpr, BLOCK: tl.constexpr,
@@ -171,9 +185,8 @@ def guided_step_kernel(
             if LEARNED_VARIANCE:
                 amp = amp + tl.load(coef + C_EV * table_stride_col) * tl.sqrt(variance)
             res = res + amp * z
-        if HAS_X0_PREV:
-            xp = tl.load(x0_prev_ptr + row * x0_prev_stride + cols, mask=mask, other=0.0).to(tl.float32)
-            res = res + tl.load(coef + C_F * table_stride_col) * xp
+        res = _x0_history(res, coef, table_stride_col, row, cols, mask, x0_prev_ptr, x0_prev_stride,
+                          x0_prev2_ptr, x0_prev2_stride, HAS_X0_PREV, HAS_X0_PREV2)
     # All loads of this program's elements are above, so an output may be an input exactly (out=sample).
     # x0 is stored first: should x0_out be out or out2, the result wins, as in the reference.
     if WRITE_X0:
@@ -190,7 +203,7 @@ def _stride(t: Optional[torch.Tensor]) -> int:
 
 def guided_step(args: StepArgs, block: Optional[int] = None) -> None:
     """Launch the fused step on row views: ``sample``, ``out``, ``out2``, ``x0_out``, ``g_*``, ``noise``,
-    ``x0_prev`` are ``[B, n]``, ``model_output`` is ``[B or 2B, n or 2n]`` (``[B + K, ...]`` with
+    ``x0_prev``, ``x0_prev2`` are ``[B, n]``, ``model_output`` is ``[B or 2B, n or 2n]`` (``[B + K, ...]`` with
     ``uncond_rows``), each with unit inner stride (``as_rows``).
 
     ``scale`` (or ``combine``, [B, 3] fp32 with the dense layout, and then ``extra`` a [B, n] row view too) is
@@ -218,7 +231,7 @@ def guided_step(args: StepArgs, block: Optional[int] = None) -> None:
     step_from_ptr = step_rows is None and isinstance(step, torch.Tensor)
     out2 = args.out2 if out is not None else None  # written only with out
     optional = {name: getattr(args, name) for name in ("scale", "mfactor", "g_score", "g_mean", "noise",
-                                                        "x0_prev", "threshold", "out", "x0_out")}
+                                                        "x0_prev", "x0_prev2", "threshold", "out", "x0_out")}
     optional["out2"] = out2
     # Absent pointers are never dereferenced (their flags compile the loads out); any tensor will do.
     ptr = {name: t if t is not None else x for name, t in optional.items()}
@@ -230,6 +243,7 @@ def guided_step(args: StepArgs, block: Optional[int] = None) -> None:
             ptr["scale"], stride["scale"], ptr["mfactor"], stride["mfactor"],
             ptr["g_score"], stride["g_score"], ptr["g_mean"], stride["g_mean"],
             ptr["noise"], stride["noise"], ptr["x0_prev"], stride["x0_prev"],
+            ptr["x0_prev2"], stride["x0_prev2"],
             float(args.clip_lo), float(args.clip_hi), ptr["threshold"], stride["threshold"],
             args.table, args.table.stride(0), args.table.stride(1),
             step if step_from_ptr else args.table, 0 if step_from_ptr or step_rows is not None else int(step),
@@ -239,10 +253,11 @@ def guided_step(args: StepArgs, block: Optional[int] = None) -> None:
             ptr["out"], stride["out"], ptr["x0_out"], stride["x0_out"], ptr["out2"], stride["out2"],
             HAS_CFG=has_cfg, HAS_MFACTOR=args.mfactor is not None, HAS_G_SCORE=args.g_score is not None,
             HAS_G_MEAN=args.g_mean is not None, HAS_NOISE=args.noise is not None,
-            HAS_X0_PREV=args.x0_prev is not None, LEARNED_VARIANCE=bool(args.learned_variance),
-            CLIP_MODE=int(args.clip_mode), STEP_FROM_PTR=step_from_ptr, WRITE_OUT=out is not None,
-            WRITE_X0=x0_out is not None, WRITE_OUT2=out2 is not None, STEP_ROWS=step_rows is not None,
-            SPARSE_CFG=sparse_cfg, COMBINE=combine is not None, HAS_EXTRA=extra is not None,
+            HAS_X0_PREV=args.x0_prev is not None, HAS_X0_PREV2=args.x0_prev2 is not None,
+            LEARNED_VARIANCE=bool(args.learned_variance), CLIP_MODE=int(args.clip_mode),
+            STEP_FROM_PTR=step_from_ptr, WRITE_OUT=out is not None, WRITE_X0=x0_out is not None,
+            WRITE_OUT2=out2 is not None, STEP_ROWS=step_rows is not None, SPARSE_CFG=sparse_cfg,
+            COMBINE=combine is not None, HAS_EXTRA=extra is not None,
             EPS_FROM_UNCOND=bool(args.eps_from_uncond), BLOCK=block, num_warps=warps_for(block),
             enable_fp_fusion=True,
         )

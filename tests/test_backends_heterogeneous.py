@@ -52,13 +52,16 @@ CASES = [
     MixedCase("sparse_clip_range", clip="range", terms=frozenset({"g_score"})),
     MixedCase("sparse_threshold", clip="threshold", outputs="x0_too"),
     MixedCase("sparse_rescale", rescale=0.7, terms=frozenset({"noise"})),
-    MixedCase("sparse_row_strided", view="row_strided", terms=frozenset({"x0_prev"})),
+    MixedCase("sparse_row_strided", view="row_strided", terms=frozenset({"x0_prev", "x0_prev2"})),
     MixedCase("sparse_transposed", view="transposed", terms=frozenset({"g_score", "noise"})),
     MixedCase("sparse_poisoned", outputs="poisoned", terms=ALL),
     MixedCase("sparse_aliased", outputs="aliased", terms=frozenset({"noise"})),
     MixedCase("sparse_x0_only", outputs="x0_only", clip="range"),
     MixedCase("sparse_int32_maps", map_dtype=torch.int32, terms=frozenset({"g_mean"})),  # checked into int64
-    MixedCase("odd_rows", shape=(3, 1, 5, 1), terms=frozenset({"noise", "x0_prev"})),
+    MixedCase("odd_rows", shape=(3, 1, 5, 1), terms=frozenset({"noise", "x0_prev", "x0_prev2"})),
+    # Third-order multistep history at per-sample rows: x0_prev2 without x0_prev, and through the clip path.
+    MixedCase("dense_x0_prev2_alone", uncond="dense", view="transposed", terms=frozenset({"x0_prev2"})),
+    MixedCase("sparse_x0_prev2_clip", clip="range", outputs="x0_too", terms=frozenset({"x0_prev", "x0_prev2"})),
     MixedCase("one_sample", shape=(1, 2, 9)),
     MixedCase("long_rows", shape=(4, 4, 33, 31), terms=frozenset({"noise"})),
     MixedCase("token_latents", shape=(6, 17, 8), uncond="all", terms=frozenset({"g_score"})),
@@ -135,7 +138,7 @@ def expected_by_sample(sample, model_output, table, rows, kwargs):
     results, x0s = [], []
     for b in range(sample.shape[0]):
         one = {k: v[b:b + 1] for k, v in kwargs.items()
-               if k in ("g_score", "g_mean", "noise", "x0_prev", "threshold")}
+               if k in ("g_score", "g_mean", "noise", "x0_prev", "x0_prev2", "threshold")}
         one["learned_variance"] = kwargs["learned_variance"]
         if "clip" in kwargs:
             one["clip"] = kwargs["clip"]

@@ -32,7 +32,7 @@ from fastguide.core.layout import NUM_COLS, Col
 COMPILED = ("cpp", "triton", "cuda")
 DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TERMS = ("g_score", "g_mean", "noise", "x0_prev")
+TERMS = ("g_score", "g_mean", "noise", "x0_prev", "x0_prev2")
 STEPS = 5
 NAN = float("nan")
 
@@ -116,6 +116,12 @@ TARGETED = [
     StepCase("many_tiles_threads", shape=(2, 4, 183, 181), terms=frozenset({"noise"}), outputs="poisoned",
              rescale=0.7, learned_variance=True),
     StepCase("one_large_row", shape=(1, 270001), terms=frozenset({"g_score", "x0_prev"}), outputs="alias"),
+    # Third-order multistep history: x0_prev2 alone, with x0_prev, strided, and x0_out aliasing it.
+    StepCase("x0_prev2_alone", terms=frozenset({"x0_prev2"}), nan_unused=True, outputs="poisoned"),
+    StepCase("x0_prev_and_x0_prev2", terms=frozenset({"x0_prev", "x0_prev2"}), guidance="none", nan_unused=True),
+    StepCase("x0_prev2_row_strided", view="row_strided", terms=frozenset({"x0_prev", "x0_prev2", "noise"})),
+    StepCase("x0_prev2_odd_large", shape=(2, 3, 181, 183), terms=frozenset({"x0_prev", "x0_prev2"}),
+             outputs="alias"),
     # out2: the result written twice in one pass.
     StepCase("out2_fresh_out", outputs="out2"),
     StepCase("out2_halves_of_one_buffer", outputs="out2_halves", terms=ALL, learned_variance=True),
@@ -160,12 +166,12 @@ def _random_table(case: StepCase, gen: torch.Generator) -> torch.Tensor:
     table[:, Col.LV_MAX] = table[:, Col.LV_MIN] + 3.0 * torch.rand(STEPS, generator=gen)
     if case.nan_unused:
         unused = {"g_score": [Col.P_G, Col.Q_G], "g_mean": [Col.D, Col.DV], "noise": [Col.P_Z, Col.Q_Z, Col.E, Col.EV],
-                  "x0_prev": [Col.F]}
+                  "x0_prev": [Col.F], "x0_prev2": [Col.F2]}
         cols = [c for term, cs in unused.items() if term not in case.terms for c in cs]
         if not case.learned_variance:
             cols += [Col.DV, Col.EV, Col.LV_MAX, Col.LV_MIN]
         if case.outputs == "x0_only":
-            cols += [Col.A, Col.B, Col.C, Col.D, Col.E, Col.F, Col.DV, Col.EV, Col.LV_MAX, Col.LV_MIN]
+            cols += [Col.A, Col.B, Col.C, Col.D, Col.E, Col.F, Col.F2, Col.DV, Col.EV, Col.LV_MAX, Col.LV_MIN]
         table[:, cols] = NAN
     return table
 

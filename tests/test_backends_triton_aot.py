@@ -31,11 +31,12 @@ LSE_GRAD = ("temperature_lse_grad", "temperature_lse_grad_kernel")
 RMS_PARTIAL = ("per_sample_rms", "per_sample_rms_partial_kernel")
 GRAM_PARTIAL = ("guidance_gram", "guidance_gram_partial_kernel")
 STEP_OFF = dict(HAS_CFG=False, HAS_MFACTOR=False, HAS_G_SCORE=False, HAS_G_MEAN=False, HAS_NOISE=False,
-                HAS_X0_PREV=False, LEARNED_VARIANCE=False, CLIP_MODE=0, STEP_FROM_PTR=False, WRITE_OUT=True,
-                WRITE_X0=False, WRITE_OUT2=False, STEP_ROWS=False, SPARSE_CFG=False, COMBINE=False,
+                HAS_X0_PREV=False, HAS_X0_PREV2=False, LEARNED_VARIANCE=False, CLIP_MODE=0, STEP_FROM_PTR=False,
+                WRITE_OUT=True, WRITE_X0=False, WRITE_OUT2=False, STEP_ROWS=False, SPARSE_CFG=False, COMBINE=False,
                 HAS_EXTRA=False, EPS_FROM_UNCOND=False)
 STEP_ALL = dict(STEP_OFF, HAS_CFG=True, HAS_MFACTOR=True, HAS_G_SCORE=True, HAS_G_MEAN=True, HAS_NOISE=True,
-                HAS_X0_PREV=True, LEARNED_VARIANCE=True, CLIP_MODE=2, STEP_FROM_PTR=True, WRITE_X0=True)
+                HAS_X0_PREV=True, HAS_X0_PREV2=True, LEARNED_VARIANCE=True, CLIP_MODE=2, STEP_FROM_PTR=True,
+                WRITE_X0=True)
 BF16_IO = {p: "bf16" for p in ("x_ptr", "noise_ptr", "g_score_ptr", "out_ptr", "x0_out_ptr")}
 ROW_MAPS = {"step_rows_ptr": "i64", "uncond_rows_ptr": "i64"}  # a heterogeneous batch's [B] index vectors
 CASES = [

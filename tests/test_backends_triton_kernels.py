@@ -70,7 +70,7 @@ def _step_inputs(batch, shape, dtype, gen, *, cfg=True, learned_variance=False, 
     if cfg:
         extra["scale"] = (1.0 + 7.0 * torch.rand(batch, generator=gen)).to(DEVICE)
     if full:
-        for name in ("g_score", "g_mean", "noise", "x0_prev"):
+        for name in ("g_score", "g_mean", "noise", "x0_prev", "x0_prev2"):
             extra[name] = randn(batch, *shape, dtype=dtype, gen=gen)
     return x, mo, extra
 
@@ -128,7 +128,7 @@ def test_step_block_boundaries(n, learned_variance):
     mo = randn(2 * batch, 2 * n if learned_variance else n, gen=gen)
     kwargs = dict(scale=(1 + torch.rand(batch, generator=gen)).to(DEVICE), mfactor=(0.5 + torch.rand(
         batch, generator=gen)).to(DEVICE))
-    for name in ("g_score", "g_mean", "noise", "x0_prev"):
+    for name in ("g_score", "g_mean", "noise", "x0_prev", "x0_prev2"):
         kwargs[name] = randn(batch, n, gen=gen)
     table = random_table(3, gen)
     out, x0 = poisoned(x), poisoned(x)
@@ -190,16 +190,17 @@ def test_step_mixed_input_dtypes():
     assert_close(got, want, torch.float16)
 
 
-def test_step_outputs_alias_inputs():
-    """out=sample and x0_out=x0_prev: every element's inputs are read before it is written."""
+@pytest.mark.parametrize("history", ["x0_prev", "x0_prev2"])
+def test_step_outputs_alias_inputs(history):
+    """out=sample and x0_out=x0_prev (or x0_prev2): every element's inputs are read before it is written."""
     gen = torch.Generator().manual_seed(5)
     batch, shape = 3, (2, 300)
     x, mo, extra = _step_inputs(batch, shape, torch.float32, gen)
     table = random_table(3, gen)
     want_x0 = poisoned(x)
     want = fastguide.guided_step(x, mo, table, 2, **extra, x0_out=want_x0, backend="torch")
-    x_alias, x0_prev_alias = x.clone(), extra["x0_prev"].clone()
-    extra["x0_prev"] = x0_prev_alias
+    x_alias, x0_prev_alias = x.clone(), extra[history].clone()
+    extra[history] = x0_prev_alias
     got = fastguide.guided_step(x_alias, mo, table, 2, **extra, out=x_alias, x0_out=x0_prev_alias,
                                 backend="triton")
     assert got is x_alias
@@ -259,7 +260,8 @@ def test_step_absent_inputs_and_columns_are_never_read():
     mo = randn(2 * batch, 2 * n, gen=gen)
     mo[:, n:] = float("nan")
     table = random_table(2, gen)
-    for col in (Col.P_G, Col.P_Z, Col.Q_G, Col.Q_Z, Col.D, Col.E, Col.F, Col.DV, Col.EV, Col.LV_MAX, Col.LV_MIN):
+    for col in (Col.P_G, Col.P_Z, Col.Q_G, Col.Q_Z, Col.D, Col.E, Col.F, Col.DV, Col.EV, Col.LV_MAX, Col.LV_MIN,
+                Col.F2):
         table[:, col] = float("nan")
     # [B, 1, n] samples; the model output's doubled channel dimension holds the (NaN) variance.
     x3, mo3 = x.reshape(batch, 1, n), mo.reshape(2 * batch, 2, n)
@@ -267,6 +269,24 @@ def test_step_absent_inputs_and_columns_are_never_read():
     want = fastguide.guided_step(x3, mo3, table, 1, scale=2.0, learned_variance=True, backend="torch")
     assert torch.isfinite(got).all()
     assert_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("n", [1, 129])
+def test_step_x0_prev2_without_x0_prev(n):
+    """The history terms are gated each by its own flag: x0_prev2 alone reads column F2, never F (NaN here)
+    nor an x0_prev pointer, across a chunk boundary."""
+    guided_step, *_ = _kernels()
+    gen = torch.Generator().manual_seed(n + 51)
+    batch = 3
+    x, mo = randn(batch, n, gen=gen), randn(batch, n, gen=gen)
+    table = random_table(2, gen)
+    table[:, Col.F] = float("nan")
+    kwargs = dict(x0_prev2=randn(batch, n, gen=gen))
+    out = poisoned(x)
+    guided_step.guided_step(StepArgs(x, mo, table, 1, **kwargs, out=out), block=128)
+    want, _ = _reference_rows(x, mo, table, 1, kwargs)
+    assert torch.isfinite(out).all()
+    assert_close(out, want, torch.float32)
 
 
 @pytest.mark.parametrize("clip", ["range", "threshold", "none"])
@@ -370,7 +390,8 @@ def test_step_heterogeneous_maps_strided_int32_and_override_a_device_step():
     scale = torch.tensor([2.0, float("nan"), 0.5, float("nan")], device=DEVICE)
     table = random_table(3, gen)
     counter = torch.full((1,), 1, dtype=torch.int64, device=DEVICE)
-    kwargs = dict(scale=scale, step_rows=step_rows, uncond_rows=uncond, x0_prev=randn(batch, n, gen=gen))
+    kwargs = dict(scale=scale, step_rows=step_rows, uncond_rows=uncond, x0_prev=randn(batch, n, gen=gen),
+                  x0_prev2=randn(batch, n, gen=gen))
     out = poisoned(x)
     guided_step.guided_step(StepArgs(x, mo, table, counter, **kwargs, out=out), block=16)
     want, _ = _reference_rows(x, mo, table, 0, kwargs)

@@ -1,8 +1,8 @@
 // Fused guided sampler step on the CPU: the row formula of fastguide/core/layout.py, one tile at a time.
 //
 // A work item is one tile of one sample row; inputs are read as fp32 (converted into scratch when stored
-// as fp16/bf16). Terms that only add to the output (mean shift, noise, x0_prev) are first summed into an
-// L1 buffer. In the common case (no clipping, no score term, no x0 output) one loop then computes the
+// as fp16/bf16). Terms that only add to the output (mean shift, noise, x0_prev, x0_prev2) are first summed
+// into an L1 buffer. In the common case (no clipping, no score term, no x0 output) one loop then computes the
 // guided model output, x0 and eps in registers and writes `out`; otherwise x0 and eps go through L1
 // buffers so that clipping and the score term can change them. Optional terms are branches around whole
 // loops, never multiplications by zero, so an absent tensor cannot inject NaN.
@@ -40,6 +40,7 @@ struct Scratch {
   alignas(64) float g_mean[kTile];
   alignas(64) float noise[kTile];
   alignas(64) float x0_prev[kTile];
+  alignas(64) float x0_prev2[kTile];
   alignas(64) float e[kTile];  // the combine's third prediction (extra)
   // Intermediates; `res` holds the output before conversion when it is not stored as fp32.
   alignas(64) float x0[kTile];
@@ -160,15 +161,17 @@ const float* load_row(const GuidedStepArgs& a, const void* base, int64_t stride,
   return base ? load_f32(a.dtype, base, row * stride + begin, len, buf) : nullptr;
 }
 
-// Sum of the terms that only add to the output, (D + DV Sigma) gm + (E + EV sqrt(Sigma)) z + F x0_prev,
-// into s.extra; null when there are none. Sigma = exp(f LV_MAX + (1 - f) LV_MIN), f = (v + 1) / 2, from the
-// cond half's learned-range variance channels v.
+// Sum of the terms that only add to the output, (D + DV Sigma) gm + (E + EV sqrt(Sigma)) z + F x0_prev
+// + F2 x0_prev2, into s.extra (in the reference's order); null when there are none. Each is skipped when its
+// input is absent, so a NaN coefficient of a missing term never reaches the output. Sigma = exp(f LV_MAX +
+// (1 - f) LV_MIN), f = (v + 1) / 2, from the cond half's learned-range variance channels v.
 const float* added_terms(const GuidedStepArgs& a, const float* k, const Model& in, int64_t row,
                          int64_t cond_row, int64_t begin, int64_t len, Scratch& s) {
   const float* gm = load_row(a, a.g_mean, a.g_mean_stride, row, begin, len, s.g_mean);
   const float* xp = load_row(a, a.x0_prev, a.x0_prev_stride, row, begin, len, s.x0_prev);
+  const float* xp2 = load_row(a, a.x0_prev2, a.x0_prev2_stride, row, begin, len, s.x0_prev2);
   const float* z = in.z;
-  if (!gm && !z && !xp) return nullptr;
+  if (!gm && !z && !xp && !xp2) return nullptr;
   float* __restrict extra = s.extra;
   for (int64_t i = 0; i < len; ++i) extra[i] = 0.f;
   const float* sigma = nullptr;
@@ -202,6 +205,10 @@ const float* added_terms(const GuidedStepArgs& a, const float* k, const Model& i
   if (xp) {
     const float f = k[F];
     for (int64_t i = 0; i < len; ++i) extra[i] += f * xp[i];
+  }
+  if (xp2) {
+    const float f2 = k[F2];
+    for (int64_t i = 0; i < len; ++i) extra[i] += f2 * xp2[i];
   }
   return s.extra;
 }

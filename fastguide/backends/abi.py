@@ -201,6 +201,8 @@ def guided_step_args(args: StepArgs) -> Launch:
         a.noise, a.noise_stride = launch.input(args.noise, dtype)
     if args.x0_prev is not None:
         a.x0_prev, a.x0_prev_stride = launch.input(args.x0_prev, dtype)
+    if args.x0_prev2 is not None:
+        a.x0_prev2, a.x0_prev2_stride = launch.input(args.x0_prev2, dtype)
     if args.clip_mode:
         a.clip_mode = int(args.clip_mode)
         a.clip_lo, a.clip_hi = float(args.clip_lo), float(args.clip_hi)

@@ -194,6 +194,8 @@ def guided_step(args: StepArgs) -> None:
         res = res + amp * z
     if args.x0_prev is not None:
         res = res + c[Col.F] * args.x0_prev.float()
+    if args.x0_prev2 is not None:
+        res = res + c[Col.F2] * args.x0_prev2.float()
     # Every input has been read before anything is written, so outputs may alias inputs exactly. x0 goes
     # first: where x0_out is out or out2, the result wins.
     if x0_out is not None:

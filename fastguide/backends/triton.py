@@ -77,7 +77,7 @@ def guided_step(args: StepArgs) -> None:
     step_kernels.guided_step(dataclasses.replace(
         args, sample=as_rows(args.sample), model_output=as_rows(args.model_output), g_score=as_rows(args.g_score),
         g_mean=as_rows(args.g_mean), noise=as_rows(args.noise), x0_prev=as_rows(args.x0_prev),
-        extra=as_rows(args.extra), out=out_rows, x0_out=x0_rows, out2=out2_rows))
+        x0_prev2=as_rows(args.x0_prev2), extra=as_rows(args.extra), out=out_rows, x0_out=x0_rows, out2=out2_rows))
     # In the kernel's store order (x0, out, out2): an output that is x0_out too ends up with the result.
     if copy_x0:
         args.x0_out.copy_(x0_rows.view(args.x0_out.shape))

@@ -63,6 +63,7 @@ class StepArgs:
     g_mean: Optional[torch.Tensor] = None     # mean shift: mu += Sigma g
     noise: Optional[torch.Tensor] = None
     x0_prev: Optional[torch.Tensor] = None    # the previous step's x0 (2nd-order multistep samplers)
+    x0_prev2: Optional[torch.Tensor] = None   # the x0 before that (3rd-order multistep, UniPC's corrector)
     clip_mode: int = CLIP_NONE
     clip_lo: float = -1.0
     clip_hi: float = 1.0

@@ -34,7 +34,7 @@ def guided_step(sample: Tensor, model_output: Tensor, table: Tensor, step: int, 
                 write_out: bool, write_x0: bool, backend: str, write_out2: bool = False,
                 step_rows: Optional[Tensor] = None, uncond_rows: Optional[Tensor] = None,
                 combine: Optional[Tensor] = None, extra: Optional[Tensor] = None,
-                eps_from_uncond: bool = False) -> Tuple[Tensor, Tensor]:
+                eps_from_uncond: bool = False, x0_prev2: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Functional fused step: returns (out, x0); an output not asked for is an empty tensor. With
     ``write_out2``, ``out`` holds the result twice, stacked (``[2B, ...]``: rows ``[:B]`` and ``[B:]``),
     written by one kernel pass through ``StepArgs.out`` / ``StepArgs.out2``. ``step_rows`` /
@@ -48,14 +48,14 @@ def guided_step(sample: Tensor, model_output: Tensor, table: Tensor, step: int, 
         clip_lo=clip_lo, clip_hi=clip_hi, threshold=threshold, learned_variance=learned_variance,
         out=(res[:rows] if doubled else res) if write_out else None, x0_out=x0 if write_x0 else None,
         write_out=write_out, out2=res[rows:] if doubled else None, step_rows=step_rows, uncond_rows=uncond_rows,
-        combine=combine, extra=extra, eps_from_uncond=eps_from_uncond))
+        combine=combine, extra=extra, eps_from_uncond=eps_from_uncond, x0_prev2=x0_prev2))
     return res, x0
 
 
 @guided_step.register_fake
 def _(sample, model_output, table, step, step_tensor, scale, mfactor, g_score, g_mean, noise, x0_prev,
       clip_mode, clip_lo, clip_hi, threshold, learned_variance, write_out, write_x0, backend, write_out2=False,
-      step_rows=None, uncond_rows=None, combine=None, extra=None, eps_from_uncond=False):
+      step_rows=None, uncond_rows=None, combine=None, extra=None, eps_from_uncond=False, x0_prev2=None):
     return _result(sample, write_out, write_out and write_out2), _empty(sample, write_x0)
 
 

@@ -26,6 +26,7 @@ def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table, step: U
                 scale: Optional[Scale] = None, rescale: float = 0.0,
                 g_score: Optional[torch.Tensor] = None, g_mean: Optional[torch.Tensor] = None,
                 noise: Optional[torch.Tensor] = None, x0_prev: Optional[torch.Tensor] = None,
+                x0_prev2: Optional[torch.Tensor] = None,
                 clip: Optional[Sequence[float]] = None, threshold: Optional[torch.Tensor] = None,
                 learned_variance: bool = False, out: Optional[torch.Tensor] = None,
                 x0_out: Optional[torch.Tensor] = None, write_out: bool = True,
@@ -60,7 +61,9 @@ def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table, step: U
         noise: optional tensor of the sample's shape, default None: the step's standard-normal noise z (rows
             whose noise column is 0 ignore it; a row that needs noise without it adds none).
         x0_prev: optional tensor of the sample's shape, default None: the previous stage's x0^ (DPM-Solver++
-            2M, Heun's second stage).
+            2M, Heun's second stage), with coefficient ``F``.
+        x0_prev2: optional tensor of the sample's shape, default None: the x0^ one step further back
+            (DPM-Solver++ 3M, UniPC's corrector), with coefficient ``F2``.
         clip: optional ``(low, high)`` with low < high, default None: clamp x0^ to this range (e.g. (-1, 1)).
         threshold: optional ``[B]`` float tensor, default None: per-sample dynamic threshold s (Saharia et al.
             2022): ``x0^ = clamp(x0^, -s, s) / s``. Not together with ``clip``.
@@ -121,12 +124,14 @@ def guided_step(sample: torch.Tensor, model_output: torch.Tensor, table, step: U
     rescale = check_fraction("guidance_rescale", rescale)
     if rescale and w is None:
         raise ValueError("guidance_rescale needs guidance_scale (a 2B-row [uncond; cond] model_output)")
-    for name, t in (("g_score", g_score), ("g_mean", g_mean), ("noise", noise), ("x0_prev", x0_prev)):
+    for name, t in (("g_score", g_score), ("g_mean", g_mean), ("noise", noise), ("x0_prev", x0_prev),
+                    ("x0_prev2", x0_prev2)):
         check_tensor(name, t, like=sample, allow_none=True)
     if clip is not None and threshold is not None:
         raise ValueError("pass either clip or threshold, not both")
     args = StepArgs(sample, model_output, table.contiguous(), step, scale=w, rescale=rescale, g_score=g_score,
-                    g_mean=g_mean, noise=noise, x0_prev=x0_prev, learned_variance=bool(learned_variance),
+                    g_mean=g_mean, noise=noise, x0_prev=x0_prev, x0_prev2=x0_prev2,
+                    learned_variance=bool(learned_variance),
                     out=out, x0_out=x0_out, write_out=write_out, step_rows=step_rows, uncond_rows=uncond_rows,
                     combine=combine, extra=extra, eps_from_uncond=check_bool("eps_from_uncond", eps_from_uncond))
     if step_rows is not None:
@@ -203,7 +208,8 @@ def run_step(args: StepArgs, backend: str) -> Optional[torch.Tensor]:
     if fresh:
         out = args.out = torch.empty_like(sample, memory_format=torch.contiguous_format)  # no overlap
     if not fresh or out2 is not None or x0_out is not None:
-        spans = _spans((sample, args.model_output, args.g_score, args.g_mean, args.noise, args.x0_prev, args.extra))
+        spans = _spans((sample, args.model_output, args.g_score, args.g_mean, args.noise, args.x0_prev,
+                        args.x0_prev2, args.extra))
         if out is not None:
             if not fresh and not _writable_in_place(out, spans):
                 args.out = torch.empty_like(sample, memory_format=torch.contiguous_format)
@@ -252,7 +258,7 @@ def _traced_step(args: StepArgs, backend: str) -> Optional[torch.Tensor]:
                               step_tensor, a.scale, mfactor, a.g_score, a.g_mean,
                               a.noise, a.x0_prev, a.clip_mode, a.clip_lo, a.clip_hi, a.threshold,
                               a.learned_variance, a.write_out, a.x0_out is not None, backend, doubled,
-                              a.step_rows, a.uncond_rows, a.combine, a.extra, a.eps_from_uncond)
+                              a.step_rows, a.uncond_rows, a.combine, a.extra, a.eps_from_uncond, a.x0_prev2)
     if a.x0_out is not None:
         a.x0_out.copy_(x0)
     if not a.write_out:
