@@ -548,7 +548,7 @@ BAD = [
     ("dpm-sde-non-plus-plus", _make(DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver",
                                      final_sigmas_type="sigma_min"), {}, ValueError,
      "algorithm_type"),
-    ("dpm-order-3", _make(DPMSolverMultistepScheduler, solver_order=3), {}, ValueError, "solver_order"),
+    ("dpm-order-4", _make(DPMSolverMultistepScheduler, solver_order=4), {}, ValueError, "solver_order"),
     ("dpm-learned-variance", _make(DPMSolverMultistepScheduler, variance_type="learned_range"), {}, ValueError,
      "variance_type"),
     ("dpm-flow-prediction", _make(DPMSolverMultistepScheduler, use_flow_sigmas=True,

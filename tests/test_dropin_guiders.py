@@ -10,6 +10,7 @@ own. A free-running loop per guider, the rows outside the window and bad options
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 
 import pytest
@@ -18,7 +19,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
-                       FlowMatchHeunDiscreteScheduler, LCMScheduler)
+                       FlowMatchHeunDiscreteScheduler, LCMScheduler, UniPCMultistepScheduler)
 from diffusers import guiders as dg  # noqa: E402
 
 import fastguide  # noqa: E402
@@ -276,6 +277,10 @@ EVERY_KIND = {
     "euler-ancestral": (lambda: EulerAncestralDiscreteScheduler(), {}, False),
     "dpmpp2m": (lambda: DPMSolverMultistepScheduler(solver_order=2), {}, False),
     "dpmpp2m-sde": (lambda: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), {}, False),
+    "dpmpp3m": (lambda: DPMSolverMultistepScheduler(solver_order=3), {}, False),
+    "unipc-bh2": (lambda: UniPCMultistepScheduler(), {}, False),
+    "unipc-bh1-v": (lambda: UniPCMultistepScheduler(solver_type="bh1", prediction_type="v_prediction",
+                                                    final_sigmas_type="sigma_min"), {}, False),
     "lcm": (lambda: LCMScheduler(), {}, False),
     "flow-stochastic": (lambda: FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True), {}, False),
     "flow-heun": (lambda: FlowMatchHeunDiscreteScheduler(shift=3.0), {}, False),
@@ -337,11 +342,12 @@ def test_every_scheduler_kind_with_guider(guider_id, scheduler_id):
         x_in = s_ref.scale_model_input(x, t) if hasattr(s_ref, "scale_model_input") else x
         s_fg.scale_model_input(x, t) if hasattr(s_fg, "scale_model_input") else None
         mo = kind_model(x_in, t, learned)
-        want = s_ref.step(kind_reference_pred(g_ref, mo, SHAPE[1], learned), t, x, generator=gen_ref,
-                          **opts).prev_sample
+        draws = "generator" in inspect.signature(s_ref.step).parameters  # (UniPC's step takes none)
+        want = s_ref.step(kind_reference_pred(g_ref, mo, SHAPE[1], learned), t, x,
+                          **({"generator": gen_ref} if draws else {}), **opts).prev_sample
         if i % 3 == 1:
-            got = s_fg.step(kind_reference_pred(g_fg, mo, SHAPE[1], learned), t, x, generator=gen_fg,
-                            **opts).prev_sample
+            got = s_fg.step(kind_reference_pred(g_fg, mo, SHAPE[1], learned), t, x,
+                            **({"generator": gen_fg} if draws else {}), **opts).prev_sample
         else:
             rows = mo if g_fg.num_conditions == 2 else mo[B:]
             got = fastguide.step(rows, t, x, scheduler=s_fg, guider=g_fg, generator=gen_fg, backend=BACKEND,

@@ -10,6 +10,7 @@ between ``scheduler.step`` and ``fastguide.step``, the return_dict forms, and re
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -48,15 +49,17 @@ def state_of(s) -> dict:
 
 
 def assert_same_state(a: dict, b: dict, tol: float) -> None:
+    """Equal scheduler states: tensors (alone or in lists, None where the other has None too) to ``tol``."""
     assert a.keys() == b.keys()
     for k in a:
-        if k == "model_outputs":
-            assert [m is None for m in a[k]] == [m is None for m in b[k]]
-            for x, y in zip(a[k], b[k]):
-                if x is not None:
-                    assert rel_err(x, y) <= tol
-        else:
+        xs, ys = (a[k], b[k]) if isinstance(a[k], list) and k == "model_outputs" else ([a[k]], [b[k]])
+        if not any(isinstance(v, torch.Tensor) for v in xs + ys):
             assert a[k] == b[k], k
+            continue
+        assert [v is None for v in xs] == [v is None for v in ys], k
+        for x, y in zip(xs, ys):
+            if x is not None:
+                assert rel_err(x, y) <= tol, k
 
 
 def latents(seed: int = 0) -> torch.Tensor:
@@ -113,27 +116,32 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("name,make,ts_kwargs,scale,rescale", CONFIGS, ids=[c[0] for c in CONFIGS])
-def test_teacher_forced_parity(name, make, ts_kwargs, scale, rescale, backend):
+def check_teacher_forced(name, make, ts_kwargs, scale, rescale, backend, state=None) -> None:
+    """Per step, from identical inputs: the scheduler's own output class and fields, its state (``state``,
+    default ``state_of``) and the generator's state agree with diffusers' step on ``u + w (c - u)``."""
+    state = state or state_of
     sched = make()
     sched.set_timesteps(**ts_kwargs)
     x = latents()
     gen = torch.Generator().manual_seed(1234)
-    lcm = isinstance(sched, LCMScheduler)
     for t in sched.timesteps:
         mo = fake_model(sched.scale_model_input(x, t), t)
         twin, twin_gen = copy.deepcopy(sched), clone_gen(gen)
-        ref = sched.step(diffusers_cfg(mo, scale, rescale), t, x, generator=gen)
+        ref = sched.step(diffusers_cfg(mo, scale, rescale), t, x, **generator_kwargs(sched, gen))
         got = step(mo, t, x, scheduler=twin, guidance_scale=scale, guidance_rescale=rescale, generator=twin_gen,
                    return_dict=True, backend=backend)
         assert type(got) is type(ref)    # the scheduler's own output class
-        assert rel_err(got.prev_sample, ref.prev_sample) <= STEP_TOL, f"{name} t={t}"
-        if lcm:
-            assert rel_err(got.denoised, ref.denoised) <= STEP_TOL, f"{name} t={t}"
-        assert_same_state(state_of(twin), state_of(sched), STEP_TOL)
+        for f in ref.keys():             # prev_sample, and LCM's denoised
+            assert rel_err(getattr(got, f), getattr(ref, f)) <= STEP_TOL, f"{name} {f} t={t}"
+        assert_same_state(state(twin), state(sched), STEP_TOL)
         assert torch.equal(twin_gen.get_state(), gen.get_state()), "noise drawn differently from diffusers"
         x = ref.prev_sample
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name,make,ts_kwargs,scale,rescale", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_teacher_forced_parity(name, make, ts_kwargs, scale, rescale, backend):
+    check_teacher_forced(name, make, ts_kwargs, scale, rescale, backend)
 
 
 def run_loop(make, ts_kwargs, mode, scale=2.0, seed=99):
@@ -148,8 +156,13 @@ def run_loop(make, ts_kwargs, mode, scale=2.0, seed=99):
         if mode(i):
             x = step(mo, t, x, scheduler=sched, guidance_scale=scale, generator=gen)
         else:
-            x = sched.step(diffusers_cfg(mo, scale), t, x, generator=gen).prev_sample
+            x = sched.step(diffusers_cfg(mo, scale), t, x, **generator_kwargs(sched, gen)).prev_sample
     return x, sched, gen
+
+
+def generator_kwargs(sched, gen) -> dict:
+    """``generator=gen`` for a scheduler whose ``step`` takes one (UniPC's takes none)."""
+    return {"generator": gen} if "generator" in inspect.signature(sched.step).parameters else {}
 
 
 LOOPS = [
@@ -162,14 +175,21 @@ LOOPS = [
 MODES = [lambda i: True, lambda i: i % 3 == 1, lambda i: i % 2 == 0, lambda i: i >= 5]
 
 
-@pytest.mark.parametrize("name,make,ts_kwargs", LOOPS, ids=[c[0] for c in LOOPS])
-def test_whole_loop_and_switching(name, make, ts_kwargs):
+def check_whole_loop_and_switching(make, ts_kwargs, state=None) -> None:
+    """Free-running loops that switch between fastguide.step and scheduler.step (MODES) end where diffusers'
+    own loop ends: sample, scheduler state (``state``, default ``state_of``) and generator."""
+    state = state or state_of
     ref, ref_sched, ref_gen = run_loop(make, ts_kwargs, lambda i: False)
     for mode in MODES:
         got, got_sched, got_gen = run_loop(make, ts_kwargs, mode)
         assert rel_err(got, ref) <= LOOP_TOL
-        assert_same_state(state_of(got_sched), state_of(ref_sched), LOOP_TOL)
+        assert_same_state(state(got_sched), state(ref_sched), LOOP_TOL)
         assert torch.equal(got_gen.get_state(), ref_gen.get_state())
+
+
+@pytest.mark.parametrize("name,make,ts_kwargs", LOOPS, ids=[c[0] for c in LOOPS])
+def test_whole_loop_and_switching(name, make, ts_kwargs):
+    check_whole_loop_and_switching(make, ts_kwargs)
 
 
 @pytest.mark.parametrize("make,fields", [(SDE(), ("prev_sample",)), (LCM(), ("prev_sample", "denoised"))],
@@ -304,11 +324,12 @@ def SDE_OTHER(algorithm_type):
     return lambda: DPMSolverMultistepScheduler(algorithm_type=algorithm_type, final_sigmas_type="sigma_min")
 
 
-def _lcm_mid_loop():
-    sched = LCMScheduler()
+def mid_loop(make, steps_done: int = 2):
+    """A scheduler of an 8-step schedule after ``steps_done`` CFG steps of fastguide.step."""
+    sched = make()
     sched.set_timesteps(8)
     x = latents()
-    for t in sched.timesteps[:2]:
+    for t in sched.timesteps[:steps_done]:
         x = step(fake_model(x, t), t, x, scheduler=sched, guidance_scale=2.0)
     return sched
 
@@ -317,12 +338,12 @@ BAD = [
     # (id, scheduler setup, timestep, name the message must contain)
     ("dpm-sde-non-plusplus", _scheduled(SDE_OTHER("sde-dpmsolver")), None, "algorithm_type"),
     ("dpm-dpmsolver", _scheduled(SDE_OTHER("dpmsolver")), None, "algorithm_type"),
-    ("sde-order-3", _scheduled(SDE(solver_order=3)), None, "solver_order"),
+    ("sde-order-4", _scheduled(SDE(solver_order=4)), None, "solver_order"),
     ("sde-learned-variance", _scheduled(SDE(variance_type="learned_range")), None, "variance_type"),
     ("sde-flow-sigmas", _scheduled(SDE(use_flow_sigmas=True)), None, "use_flow_sigmas"),
     ("lcm-flow-prediction", _scheduled(LCM(prediction_type="flow_prediction")), None, "prediction_type"),
     ("lcm-without-set-timesteps", LCMScheduler, 999, "set_timesteps"),
-    ("lcm-timestep-not-at-step-index", _lcm_mid_loop, lambda s: s.timesteps[0], "timestep"),
+    ("lcm-timestep-not-at-step-index", lambda: mid_loop(LCM()), lambda s: s.timesteps[0], "timestep"),
     ("lcm-timestep-not-in-schedule", _scheduled(LCM()), lambda s: 500, "timestep"),
 ]
 

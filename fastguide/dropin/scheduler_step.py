@@ -7,13 +7,14 @@ scheduler's step state the same way, so a pipeline may switch between the two mi
 How: every supported scheduler step is one row of a coefficient table built from the scheduler's own
 state (``fastguide.samplers.scheduler_tables``), kept on the device. A call checks its arguments once
 (``_check_call``), finds its row on the host (the timestep's position for DDPM/DDIM, the scheduler's step
-counter for the others; ``_select_row``), computes guidance terms (``_guidance_terms``), draws noise exactly
+counter for the others; ``select_row``), computes guidance terms (``_guidance_terms``), draws noise exactly
 where, and in the shape and dtype, diffusers draws it (``_draw_noise``), runs one fused kernel and advances
 the scheduler (``_advance``).
 
 Supported: ``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``,
 ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler`` (``dpmsolver++`` and ``sde-dpmsolver++``,
-order 1 or 2), ``FlowMatchEulerDiscreteScheduler`` (SD3, Flux, Wan, Qwen-Image: every config option, stochastic
+order 1, 2 or 3), ``UniPCMultistepScheduler`` (bh1 / bh2, order 1 or 2, its corrector: ``dropin.unipc``),
+``FlowMatchEulerDiscreteScheduler`` (SD3, Flux, Wan, Qwen-Image: every config option, stochastic
 sampling included), ``FlowMatchHeunDiscreteScheduler`` (both stages, churn, its stored derivative / dt /
 sample kept as its own step keeps them) and ``LCMScheduler``. Anything else raises ``ValueError`` naming the
 scheduler or the option.
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
@@ -35,14 +35,13 @@ from ..core import ops as _ops
 from ..core.args import StepArgs
 from ..core.checks import (Scale, check_bool, check_finite, check_fraction, check_model_output, check_real,
                            check_sample, check_scale, check_tensor)
-from ..samplers.scheduler_tables import (DDIM, DDPM, DPM, EULER, FLOW, FLOW_HEUN, LCM, SchedulerPlan, config,
-                                         dpm_lower_order_final)
+from ..samplers.scheduler_tables import DDIM, DDPM, DPM, EULER, FLOW, FLOW_HEUN, LCM, UNIPC, config
 from . import guidance as _dropin_guidance
 from . import guiders as _guiders
-from .schedulers import (INDEX_BASED, HeunStage, SchedulerState, heun_stage, heun_store, off_schedule_plan,
-                         output_of, plan_of, scheduler_state, variant)
+from . import unipc as _unipc
+from .call import Call, GeneratorArg, scalar_timestep, select_row
+from .schedulers import INDEX_BASED, SchedulerState, heun_store, output_of, plan_of, scheduler_state, variant
 
-GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]
 _DEFAULT_CHURN = (0.0, 0.0, math.inf, 1.0)
 
 
@@ -65,21 +64,6 @@ class StepOutput:
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor
-
-
-@dataclass
-class _Call:
-    """One drop-in call, checked: the scheduler's state and plan for its options, and its tensors."""
-
-    state: SchedulerState
-    plan: SchedulerPlan
-    options: tuple        # the plan's step options (``schedulers.variant``)
-    args: StepArgs        # sample, model output, [B] fp32 scale, rescale, g_score/g_mean, out, clip
-    noise: Optional[torch.Tensor]
-    generator: GeneratorArg
-    check_finite: bool
-    backend: str
-    heun: Optional[HeunStage] = None   # FlowMatchHeunDiscreteScheduler: this call's stage
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -107,7 +91,7 @@ def _check_scheduler_options(scheduler, kind: str, eta, use_clipped_model_output
 
 def _check_call(model_output, sample, scheduler, guidance_scale, guidance_rescale, generator, options: tuple,
                 out, g_score, g_mean, noise, check_outputs_finite: bool, backend: str, combine=None,
-                extra=None) -> _Call:
+                extra=None) -> Call:
     state = scheduler_state(scheduler)
     if options is None:
         options = variant(state.kind, 0.0, False, *_DEFAULT_CHURN)
@@ -133,128 +117,14 @@ def _check_call(model_output, sample, scheduler, guidance_scale, guidance_rescal
     args = StepArgs(sample, model_output, plan.table(sample.device), 0, scale=w, rescale=rescale, g_score=g_score,
                     g_mean=g_mean, learned_variance=plan.learned_variance, out=out, combine=combine, extra=extra)
     _ops.set_clip(args, state.clip, None)
-    return _Call(state, plan, options, args, noise, generator, check_outputs_finite, backend)
-
-
-def _scalar_timestep(timestep) -> float:
-    """The timestep as a host number (one sync for a CUDA tensor, as diffusers' own indexing does).
-
-    ``tolist`` reads a CPU tensor's memory directly, where ``item`` would dispatch an op on every step."""
-    if isinstance(timestep, torch.Tensor):
-        if timestep.numel() != 1:
-            raise ValueError(f"timestep must be a scalar, got a tensor of shape {tuple(timestep.shape)}")
-        value = timestep.tolist()
-        while isinstance(value, list):
-            value = value[0]
-        return value
-    if isinstance(timestep, bool) or not isinstance(timestep, numbers.Real):
-        raise TypeError(f"timestep must be an int, a float or a one-element tensor, got {type(timestep).__name__}")
-    return timestep
-
-
-# ---------------------------------------------------------------------------------------------------
-# Which row
-
-
-def _vp_row(scheduler, call: _Call, timestep) -> int:
-    """The row of a DDPM/DDIM timestep. DDIMScheduler.step takes any training timestep (its previous
-    timestep is derived from ``t``): one outside ``scheduler.timesteps`` gets a one-row plan of its own,
-    built on first use and kept with the scheduler's plans."""
-    plan = call.plan
-    value = _scalar_timestep(timestep)
-    row = plan.timestep_rows.get(int(value)) if float(value).is_integer() else None
-    if row is not None:
-        return row
-    train = int(config(scheduler, "num_train_timesteps"))
-    if call.state.kind == DDIM and float(value).is_integer() and 0 <= int(value) < train:
-        call.plan = off_schedule_plan(scheduler, call.state, call.options, int(value))
-        call.args.table = call.plan.table(call.args.sample.device)
-        return 0
-    shown = list(plan.timestep_rows)
-    shown = shown if len(shown) <= 12 else shown[:6] + ["..."] + shown[-3:]
-    where = (f"scheduler.timesteps {shown} or an integer in [0, {train})" if call.state.kind == DDIM
-             else f"scheduler.timesteps {shown}")
-    raise ValueError(f"timestep {value!r} is not in {where}")
-
-
-def _indexed_step(scheduler, state: SchedulerState, timestep) -> Tuple[int, bool]:
-    """(step index this call uses, whether the scheduler's counter must be initialised from ``timestep``)."""
-    integer = isinstance(timestep, int) and not isinstance(timestep, bool) or \
-        isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()
-    if state.kind not in (DPM, LCM) and integer:
-        # As Euler*.step: integer indices (enumerate) are a common mistake; pass a value of scheduler.timesteps.
-        raise ValueError("timestep must be a value of scheduler.timesteps, not an integer index")
-    n = len(scheduler.timesteps)
-    if torch.compiler.is_compiling():
-        index, init = state.next_index, False   # see SchedulerState.next_index
-    elif scheduler.step_index is not None:
-        index, init = int(scheduler.step_index), False
-    elif scheduler.begin_index is not None:
-        index, init = int(scheduler.begin_index), True
-    else:
-        _scalar_timestep(timestep)
-        ts = timestep.to(scheduler.timesteps.device) if isinstance(timestep, torch.Tensor) else timestep
-        if not bool((scheduler.timesteps == ts).any()):
-            raise ValueError(f"timestep {_scalar_timestep(timestep)!r} is not in scheduler.timesteps")
-        index, init = int(scheduler.index_for_timestep(ts)), True
-    if not 0 <= index < n:
-        raise ValueError(f"scheduler: step index {index} is past the end of its {n}-step schedule; call "
-                         "scheduler.set_timesteps(...) to start a new loop")
-    return index, init
-
-
-def _check_lcm_timestep(plan: SchedulerPlan, index: int, timestep) -> None:
-    """LCMScheduler.step takes abar_t and c_skip/c_out from the timestep it is given but the previous timestep
-    from its step index, so the row of step ``index`` is its step only for ``scheduler.timesteps[index]``.
-    Checked where that reads nothing from a device (numbers and CPU tensors, outside torch.compile)."""
-    if torch.compiler.is_compiling() or isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
-        return
-    value = _scalar_timestep(timestep)
-    if not float(value).is_integer() or plan.timestep_rows.get(int(value)) != index:
-        raise ValueError(f"timestep {value!r} is not scheduler.timesteps[{index}] (the scheduler's step index); "
-                         "LCMScheduler steps through its timesteps in order")
-
-
-def _select_row(scheduler, call: _Call, timestep) -> Tuple[Optional[int], bool]:
-    """Point ``call.args`` at this step's row (and the previous x0 for DPM-Solver++ 2M); returns (host step
-    index or None when found on the device, whether the scheduler's counter must be initialised)."""
-    state, plan, args = call.state, call.plan, call.args
-    init_index = False
-    if state.kind in INDEX_BASED:
-        index, init_index = _indexed_step(scheduler, state, timestep)
-        if state.kind == LCM:
-            _check_lcm_timestep(plan, index, timestep)
-    elif torch.compiler.is_compiling() and isinstance(timestep, torch.Tensor):
-        index = None  # found on the device: reading the timestep on the host would break the graph
-    else:
-        index = _vp_row(scheduler, call, timestep)
-        plan = call.plan
-    args.step = index if index is not None else plan.row_of_timestep(timestep).to(args.sample.device)
-    if state.kind == FLOW_HEUN:
-        stage = call.heun = heun_stage(scheduler, state, plan, index, args.sample)
-        args.table, args.step = stage.plan.table(args.sample.device), stage.row
-        if stage.second:  # the update starts from the stored sample, with the stored derivative as x0_prev
-            args.sample, args.x0_prev = stage.sample, stage.derivative
-        return index, init_index
-    if state.solver_order == 2 and scheduler.lower_order_nums >= 1 and \
-            not dpm_lower_order_final(scheduler, index, plan.num_steps):
-        args.step = plan.num_steps + index
-        # The previous step's x0 is the newest entry until this step shifts the list.
-        x0_prev = scheduler.model_outputs[-1]
-        if not isinstance(x0_prev, torch.Tensor) or tuple(x0_prev.shape) != tuple(args.sample.shape) or \
-                x0_prev.device != args.sample.device:
-            got = tuple(x0_prev.shape) if isinstance(x0_prev, torch.Tensor) else type(x0_prev).__name__
-            raise ValueError(f"scheduler.model_outputs[-1] must be the previous step's x0 of the sample's shape "
-                             f"{tuple(args.sample.shape)} on {args.sample.device}, got {got}")
-        args.x0_prev = x0_prev
-    return index, init_index
+    return Call(state, plan, options, args, noise, generator, check_outputs_finite, backend)
 
 
 # ---------------------------------------------------------------------------------------------------
 # What the row is applied to
 
 
-def _predicted_x0(call: _Call, clip: bool = True) -> torch.Tensor:
+def _predicted_x0(call: Call, clip: bool = True) -> torch.Tensor:
     """x0^ of this step (the x0-only pass of the fused kernel), before any guidance term."""
     a = call.args
     x0 = torch.empty_like(a.sample, memory_format=torch.contiguous_format)
@@ -268,7 +138,7 @@ def _predicted_x0(call: _Call, clip: bool = True) -> torch.Tensor:
     return x0
 
 
-def _lcm_denoised(call: _Call) -> torch.Tensor:
+def _lcm_denoised(call: Call) -> torch.Tensor:
     """LCMScheduler's ``denoised`` (``c_skip x + c_out x0^``, its second output): the plan's second block, one
     more pass without noise, run before the step proper (whose ``out`` may be ``sample``)."""
     a = call.args
@@ -282,7 +152,7 @@ def _lcm_denoised(call: _Call) -> torch.Tensor:
     return denoised
 
 
-def _threshold(call: _Call) -> None:
+def _threshold(call: Call) -> None:
     """Saharia et al. 2022 dynamic threshold per sample: the ``ratio`` quantile of |x0^|, clamped to
     [1, max_value] (in fp32 like diffusers, which upcasts half inputs). The quantile needs the whole raw x0
     first: one x0-only pass (x0 never depends on the noise for the schedulers that threshold)."""
@@ -292,7 +162,7 @@ def _threshold(call: _Call) -> None:
     _ops.set_clip(call.args, None, torch.quantile(flat, ratio, dim=1).clamp(min=1, max=max_value))
 
 
-def _guidance_terms(call: _Call, guide: Callable, index: Optional[int]) -> None:
+def _guidance_terms(call: Call, guide: Callable, index: Optional[int]) -> None:
     """Add the guidance networks' gradients (and, for Ma et al.'s gamma, its table) to the call. They run
     before anything of the caller's changes, so a failing network leaves generator, out and scheduler alone."""
     a = call.args
@@ -303,7 +173,7 @@ def _guidance_terms(call: _Call, guide: Callable, index: Optional[int]) -> None:
         a.table = guided_table
 
 
-def _heun_inputs(call: _Call) -> Optional[torch.Tensor]:
+def _heun_inputs(call: Call) -> Optional[torch.Tensor]:
     """FlowMatchHeunDiscreteScheduler: draw churn noise where diffusers draws it (a second stage's cancels out
     of its result, but the generator advances), add a first stage's churn to the sample, and return the sample
     the scheduler keeps (a copy when ``out`` would overwrite it), the derivative going to ``x0_out``."""
@@ -322,7 +192,7 @@ def _heun_inputs(call: _Call) -> Optional[torch.Tensor]:
     return a.sample
 
 
-def _draw_noise(call: _Call, index: Optional[int]) -> None:
+def _draw_noise(call: Call, index: Optional[int]) -> None:
     """The step's noise, where diffusers draws it: the caller's ``noise``, or drawn from the generator."""
     plan, a = call.plan, call.args
     compiling = torch.compiler.is_compiling()
@@ -359,7 +229,7 @@ def _warn_if_input_not_scaled(scheduler) -> None:
     logging.getLogger(module).warning(SCALE_INPUT_WARNING)
 
 
-def _advance(scheduler, call: _Call, index: int, init_index: bool, timestep, x0: Optional[torch.Tensor]) -> None:
+def _advance(scheduler, call: Call, index: int, init_index: bool, timestep, x0: Optional[torch.Tensor]) -> None:
     """Advance the scheduler exactly as its step() does."""
     state = call.state
     if state.kind not in INDEX_BASED:
@@ -399,7 +269,9 @@ def scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *
     """
     call = _check_call(model_output, sample, scheduler, guidance_scale, guidance_rescale, generator, options, out,
                        g_score, g_mean, noise, check_finite_output, backend, combine, extra)
-    index, init_index = _select_row(scheduler, call, timestep)
+    index, init_index = select_row(scheduler, call, timestep)
+    if call.state.kind == UNIPC:
+        call.unipc = _unipc.select(scheduler, call, index)
     if call.state.threshold is not None:
         _threshold(call)
     if guide is not None:
@@ -416,6 +288,10 @@ def scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *
         heun_store(scheduler, call.state, call.heun, kept, derivative)
         _advance(scheduler, call, index, init_index, timestep, None)
         return prev, None
+    if call.unipc is not None:
+        prev = _unipc.run(scheduler, call, lambda: _predicted_x0(call), timestep, backend)
+        _advance(scheduler, call, index, init_index, timestep, None)
+        return prev, None
     _draw_noise(call, index)
     lcm = call.state.kind == LCM
     denoised = _lcm_denoised(call) if want_x0 and lcm else None
@@ -430,9 +306,9 @@ def _guide_of(scheduler, state: SchedulerState, guidance, y, sample: torch.Tenso
               backend: str) -> Optional[Callable]:
     """The guidance hook of a ``guidance=`` list, everything about it checked first; None for no networks."""
     classifiers, discriminators = _dropin_guidance.split_specs(guidance)
-    if state.kind == FLOW_HEUN and (classifiers or discriminators or y is not None):
-        raise ValueError("guidance: classifier / discriminator guidance is not supported for "
-                         "FlowMatchHeunDiscreteScheduler yet (CFG is: pass guidance_scale)")
+    if state.kind in (FLOW_HEUN, UNIPC) and (classifiers or discriminators or y is not None):
+        raise ValueError(f"guidance: classifier / discriminator guidance is not supported for "
+                         f"{type(scheduler).__name__} yet (CFG is: pass guidance_scale)")
     _dropin_guidance.check(classifiers, discriminators, y, sample, state.kind == DDPM, type(scheduler).__name__,
                            x0_as_score=state.kind == FLOW)
     if not (classifiers or discriminators):
@@ -441,7 +317,7 @@ def _guide_of(scheduler, state: SchedulerState, guidance, y, sample: torch.Tenso
         raise ValueError("guidance: scheduler.config.invert_sigmas=True runs the sigmas upwards, so the state "
                          "is not x = (1 - s) x0 + s eps of its sigma s and the score correction is undefined; "
                          "classifier / discriminator guidance needs invert_sigmas=False")
-    return _dropin_guidance.make_guide(classifiers, discriminators, y, sample, _scalar_timestep(timestep),
+    return _dropin_guidance.make_guide(classifiers, discriminators, y, sample, scalar_timestep(timestep),
                                        int(config(scheduler, "num_train_timesteps")), backend)
 
 
@@ -475,7 +351,9 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
         scheduler: keyword only; a supported diffusers scheduler after ``set_timesteps``:
             ``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``,
             ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler`` (``dpmsolver++`` or
-            ``sde-dpmsolver++``, order 1 or 2), ``LCMScheduler``, ``FlowMatchEulerDiscreteScheduler``
+            ``sde-dpmsolver++``, order 1, 2 or 3), ``UniPCMultistepScheduler`` (``bh1`` / ``bh2``, order 1 or
+            2 with its corrector, ``predict_x0=True``, no ``solver_p``; no ``guidance=``, not inside
+            ``torch.compile``), ``LCMScheduler``, ``FlowMatchEulerDiscreteScheduler``
             (velocity ``model_output``; ``shift``, dynamic shifting with ``set_timesteps(..., mu=...)``,
             ``shift_terminal``, ``invert_sigmas``, ``stochastic_sampling``, Karras / exponential / beta sigmas
             and custom sigmas all come from its ``sigmas``; latents of any shape, ``[B, C, H, W]`` or
@@ -517,10 +395,11 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
             ``sde-dpmsolver++`` it is DPMSolverMultistepScheduler's ``variance_noise``).
         return_dict: None (default), False or True. Left unset, fastguide's convenience: the ``prev_sample``
             tensor itself. ``False``: exactly the tuple ``scheduler.step(..., return_dict=False)`` returns
-            (``(prev_sample, pred_original_sample)``; DPMSolverMultistepScheduler: ``(prev_sample,)``;
+            (``(prev_sample, pred_original_sample)``; DPMSolverMultistepScheduler, UniPCMultistepScheduler:
+            ``(prev_sample,)``;
             LCMScheduler: ``(prev_sample, denoised)``, one more fused pass for ``denoised``), so
             ``...step(..., return_dict=False)[0]`` is the sample. ``True``: the scheduler's own output class
-            (``DDIMSchedulerOutput``, ``SchedulerOutput`` for DPM-Solver, ``LCMSchedulerOutput``,
+            (``DDIMSchedulerOutput``, ``SchedulerOutput`` for DPM-Solver and UniPC, ``LCMSchedulerOutput``,
             ``FlowMatchEulerDiscreteSchedulerOutput`` (``prev_sample`` only) ...; ``StepOutput`` for a
             scheduler whose module defines none).
         guider: a diffusers guider instance, default None, instead of ``guidance_scale``/``guidance_rescale``
@@ -552,7 +431,7 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
     counter, which ``prepare`` sets (from the scheduler's step or begin index, else 0) and each step advances
     together with the scheduler's ``step_index``. Dynamo traces that counter as a symbolic integer (fastguide
     adds its name, and only its name, to ``torch.compiler.config.dynamic_sources``), so one graph serves every
-    step (DPM-Solver++ 2M: four, for its first, second, middle and final steps). Noise must come as ``noise=``
+    step (DPM-Solver++ 2M: four, for its first, second, middle and final steps; 3M a few more). Noise must come as ``noise=``
     (or ``generator=None``, drawn by the compiled code's own RNG); ``guidance=`` is not traced.
 
     >>> scheduler.set_timesteps(50)

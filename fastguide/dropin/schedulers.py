@@ -18,7 +18,7 @@ import torch
 from ..backends import dispatch as _dispatch
 from ..core.checks import check_device
 from ..samplers.scheduler_tables import (BUILDERS, ddim_plan, DDIM, DDPM, DPM, EULER, EULER_ANCESTRAL, FLOW,
-                                         FLOW_HEUN, LCM, PREPARE_HELP, SchedulerPlan, config)
+                                         FLOW_HEUN, LCM, PREPARE_HELP, UNIPC, SchedulerPlan, config)
 
 # diffusers class name -> the step formula it uses.
 KINDS = {
@@ -30,11 +30,12 @@ KINDS = {
     "FlowMatchEulerDiscreteScheduler": FLOW,
     "FlowMatchHeunDiscreteScheduler": FLOW_HEUN,
     "LCMScheduler": LCM,
+    "UniPCMultistepScheduler": UNIPC,
 }
 # schedulers that keep a step counter (``_step_index``)
-INDEX_BASED = (EULER, EULER_ANCESTRAL, DPM, FLOW, FLOW_HEUN, LCM)
+INDEX_BASED = (EULER, EULER_ANCESTRAL, DPM, FLOW, FLOW_HEUN, LCM, UNIPC)
 _VP_CLIPPED = (DDPM, DDIM, LCM)  # schedulers with clip_sample / clip_sample_range
-_THRESHOLDED = (DDPM, DDIM, DPM, LCM)  # schedulers with dynamic thresholding
+_THRESHOLDED = (DDPM, DDIM, DPM, LCM, UNIPC)  # schedulers with dynamic thresholding
 
 
 def kind_of(scheduler) -> str:
@@ -61,6 +62,7 @@ _PREDICTION_TYPES = {
     EULER_ANCESTRAL: ("epsilon", "v_prediction"),
     DPM: ("epsilon", "v_prediction", "sample"),
     LCM: ("epsilon", "v_prediction", "sample"),
+    UNIPC: ("epsilon", "v_prediction", "sample", "flow_prediction"),
 }
 
 
@@ -72,6 +74,18 @@ def _check_flow_config(scheduler) -> None:
             len(scheduler.sigmas) != len(scheduler.timesteps) + 1:
         raise ValueError(f"scheduler: {type(scheduler).__name__} has no schedule yet; call "
                          "scheduler.set_timesteps(...) first")
+
+
+def _check_unipc_config(scheduler) -> None:
+    """UniPCMultistepScheduler: the B(h) solvers of order 1 or 2 in x0-prediction form."""
+    _check_choice(scheduler, "solver_order", (1, 2))
+    _check_choice(scheduler, "solver_type", ("bh1", "bh2"))
+    _check_choice(scheduler, "predict_x0", (True,))
+    if getattr(scheduler, "solver_p", None) is not None:
+        raise ValueError("scheduler.solver_p is not supported by fastguide.step (UniPC's own predictor is)")
+    if config(scheduler, "prediction_type") == "flow_prediction" and not config(scheduler, "use_flow_sigmas"):
+        raise ValueError("scheduler.config.prediction_type='flow_prediction' needs use_flow_sigmas=True for "
+                         "fastguide.step (on VP sigmas diffusers mixes the flow and VP parametrisations)")
 
 
 def check_config(scheduler, kind: str) -> None:
@@ -91,11 +105,13 @@ def check_config(scheduler, kind: str) -> None:
                                                    "learned_range"))
     elif kind == DPM:
         _check_choice(scheduler, "algorithm_type", ("dpmsolver++", "sde-dpmsolver++"))
-        _check_choice(scheduler, "solver_order", (1, 2))
+        _check_choice(scheduler, "solver_order", (1, 2, 3))
         _check_choice(scheduler, "solver_type", ("midpoint", "heun"))
         _check_choice(scheduler, "variance_type", (None,))
         if config(scheduler, "use_flow_sigmas", False):
             raise ValueError("scheduler.config.use_flow_sigmas=True is not supported by fastguide.step")
+    elif kind == UNIPC:
+        _check_unipc_config(scheduler)
     if kind in _THRESHOLDED and config(scheduler, "thresholding", False):
         ratio = config(scheduler, "dynamic_thresholding_ratio")
         if not isinstance(ratio, numbers.Real) or not 0.0 <= float(ratio) <= 1.0:
@@ -104,7 +120,7 @@ def check_config(scheduler, kind: str) -> None:
         rng = config(scheduler, "clip_sample_range", 1.0)
         if not isinstance(rng, numbers.Real) or not float(rng) > 0.0 or not math.isfinite(float(rng)):
             raise ValueError(f"scheduler.config.clip_sample_range must be a finite float > 0, got {rng!r}")
-    if kind in (DDIM, DPM, LCM) and getattr(scheduler, "num_inference_steps", None) is None:
+    if kind in (DDIM, DPM, LCM, UNIPC) and getattr(scheduler, "num_inference_steps", None) is None:
         raise ValueError(f"scheduler: {type(scheduler).__name__} has no schedule yet; call "
                          "scheduler.set_timesteps(...) first")
 
@@ -117,7 +133,7 @@ class SchedulerState:
     kind: str
     clip: Optional[Tuple[float, float]]       # clip_sample range, DDPM/DDIM/LCM
     threshold: Optional[Tuple[float, float]]  # (dynamic_thresholding_ratio, sample_max_value)
-    solver_order: int = 1                     # DPM-Solver++
+    solver_order: int = 1                     # DPM-Solver++, UniPC
     plans: Dict[tuple, SchedulerPlan] = field(default_factory=dict)
     # Index-based schedulers: the step index of the next call. Compiled calls read it instead of the
     # scheduler's ``_step_index`` (None before the first step, and an int that dynamo specialises on when the
@@ -177,7 +193,7 @@ def scheduler_state(scheduler) -> SchedulerState:
     elif kind in _VP_CLIPPED and config(scheduler, "clip_sample", False):
         r = float(config(scheduler, "clip_sample_range", 1.0))
         clip = (-r, r)
-    order = int(config(scheduler, "solver_order")) if kind == DPM else 1
+    order = int(config(scheduler, "solver_order")) if kind in (DPM, UNIPC) else 1
     state = SchedulerState(refs, kind, clip, threshold, order)
     setattr(scheduler, STATE_ATTR, state)
     return state
@@ -289,6 +305,7 @@ _OUTPUTS = {
     FLOW: ("FlowMatchEulerDiscreteSchedulerOutput", ("prev_sample",)),
     FLOW_HEUN: ("FlowMatchHeunDiscreteSchedulerOutput", ("prev_sample",)),
     LCM: ("LCMSchedulerOutput", ("prev_sample", "denoised")),
+    UNIPC: ("SchedulerOutput", ("prev_sample",)),
 }
 
 
@@ -327,8 +344,8 @@ def prepare(scheduler, device: Union[None, str, torch.device] = None, **step_opt
     Args:
         scheduler: a supported diffusers scheduler (``DDPMScheduler``, ``DDIMScheduler``,
             ``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler``,
-            ``FlowMatchEulerDiscreteScheduler``, ``FlowMatchHeunDiscreteScheduler``, ``LCMScheduler``) after
-            ``set_timesteps``; its config is validated here.
+            ``FlowMatchEulerDiscreteScheduler``, ``FlowMatchHeunDiscreteScheduler``, ``LCMScheduler``,
+            ``UniPCMultistepScheduler``) after ``set_timesteps``; its config is validated here.
         device: where the samples will live: a device string (``"cuda"``, ``"cuda:1"``, ``"cpu"``), a
             ``torch.device`` or an index; default None: where ``scheduler.timesteps`` lives (the tables are
             built there too in any case). It must be usable here: an invalid string or an accelerator that

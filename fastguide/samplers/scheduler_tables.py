@@ -19,6 +19,7 @@ diffusers' own step returns NaN; the other rows stay finite, and building never 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -29,7 +30,11 @@ from ..core.layout import Col
 from .rows import ddim_noise_std, ddim_update, ddpm_mean, euler_update, prediction_coeffs, row, sqrt
 
 DDPM, DDIM, EULER, EULER_ANCESTRAL, DPM = "ddpm", "ddim", "euler", "euler_ancestral", "dpmsolver++"
-FLOW, FLOW_HEUN, LCM = "flow_match_euler", "flow_match_heun", "lcm"
+FLOW, FLOW_HEUN, LCM, UNIPC = "flow_match_euler", "flow_match_heun", "lcm", "unipc"
+
+# UniPCMultistepScheduler's row blocks, each ``num_steps`` rows (block + order - 1, orders 1 and 2): the
+# predictor from the model output, the corrector, and the predictor from the corrected sample and its x0.
+UNIPC_PREDICT, UNIPC_CORRECT, UNIPC_PREDICT_FROM_X0 = 0, 2, 4
 
 PREPARE_HELP = ("fastguide.step inside torch.compile needs the scheduler's tables built beforehand: call "
                 "fastguide.dropin.prepare(scheduler, device, **step_options) after scheduler.set_timesteps(...) "
@@ -46,9 +51,10 @@ class SchedulerPlan:
     """The coefficient rows of one scheduler's current schedule, and what each step needs to know.
 
     ``rows`` holds ``num_steps`` rows (one per position in ``scheduler.timesteps``); DPM-Solver++ with
-    ``solver_order=2`` appends ``num_steps`` second-order rows (row ``num_steps + i`` is step ``i`` taken with
-    the previous x0), and LCM ``num_steps`` rows of its ``denoised`` output (row ``num_steps + i``:
-    ``c_skip x + c_out x0^`` of step ``i``, no noise). Per step, ``alpha``/``sigma`` give the state's
+    ``solver_order`` 2 or 3 appends ``num_steps`` second-order rows (row ``num_steps + i`` is step ``i`` taken
+    with the previous x0) and, for order 3, ``num_steps`` third-order rows (with the x0 before it too), LCM
+    ``num_steps`` rows of its ``denoised`` output (row ``num_steps + i``: ``c_skip x + c_out x0^`` of step
+    ``i``, no noise), and UniPC six blocks (``unipc_plan``). Per step, ``alpha``/``sigma`` give the state's
     parametrisation ``x = alpha x0 + sigma eps`` (for Euler that is the sigma after churn), which defines the
     score-correction columns (``eps -= sigma g``, ``x0 += sigma^2/alpha g``). ``variance`` is DDPM's fixed
     mean-shift variance (``mu += Sigma g``); None where the model supplies it (learned_range: the DV column) or
@@ -257,25 +263,68 @@ def _dpm_d1(sde: bool, heun: bool, h: float, decay: float, a_n: float, r0: float
         return a_n * ((decay - 1.0) / h + 1.0) / r0 if heun else 0.5 * a_n * (1.0 - decay) / r0
 
 
+def dpm_step_order(scheduler, i: int, n: int) -> int:
+    """The order DPMSolverMultistepScheduler.step takes at step ``i`` of ``n`` (warm-up from its
+    ``lower_order_nums``, lower order at the end)."""
+    order, warm = int(config(scheduler, "solver_order")), int(scheduler.lower_order_nums)
+    if order == 1 or warm < 1 or dpm_lower_order_final(scheduler, i, n):
+        return 1
+    if order == 2 or warm < 2 or dpm_lower_order_second(scheduler, i, n):
+        return 2
+    return 3
+
+
+def dpm_lower_order_second(scheduler, i: int, n: int) -> bool:
+    """DPMSolverMultistepScheduler (solver_order=3) takes second order on the step before the last under this
+    setting."""
+    return i == n - 2 and bool(config(scheduler, "lower_order_final")) and n < 15
+
+
+def _dpm_3m(sde: bool, h: float, decay: float, a_n: float, r0: float, r1: float) -> Tuple[float, float, float]:
+    """The coefficients of (x0, x0_prev, x0_prev2) in the D1 and D2 terms of diffusers' 3M update (Lu et al.
+    2022, DPM-Solver++(3M)): ``D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1)``, ``D2 = (D1_0 - D1_1)/(r0 + r1)`` with
+    ``D1_0 = (m0 - m1)/r0``, ``D1_1 = (m1 - m2)/r1``; D0 = m0 is the first-order term (not included)."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if sde:
+            d2 = decay * decay
+            c1 = a_n * ((1.0 - d2) / (-2.0 * h) + 1.0)
+            c2 = a_n * ((1.0 - d2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
+        else:
+            c1 = a_n * ((decay - 1.0) / h + 1.0)
+            c2 = -a_n * ((decay - 1.0 + h) / h ** 2 - 0.5)
+        k = r0 / (r0 + r1)
+        d1 = np.array([(1.0 + k) / r0, -(1.0 + k) / r0 - k / r1, k / r1])
+        d2 = np.array([1.0 / r0, -1.0 / r0 - 1.0 / r1, 1.0 / r1]) / (r0 + r1)
+        m0, m1, m2 = c1 * d1 + c2 * d2
+    return float(m0), float(m1), float(m2)
+
+
 def dpm_plan(scheduler) -> SchedulerPlan:
-    """DPM-Solver++ (Lu et al. 2022) 1S and 2M on the VP state, with alpha = 1/sqrt(1+sigma^2),
+    """DPM-Solver++ (Lu et al. 2022) 1S, 2M and 3M on the VP state, with alpha = 1/sqrt(1+sigma^2),
     sigma_vp = sigma alpha, so exp(-h) = sigma_next / sigma (no log of a zero final sigma needed).
 
     ``algorithm_type="sde-dpmsolver++"`` (DPM++ 2M SDE, Lu et al. 2022 / k-diffusion's ``dpmpp_2m_sde``, as
     diffusers takes it): ``x_next = (s_n / s) e^-h x + a_n (1 - e^-2h) D0 + d1 D1 + s_n sqrt(1 - e^-2h) z``,
     with the noise drawn in float32 on every step (also the last, where it has amplitude 0 when the final
-    sigma is 0)."""
+    sigma is 0). Rows: ``num_steps`` first-order rows, then (solver_order >= 2) ``num_steps`` second-order rows
+    (the previous x0 in column F), then (solver_order 3) ``num_steps`` third-order rows (the x0 before it in
+    column F2)."""
     sig = _f64(scheduler.sigmas)
     n = len(scheduler.timesteps)
     pred = config(scheduler, "prediction_type")
     order = int(config(scheduler, "solver_order"))
     heun = config(scheduler, "solver_type") == "heun"
     sde = config(scheduler, "algorithm_type") == "sde-dpmsolver++"
-    first_rows, second_rows, alpha, sigma = [], [], np.zeros(n), np.zeros(n)
+    blocks: List[List[np.ndarray]] = [[] for _ in range(order)]
+    alpha, sigma = np.zeros(n), np.zeros(n)
 
     def vp(x: float) -> Tuple[float, float]:
         a = 1.0 / sqrt(x * x + 1.0)
         return a, x * a
+
+    def log_ratio(a: float, b: float) -> np.float64:  # (numpy: a zero divisor gives inf/NaN, not an error)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.log(np.float64(a) / b)
 
     for i in range(n):
         s, nxt = sig[i], sig[i + 1]
@@ -287,20 +336,29 @@ def dpm_plan(scheduler) -> SchedulerPlan:
             upd = dict(A=s_n / s_s * decay, B=a_n * (1.0 - decay * decay), E=s_n * sqrt(1.0 - decay * decay))
         else:
             upd = dict(A=s_n / s_s, B=a_n * (1.0 - decay))
-        first_rows.append(row(pred_cols, a_s, s_s, **upd))
+        first = row(pred_cols, a_s, s_s, **upd)
+        blocks[0].append(first)
         alpha[i], sigma[i] = a_s, s_s
-        if order == 2:
-            second = first_rows[-1].copy()
-            if i > 0 and nxt > 0 and not dpm_lower_order_final(scheduler, i, n):
-                # A repeated sigma (h = 0 or h_prev = 0) makes this non-finite, as in diffusers' own step.
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    h = np.log(np.float64(s) / nxt)
-                    r0 = np.log(np.float64(sig[i - 1]) / s) / h
+        final = dpm_lower_order_final(scheduler, i, n)
+        # A repeated sigma (h = 0 or h_prev = 0) makes these non-finite, as in diffusers' own step.
+        h = log_ratio(s, nxt)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r0 = log_ratio(sig[i - 1], s) / h if i > 0 else math.nan
+            r1 = log_ratio(sig[i - 2], sig[i - 1]) / h if i > 1 else math.nan
+        if order >= 2:
+            second = first
+            if i > 0 and nxt > 0 and not final:
                 d1 = _dpm_d1(sde, heun, h, decay, a_n, r0)
                 # x_next = ... + B x0 + d1 (x0 - x0_prev), the D1 term of the 2M update.
                 second = row(pred_cols, a_s, s_s, **dict(upd, B=upd["B"] + d1, F=-d1))
-            second_rows.append(second)
-    return SchedulerPlan(DPM, np.stack(first_rows + second_rows), n, alpha, sigma, np.full(n, sde),
+            blocks[1].append(second)
+        if order == 3:
+            third = blocks[1][-1]
+            if i > 1 and nxt > 0 and not final and not dpm_lower_order_second(scheduler, i, n):
+                c0, c1, c2 = _dpm_3m(sde, h, decay, a_n, r0, r1)
+                third = row(pred_cols, a_s, s_s, **dict(upd, B=upd["B"] + c0, F=c1, F2=c2))
+            blocks[2].append(third)
+    return SchedulerPlan(DPM, np.stack([r for block in blocks for r in block]), n, alpha, sigma, np.full(n, sde),
                          fp32_noise=True)
 
 
@@ -413,5 +471,93 @@ def flow_heun_plan(scheduler, s_churn: float, s_tmin: float, s_tmax: float, s_no
                          heun_second_draws=second_draws)
 
 
+def _unipc_alpha_sigma(scheduler) -> Callable[[float], Tuple[float, float]]:
+    """UniPCMultistepScheduler's ``_sigma_to_alpha_sigma_t``: the VP state of a sigma, or the flow state."""
+    if config(scheduler, "use_flow_sigmas", False):
+        return lambda s: (1.0 - s, s)
+    return lambda s: (1.0 / sqrt(s * s + 1.0), s / sqrt(s * s + 1.0))
+
+
+def _unipc_rhos(hh: float, b_h: float, rk: Optional[float]) -> np.ndarray:
+    """UniC's weights (Zhao et al. 2023, eq. 8 with B(h)): order 1 uses 1/2; order 2 solves
+    ``R rho = b`` with ``R = [[1, 1], [rk, 1]]``, ``b_k = h phi_{k+1}(h) k! / B(h)``."""
+    if rk is None:
+        return np.array([0.5])
+    h_phi_k = np.expm1(hh) / hh - 1.0
+    b = [h_phi_k / b_h, (h_phi_k / hh - 0.5) * 2.0 / b_h]
+    try:
+        return np.linalg.solve(np.array([[1.0, 1.0], [rk, 1.0]]), np.array(b))
+    except np.linalg.LinAlgError:  # a repeated sigma: rk = 1
+        return np.array([math.nan, math.nan])
+
+
+def _unipc_update(lam: np.ndarray, sig_t: float, sig_s0: float, a_t: float, t: int, s0: int, back: Optional[int],
+                  bh1: bool, corrector: bool) -> Dict[str, float]:
+    """Update columns of UniP (predictor: x is the sample, x0^ the new x0 m0, F the previous x0) or UniC
+    (corrector: x is the last sample, x0^ this step's x0, F the previous x0 m0, F2 the one before), from
+    diffusers' ``multistep_uni_p_bh_update`` / ``multistep_uni_c_bh_update`` with ``predict_x0``:
+    ``x_t = (sig_t / sig_s0) x - a_t h phi_1 m0 - a_t B(h) sum_k rho_k D_k``, ``D_k = (m_k - m0) / r_k``, the
+    corrector's last D being this step's x0 minus m0 (``r = 1``)."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        h = lam[t] - lam[s0]
+        hh = -h
+        h_phi_1 = np.expm1(hh)
+        b_h = hh if bh1 else np.expm1(hh)
+        rk = (lam[back] - lam[s0]) / h if back is not None else None
+        ab = a_t * b_h
+        m0 = -a_t * h_phi_1  # the coefficient of m0
+        cols = dict(A=sig_t / sig_s0)
+        if corrector:
+            rho = _unipc_rhos(hh, b_h, rk)
+            cols.update(B=-ab * rho[-1], F=m0 + ab * rho[-1])
+            if rk is not None:
+                cols.update(F=cols["F"] + ab * rho[0] / rk, F2=-ab * rho[0] / rk)
+        elif rk is not None:     # order 2: rho = 1/2
+            cols.update(B=m0 + ab * 0.5 / rk, F=-ab * 0.5 / rk)
+        else:                    # order 1: diffusers subtracts a_t B(h) * 0 (NaN where B(h) is infinite)
+            cols.update(B=m0 - ab * 0.0)
+    return {k: float(v) for k, v in cols.items()}
+
+
+def unipc_plan(scheduler) -> SchedulerPlan:
+    """UniPCMultistepScheduler (Zhao et al. 2023, UniPC with B(h) = h ("bh1") or e^h - 1 ("bh2"), orders 1 and
+    2, x0-prediction ``predict_x0=True``) as its ``step`` computes it on ``x = alpha x0 + sigma eps``.
+
+    A step at index i evaluates the model at the predictor's output x_i; its x0^ m_i (from the prediction type,
+    thresholded as configured) first corrects the *last* sample (UniC, with m_{i-1} and, at order 2, m_{i-2}),
+    then the predictor (UniP) advances the corrected sample with m_i (and m_{i-1} at order 2). Three row
+    blocks, one row per step and order (``UNIPC_*``): the predictor from the model output (a step without the
+    corrector: one fused pass), the corrector (its x input is the last sample and its model output m_i itself,
+    "sample" prediction), and the predictor from the corrected sample and m_i. Coefficients in float64 where
+    diffusers computes them in float32."""
+    sig = _f64(scheduler.sigmas)
+    n = len(scheduler.timesteps)
+    state = _unipc_alpha_sigma(scheduler)
+    pairs = [state(float(s)) for s in sig]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lam = np.array([np.log(np.float64(a)) - np.log(np.float64(sg)) for a, sg in pairs])
+    bh1 = config(scheduler, "solver_type") == "bh1"
+    pred = config(scheduler, "prediction_type")
+    blocks: List[List[np.ndarray]] = [[] for _ in range(6)]
+    for i in range(n):
+        a_s, s_s = pairs[i]
+        model_cols = prediction_coeffs(pred, a_s, s_s, with_eps=False)
+        x0_cols = {Col.P_M: 1.0}
+        for order in (1, 2):
+            back = i - 1 if order == 2 and i >= 1 else None
+            upd = _unipc_update(lam, pairs[i + 1][1], s_s, pairs[i + 1][0], i + 1, i, back, bh1, False)
+            blocks[UNIPC_PREDICT + order - 1].append(row(model_cols, a_s, s_s, **upd))
+            blocks[UNIPC_PREDICT_FROM_X0 + order - 1].append(row(x0_cols, a_s, s_s, **upd))
+            if i >= 1:
+                back = i - 2 if order == 2 and i >= 2 else None
+                upd = _unipc_update(lam, s_s, pairs[i - 1][1], a_s, i, i - 1, back, bh1, True)
+            blocks[UNIPC_CORRECT + order - 1].append(row(x0_cols, a_s, s_s, **upd) if i >= 1 else
+                                                     np.full(len(Col), np.nan))
+    alpha = np.array([p[0] for p in pairs[:n]])
+    sigma = np.array([p[1] for p in pairs[:n]])
+    return SchedulerPlan(UNIPC, np.stack([r for block in blocks for r in block]), n, alpha, sigma,
+                         np.zeros(n, dtype=bool))
+
+
 BUILDERS = {DDPM: ddpm_plan, DDIM: ddim_plan, EULER: euler_plan, EULER_ANCESTRAL: euler_ancestral_plan,
-            DPM: dpm_plan, FLOW: flow_plan, FLOW_HEUN: flow_heun_plan, LCM: lcm_plan}
+            DPM: dpm_plan, FLOW: flow_plan, FLOW_HEUN: flow_heun_plan, LCM: lcm_plan, UNIPC: unipc_plan}
