@@ -280,8 +280,8 @@ BAD = [
      "set_timesteps"),
     ("past-the-end", lambda: _with_index(make_scheduler(3), 5), dict(t=lambda s: s.timesteps[-1]), ValueError,
      "past the end"),
-    ("classifier-guidance", lambda: make_scheduler(6),
-     dict(guidance=lambda: [fastguide.ClassifierGuidance(TinyClassifier())]), ValueError, "guidance"),
+    ("x0-classifier-guidance", lambda: make_scheduler(6),
+     dict(guidance=lambda: [fastguide.ClassifierGuidance(TinyClassifier(), input="x0")]), ValueError, "input='x0'"),
     ("stored-sample-missing", _broken("sample", None), dict(), ValueError, "scheduler.sample"),
     ("stored-derivative-shape", _broken("prev_derivative", torch.zeros(1, 4, 6, 6)), dict(), ValueError,
      "scheduler.prev_derivative"),
@@ -330,3 +330,36 @@ def test_refused_inside_torch_compile(monkeypatch):
         fastguide.step(velocity_model(x, t), t, x, scheduler=sched, guidance_scale=2.0)
     monkeypatch.undo()
     assert sched.step_index is None and sched.dt is None
+
+
+def test_classifier_and_discriminator_guidance_by_hand():
+    """Each stage's velocity is corrected on the state the model sees, v -= s/(1-s) g (t = s T; the DG window
+    in s): the result is diffusers' own stage on that velocity, and the stored derivative is the corrected
+    one. The first stage at s = 1 calls no network."""
+    clf = TinyClassifier()
+    y = torch.tensor([1, 2])
+    specs = [fastguide.ClassifierGuidance(clf, scale=1.5),
+             fastguide.DiscriminatorGuidance(lambda x, t, yy=None: torch.tanh(x.flatten(1)).mean(1) * 3.0,
+                                             weight=0.8, t_min=0.2, t_max=0.9)]
+    sched = make_scheduler(5, shift=3.0)
+    x = latents(IMAGE)
+    for i, t in enumerate(sched.timesteps):
+        mo = velocity_model(x, t)
+        s = float(sched.sigmas[i])
+        g = torch.zeros_like(x)
+        if s < 1.0:
+            with torch.enable_grad():
+                leaf = x.detach().clone().requires_grad_(True)
+                obj = 1.5 * torch.log_softmax(clf(leaf, torch.full((2,), float(t))), 1)[torch.arange(2), y]
+                if 0.2 <= s <= 0.9:
+                    obj = obj + 0.8 * (torch.tanh(leaf.flatten(1)).mean(1) * 3.0).clamp(-11.5, 11.5)
+                (g,) = torch.autograd.grad(obj.sum(), leaf)
+        twin = copy.deepcopy(sched)
+        ref = sched.step(pipeline_cfg(mo, 2.0) - (s / (1 - s) if s < 1 else 0.0) * g, t, x).prev_sample
+        got = fastguide.step(mo, t, x, scheduler=twin, guidance_scale=2.0, guidance=specs, y=y)
+        assert rel_err(got, ref) <= STEP_TOL, (i, s)
+        for name in ("prev_derivative", "sample"):
+            mine, theirs = getattr(twin, name), getattr(sched, name)
+            assert (mine is None) == (theirs is None) and (mine is None or rel_err(mine, theirs) <= STEP_TOL)
+        x = ref
+

@@ -145,12 +145,9 @@ def test_bad_flow_sampler_use():
         Schedule.flow(shift_terminal=0.1).flow_sigmas(1)
     with pytest.raises(ValueError, match="flow"):
         Schedule.edm().flow_sigmas(4)
-    x0_clf = fastguide.ClassifierGuidance(X0Classifier(), input="x0")
     model = velocity_model
-    with pytest.raises(ValueError, match="euler"):
-        fastguide.sample(model, _xT(), schedule=s, sampler="heun", steps=4, y=_labels(), guidance=[x0_clf])
     with pytest.raises(ValueError, match="gamma"):
-        fastguide.sample(model, _xT(), schedule=s, sampler="euler", steps=4, y=_labels(),
+        fastguide.sample(model, _xT(), schedule=s, sampler="heun", steps=4, y=_labels(),
                          guidance=[fastguide.ClassifierGuidance(X0Classifier(), input="x0", gamma=0.3)])
     with pytest.raises(ValueError, match="eta"):
         fastguide.sample(model, _xT(), schedule=s, sampler="euler", steps=4, eta=0.5)
@@ -218,7 +215,8 @@ def _log_softmax_grad(clf, x, t, y, scale):
 def ref_flow_loop(velocity, x_T, sigmas, *, heun=False, score=None, score2=None, x0_grad=None, clip=None):
     """``velocity(x, s) -> v`` (CFG combined); ``score(x, s)``: the state gradient of stage 1 (x_t
     classifiers + discriminators), ``score2``: Heun's second stage (discriminator weight2); ``x0_grad(x0, s)``:
-    an x0^ classifier's gradient (Euler). Gradients are 0 at s = 1, where s/(1-s) is infinite (unguided)."""
+    an x0^ classifier's gradient, in both Heun stages (Heun on the guided ODE). Gradients are 0 at s = 1, where
+    s/(1-s) is infinite (unguided)."""
     x = x_T.to(F64)
     k = lambda s: 0.0 if s == 1.0 else s / (1.0 - s)  # noqa: E731
     for i in range(len(sigmas) - 1):
@@ -236,6 +234,10 @@ def ref_flow_loop(velocity, x_T, sigmas, *, heun=False, score=None, score2=None,
             x = x_e
             continue
         v2 = velocity(x_e, nxt)
+        if clip is not None:
+            v2 = (x_e - (x_e - nxt * v2).clamp(*clip)) / nxt
+        if x0_grad is not None:
+            v2 = v2 - k(nxt) * x0_grad(x_e - nxt * v2, nxt)
         if score2 is not None:
             v2 = v2 - k(nxt) * score2(x_e, nxt)
         x = x + 0.5 * h * (v + v2)
@@ -337,12 +339,13 @@ def test_classifier_guidance_on_xt_matches_reference(sampler):
     _differs(got, run([fastguide.CFG(3.0, null_label=K)]))
 
 
-def test_x0_classifier_on_euler_matches_reference():
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_x0_classifier_matches_reference(sampler):
     # Ma et al.: the classifier sees x0^ = x - s v (clipped as the loop clips); its gradient enters as a score
-    # correction of the velocity, v -= s/(1-s) g.
+    # correction of the velocity, v -= s/(1-s) g (on Heun in both stages: Heun on the guided ODE).
     clf, y, x_T = X0Classifier(), _labels(), _xT(6)
     for clip in (None, (-1.0, 1.0)):
-        got = fastguide.sample(velocity_model, x_T, schedule=Schedule.flow(shift=2.0), sampler="euler", steps=12,
+        got = fastguide.sample(velocity_model, x_T, schedule=Schedule.flow(shift=2.0), sampler=sampler, steps=12,
                                y=y, guidance=[fastguide.ClassifierGuidance(clf, input="x0", scale=0.7, tau2=0.5)],
                                clip_denoised=clip)
 
@@ -351,9 +354,10 @@ def test_x0_classifier_on_euler_matches_reference():
             return 0.7 * _grad(lambda z: (clf(z).gather(1, y.view(-1, 1)).squeeze(1) -
                                           torch.logsumexp(0.5 * clf(z), 1)), x0c)
         velocity = lambda x, s: velocity_model(x, _t(x, s), y)  # noqa: E731
-        ref = ref_flow_loop(velocity, x_T, diffusers_sigmas(dict(shift=2.0), 12), x0_grad=x0_grad, clip=clip)
+        ref = ref_flow_loop(velocity, x_T, diffusers_sigmas(dict(shift=2.0), 12), heun=sampler == "heun",
+                            x0_grad=x0_grad, clip=clip)
         _close(got, ref)
-        plain = fastguide.sample(velocity_model, x_T, schedule=Schedule.flow(shift=2.0), sampler="euler", steps=12,
+        plain = fastguide.sample(velocity_model, x_T, schedule=Schedule.flow(shift=2.0), sampler=sampler, steps=12,
                                  y=y, clip_denoised=clip)
         _differs(got, plain)
 

@@ -14,6 +14,9 @@ the state itself (a flow classifier is trained on the flow's own noisy states) a
 takes it (``gamma`` is refused: there is no variance to add to). The step at
 s = 1 (pure noise) is not guided and runs no network: there ``s/(1-s)`` is infinite and the gradient of
 ``log p(y | x) = log p(y)`` is 0, a product whose finite limit no network gives (``rows.score_cols``).
+``FlowMatchHeunDiscreteScheduler`` takes the same correction of the velocity in each stage, on the state the
+model sees (the derivative row's ``P_G`` carries it, so the stored derivative is the corrected one: Heun on the
+guided ODE); x0 classifiers are refused there (its rows carry the derivative, not x0^).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from ..core.checks import check_labels_tensor
 from ..core.layout import Col
 from ..guidance.gradients import classifier_grad, discriminator_grad
 from ..guidance.plan import split_guidance
-from ..samplers.scheduler_tables import FLOW
+from ..samplers.scheduler_tables import FLOW, FLOW_HEUN
 
 
 def split_specs(guidance: Sequence):
@@ -83,7 +86,7 @@ def make_guide(classifiers, discriminators, y, sample: torch.Tensor, timestep: f
 
     def guide(plan, index: int, predicted_x0: Callable[[], torch.Tensor]):
         alpha, sigma = float(plan.alpha[index]), float(plan.sigma[index])
-        if plan.kind == FLOW:
+        if plan.kind in (FLOW, FLOW_HEUN):
             if alpha == 0.0:           # s = 1: not guided (rows.score_cols is 0 there too)
                 return None, None, None
             view = 1.0                 # flow networks see the flow state

@@ -306,9 +306,13 @@ def _guide_of(scheduler, state: SchedulerState, guidance, y, sample: torch.Tenso
               backend: str) -> Optional[Callable]:
     """The guidance hook of a ``guidance=`` list, everything about it checked first; None for no networks."""
     classifiers, discriminators = _dropin_guidance.split_specs(guidance)
-    if state.kind in (FLOW_HEUN, UNIPC) and (classifiers or discriminators or y is not None):
-        raise ValueError(f"guidance: classifier / discriminator guidance is not supported for "
-                         f"{type(scheduler).__name__} yet (CFG is: pass guidance_scale)")
+    if state.kind == UNIPC and (classifiers or discriminators or y is not None):
+        raise ValueError("guidance: classifier / discriminator guidance is not supported for "
+                         "UniPCMultistepScheduler yet (CFG is: pass guidance_scale)")
+    if state.kind == FLOW_HEUN and any(c.input == "x0" for c in classifiers):
+        raise ValueError("guidance: ClassifierGuidance(input='x0') is not supported for "
+                         "FlowMatchHeunDiscreteScheduler (its rows carry the derivative, not x0^); use "
+                         "input='xt', or FlowMatchEulerDiscreteScheduler")
     _dropin_guidance.check(classifiers, discriminators, y, sample, state.kind == DDPM, type(scheduler).__name__,
                            x0_as_score=state.kind == FLOW)
     if not (classifiers or discriminators):
@@ -359,8 +363,8 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
             and custom sigmas all come from its ``sigmas``; latents of any shape, ``[B, C, H, W]`` or
             token-shaped ``[B, L, D]``), ``FlowMatchHeunDiscreteScheduler`` (``shift``; both stages, each call
             taking the stage the scheduler is in and keeping its ``prev_derivative`` / ``dt`` / ``sample`` as
-            its own step does; no ``guidance=``, not inside ``torch.compile``). Anything else raises
-            ``ValueError`` naming the scheduler or the config option.
+            its own step does; ``guidance=`` without x0 classifiers, not inside ``torch.compile``). Anything
+            else raises ``ValueError`` naming the scheduler or the config option.
         guidance_scale: CFG scale w: a float >= 0 or a ``[B]`` float tensor (per-sample); default None (no CFG,
             ``model_output`` has B rows).
         guidance_rescale: float in [0, 1], default 0: diffusers' ``rescale_noise_cfg`` phi; needs

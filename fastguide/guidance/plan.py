@@ -90,8 +90,8 @@ class GuidedPlan:
     method: Optional[GuidanceMethod] = None  # how the loop runs ``cfg`` (``method_of``)
 
     def uses_mean_shift_x0(self) -> bool:
-        """x0 classifiers see x0^ and shift the step's output through the mean-shift column (VP samplers; flow
-        samplers, whose D column makes that shift a score correction)."""
+        """x0 classifiers see x0^ in an x0-only pre-pass (VP samplers: their gradient shifts the mean; flow
+        samplers: it corrects the score, ``LoopSpec.x0_score``)."""
         on_x0 = self.plan.sampler in samplers.VP_SAMPLERS or self.plan.schedule.kind == "flow"
         return on_x0 and any(c.input == "x0" for c in self.classifiers)
 
@@ -125,19 +125,11 @@ def split_guidance(guidance) -> Tuple[Optional[Any], List[ClassifierGuidance], L
     return cfg, clfs, discs
 
 
-def _check_flow_guidance(plan: samplers.Plan, classifiers) -> None:
+def _check_flow_guidance(classifiers) -> None:
     """On a flow schedule an x0^ classifier's gradient is a score correction of the stage's velocity,
-    ``v -= s/(1-s) g`` (the row's D column), applied to the stage output only: Euler is exact about it, but
-    Heun's correction stage recovers the first stage's slope from x_e and x0^_1, which such a shift does not
-    reach, and Ma et al.'s gamma is an extra DDPM variance, which flow samplers have none of."""
-    x0_specs = [c for c in classifiers if c.input == "x0"]
-    if not x0_specs:
-        return
-    if plan.sampler != "euler":
-        raise ValueError(f"ClassifierGuidance(input='x0') on a flow schedule runs with sampler='euler', not "
-                         f"{plan.sampler!r}: its gradient shifts a stage's output, and Heun's correction stage "
-                         f"cannot separate that shift from the first stage's slope (use input='xt' with heun)")
-    if any(c.gamma > 0 for c in x0_specs):
+    ``v -= s/(1-s) g`` (Euler, and both Heun stages: Heun on the guided ODE); Ma et al.'s gamma is an extra
+    DDPM variance, which flow samplers have none of."""
+    if any(c.input == "x0" and c.gamma > 0 for c in classifiers):
         raise ValueError("ClassifierGuidance(input='x0', gamma > 0) on a flow schedule: gamma is Ma et al.'s "
                          "extra DDPM variance, and a flow sampler has no variance; use gamma=0")
 
@@ -146,7 +138,7 @@ def build_guided_plan(plan: samplers.Plan, guidance) -> GuidedPlan:
     """Fold Ma et al.'s extra variance ``max(0, gamma Sigma_max sin(pi i/N))`` into the mean-shift column."""
     cfg, clfs, discs = split_guidance(guidance)
     if plan.schedule.kind == "flow":
-        _check_flow_guidance(plan, clfs)
+        _check_flow_guidance(clfs)
     rows = plan.rows.copy()
     if isinstance(cfg, CFGPlusPlus):
         rows = samplers.cfg_pp_rows(plan, rows, [cfg.active(st.step, plan.steps) for st in plan.stages])

@@ -158,7 +158,10 @@ def make_stage(spec: LoopSpec, kind: StageKind, model: Callable, classifiers: Se
                 g = classifier_grad_core(classifiers[i], x0_hat, t_guide, y, classifier_scales[i], None, backend)
                 if kind.x0_factor and i == spec.factor_spec:
                     g = g * _at(scalars[ROW_X0_FACTOR], counter)
-                g_mean = g if g_mean is None else g_mean + g
+                if spec.x0_score:
+                    g_score = g if g_score is None else g_score + g
+                else:
+                    g_mean = g if g_mean is None else g_mean + g
         x0_next = torch.empty_like(x) if kind.writes_x0 else None
         if dest is not None:
             # The fused step writes x_next into both halves of the next stage's model input [x_next; x_next].

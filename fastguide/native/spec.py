@@ -98,6 +98,9 @@ class LoopSpec:
     # ``fastguide.native.loop.run_loop``), so it must not multiply the compiled bodies.
     pair_out: Tuple[bool, ...] = ()
     method: Any = None        # the CFG-like spec's ``GuidanceMethod`` (None without one)
+    # x0^ classifiers' gradients correct the score (``g_score``: flow schedules, where x0^ = x - s v) instead of
+    # shifting the mean, so that x0_out carries the corrected x0^ a Heun correction stage reads.
+    x0_score: bool = False
 
     @property
     def num_stages(self) -> int:
@@ -109,7 +112,7 @@ class LoopSpec:
                 self.scalars.tobytes(), self.rows.shape, self.scalars.shape, self.init_scale,
                 self.mean_shift, self.learned_model, self.learned_step, self.clip, self.rescale,
                 identity(self.null_label), self.x0_classifier_index, self.factor_spec, self.pair_out,
-                method_key(self.method))
+                method_key(self.method), self.x0_score)
 
 
 def identity(obj) -> Any:
@@ -193,7 +196,8 @@ def build_spec(gp, batch: int, clip: Optional[Tuple[float, float]]) -> LoopSpec:
                     learned_step=learned_model and plan.sampler == "ddpm", clip=clip,
                     rescale=method.rescale if method is not None else 0.0,
                     null_label=null_label, x0_classifier_index=x0_index,
-                    factor_spec=factor_spec, pair_out=pair_out if any(pair_out) else (), method=method)
+                    factor_spec=factor_spec, pair_out=pair_out if any(pair_out) else (), method=method,
+                    x0_score=plan.schedule.kind == "flow")
 
 
 @dataclass

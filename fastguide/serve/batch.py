@@ -166,6 +166,20 @@ def _classifier_key(spec) -> tuple:
     return (_identity(spec.classifier), spec.tau1, spec.tau2)
 
 
+def _split_rows(grad: Optional[torch.Tensor], flags: Sequence[bool], x: torch.Tensor):
+    """(``grad`` on the rows whose flag is set, ``grad`` on the others), None for a part with no rows."""
+    if grad is None or all(flags):
+        return grad, None
+    if not any(flags):
+        return None, grad
+    rows, zero = _column(flags, x) > 0, torch.zeros_like(grad)
+    return torch.where(rows, grad, zero), torch.where(rows, zero, grad)
+
+
+def _sum(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return b if a is None else a if b is None else a + b
+
+
 def _classifier_pass(batch, positions, inp: torch.Tensor, t_guide: torch.Tensor, backend: str, scaled: bool,
                      factor: Callable[[int, int], float]) -> Optional[torch.Tensor]:
     """Sum over the classifier specs each row names (``positions[r]``: indices into its classifiers, in its
@@ -296,13 +310,7 @@ def step_batch(batch: Sequence[Active], draws: Sequence[Draws], ctx: BatchContex
     disc = _discriminator_pass(batch, x, t_guide)
     if disc is not None:
         state = disc if state is None else state + disc
-    g_score = g_mean = None
-    if state is not None:
-        mean_rows = _column([a.spec.mean_shift for a in batch], x) > 0
-        if any(a.spec.mean_shift for a in batch):
-            g_mean = torch.where(mean_rows, state, torch.zeros_like(state))
-        if not all(a.spec.mean_shift for a in batch):
-            g_score = torch.where(mean_rows, torch.zeros_like(state), state)
+    g_mean, g_score = _split_rows(state, [a.spec.mean_shift for a in batch], x)
 
     args = _step_args(batch, draws, ctx, x, out, uncond_map, learned_step)
     if any(k.x0_classifiers for k in kinds):
@@ -314,7 +322,9 @@ def step_batch(batch: Sequence[Active], draws: Sequence[Draws], ctx: BatchContex
             return _scalar(a, ROW_X0_FACTOR) if a.kind.x0_factor and i == a.spec.factor_spec else 1.0
         g_x0 = _classifier_pass(batch, [k.x0_classifiers for k in kinds], x0_hat, t_guide, ctx.backend, False,
                                 factor)
-        g_mean = g_x0 if g_mean is None else g_mean + g_x0
+        # A flow request's rows correct the score (LoopSpec.x0_score), the others shift the mean.
+        score_part, mean_part = _split_rows(g_x0, [a.spec.x0_score for a in batch], x)
+        g_score, g_mean = _sum(g_score, score_part), _sum(g_mean, mean_part)
     args.g_score, args.g_mean = g_score, g_mean
     x0_next = torch.empty_like(x) if any(k.writes_x0 for k in kinds) else None
     args.x0_out = x0_next
