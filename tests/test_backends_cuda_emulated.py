@@ -9,10 +9,12 @@ fastguide.backends.abi's extension, backend_cuda._run (stream 0) and dispatch's 
   parametrize marks): on an emulated H100 (sm_90, so row reductions use clusters of blocks), and the
   row-reduction tests also on an A100 (sm_80, one block per row), on an sm_90 partition where a cluster launch
   does not fit (the fallback), and with blocks and threads scheduled in reverse order.
-* The fused step over every combination of optional inputs, CFG on/off, learned variance and x0-only calls,
-  with the clip modes, output modes (fresh, poisoned, aliased) and step kinds rotating, in fp32/fp16/bf16, on
-  the 16-byte vector path (every one of its kernels must run) and on the scalar fallback (odd sizes,
-  misaligned views); each call checks from the launch log that the expected path ran.
+* The fused step over every combination of optional inputs (the multistep history as x0_prev, x0_prev2 or
+  both: one feature bit), CFG on/off, learned variance and x0-only calls, with the clip modes, output modes
+  (fresh, poisoned, aliased) and step kinds rotating, in fp32/fp16/bf16, on the 16-byte vector path (every one
+  of its kernels must run) and on the scalar fallback (odd sizes, misaligned views); each call checks from the
+  launch log that the expected path ran. The history terms alone and together, aliased and in x0-only calls
+  (which must not read them), counting each history element's reads.
 * The heterogeneous-batch cases of tests/test_backends_heterogeneous.py (one table row per sample, sparse CFG
   batches) in fp32/fp16/bf16 on the vector path (row lengths rounded up to whole packs) and on the scalar
   fallback (the cases' odd sizes, or a misaligned model_output), checking the path from the launch log and
@@ -176,16 +178,34 @@ def test_parity_suite_is_reused():
 CFG, SCORE_GRAD, MEAN_GRAD, NOISE, X0_PREV, LEARNED_VAR = 1, 2, 4, 8, 16, 32
 EXTRA, BEYOND_CFG = 64, 128  # extra e; guidance beyond CFG (combine and/or eps_from_uncond), not a stream
 RUNTIME_IN_BEYOND = SCORE_GRAD | MEAN_GRAD  # runtime flags in the beyond-CFG kernels, not in their mask
-TERM_BITS = {"g_score": SCORE_GRAD, "g_mean": MEAN_GRAD, "noise": NOISE, "x0_prev": X0_PREV}
+# x0_prev2 (the third-order history) is no bit of its own: a runtime branch inside the X0_PREV kernels, whose
+# bit is set for x0_prev, x0_prev2 or both.
+TERM_BITS = {"g_score": SCORE_GRAD, "g_mean": MEAN_GRAD, "noise": NOISE, "x0_prev": X0_PREV, "x0_prev2": X0_PREV}
+assert set(TERM_BITS) == set(parity.TERMS), "a term of the parity suite without its feature bit here"
+# The term slots of the sweeps: the history slot is x0_prev, x0_prev2 or both (drawn per call).
+SLOTS = ("g_score", "g_mean", "noise", "history")
+HISTORIES = (frozenset({"x0_prev"}), frozenset({"x0_prev2"}), frozenset({"x0_prev", "x0_prev2"}))
 
 
 def reachable_masks() -> List[int]:
-    """Masks the host code can select: g_mean/x0_prev/variance only when x_out is written, the variance bit
-    only with a term that uses Sigma."""
+    """Masks the host code can select: g_mean/x0_prev/x0_prev2/variance only when x_out is written, the
+    variance bit only with a term that uses Sigma."""
     masks = set()
-    for bits, cfg, lv, write_out in itertools.product(range(16), (0, 1), (0, 1), (0, 1)):
-        masks.add(_mask({t for i, t in enumerate(parity.TERMS) if bits >> i & 1}, cfg, lv, write_out))
+    terms = parity.TERMS
+    for bits, cfg, lv, write_out in itertools.product(range(1 << len(terms)), (0, 1), (0, 1), (0, 1)):
+        masks.add(_mask({t for i, t in enumerate(terms) if bits >> i & 1}, cfg, lv, write_out))
     return sorted(masks)
+
+
+def _slot_terms(bits: int, history_rng: random.Random) -> frozenset:
+    """The terms of the slots set in ``bits`` (SLOTS order); the history slot's variant drawn from its own
+    generator (so that the other options' draws stay as they were)."""
+    history = history_rng.choice(HISTORIES)
+    terms = set()
+    for j, slot in enumerate(SLOTS):
+        if bits >> j & 1:
+            terms |= history if slot == "history" else {slot}
+    return frozenset(terms)
 
 
 def _mask(terms, cfg: bool, learned_variance: bool, write_out: bool) -> int:
@@ -208,10 +228,10 @@ def _sweep_calls(path: str) -> List[SweepCall]:
     """Every (terms, CFG, learned variance, writes x_out) combination; the other options drawn from a seeded
     generator (not from the combination's index, which would tie them to the bits above)."""
     calls = []
-    combos = itertools.product(range(16), (False, True), (False, True), (True, False))
+    combos = itertools.product(range(1 << len(SLOTS)), (False, True), (False, True), (True, False))
     for i, (bits, cfg, lv, write_out) in enumerate(combos):
         rng = random.Random(parity.seed_of("emulated-sweep", path, i))
-        terms = frozenset(t for j, t in enumerate(parity.TERMS) if bits >> j & 1)
+        terms = _slot_terms(bits, random.Random(parity.seed_of("emulated-sweep-history", path, i)))
         guidance = rng.choice(["per_sample", "scalar", "tensor0d"]) if cfg else "none"
         outputs = rng.choice(["new", "poisoned", "alias", "alias_both"]) if write_out else "x0_only"
         misaligned = None
@@ -248,6 +268,11 @@ def _check_options_covered(calls: List[SweepCall]) -> None:
     assert seen["view"] >= {"contiguous", "row_strided"}
     misaligned = {c.misaligned for c in calls} - {None}
     assert not misaligned or misaligned == {"sample", "model_output", "out", "x0_out", *parity.TERMS}, misaligned
+    # Each history variant, where the kernel reads it and in x0-only calls (which must not).
+    for write_out in (True, False):
+        histories = {c.case.terms & {"x0_prev", "x0_prev2"} for c in calls
+                     if (c.case.outputs != "x0_only") == write_out}
+        assert histories >= set(HISTORIES), (write_out, histories)
 
 
 def _misaligned_copy(t: torch.Tensor) -> torch.Tensor:
@@ -388,6 +413,91 @@ def test_step_out2_paths(cuda_emulated, dtype):
         parity.assert_matches(out, want, parity.step_tol(dtype))
         _, vec, _ = _step_launch(cuda_emulated)
         assert (vec == VEC[dtype]) == vector, (shape, placement, vec)
+
+
+# (name, terms, CFG, output mode) of the history cases: x0_prev2 alone (x0_prev's coefficient F NaN: its term
+# must not enter), with x0_prev (and F2 NaN where x0_prev2 is absent), with CFG and noise, both outputs aliasing
+# the history exactly (out = x0_prev, x0_out = x0_prev2: read before written), and x0-only calls, which must
+# not read either (the emulator registers them only for calls that write out).
+HISTORY_CASES = [
+    ("x0_prev2_alone", {"x0_prev2"}, False, "new"),
+    ("x0_prev_alone", {"x0_prev"}, False, "new"),
+    ("both", {"x0_prev", "x0_prev2"}, False, "new"),
+    ("both_cfg_noise", {"x0_prev", "x0_prev2", "noise"}, True, "new"),
+    ("x0_prev2_cfg_score", {"x0_prev2", "g_score"}, True, "new"),
+    ("both_aliased", {"x0_prev", "x0_prev2"}, True, "alias_history"),
+    ("x0_prev2_aliased", {"x0_prev2", "noise"}, False, "alias_history"),
+    ("x0_only_x0_prev2", {"x0_prev2"}, False, "x0_only"),
+    ("x0_only_both", {"x0_prev", "x0_prev2", "noise"}, True, "x0_only"),
+]
+
+
+@pytest.mark.parametrize("path", ["vector", "misaligned", "odd"])
+@pytest.mark.parametrize("dtype", parity.DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("name,terms,cfg,outputs", HISTORY_CASES, ids=[c[0] for c in HISTORY_CASES])
+def test_step_history_terms(cuda_emulated, name, terms, cfg, outputs, dtype, path):
+    """The multistep history x0_prev (F) and x0_prev2 (F2): either alone or both, in the X0_PREV kernels (no
+    feature bit of its own), on the vector path and on the scalar fallback (x0_prev2, else x0_prev, one element
+    off a 16-byte boundary, or an odd row length). Each element of a present history tensor is read once, an absent one's
+    coefficient (NaN here) never enters, and an x0-only call reads neither."""
+    shape = (3, 5, 7) if path == "odd" else (2, 4, 8, 10)
+    gen = torch.Generator().manual_seed(parity.seed_of("emulated-history", name, path, str(dtype)))
+    batch, n = shape[0], math.prod(shape[1:])
+    sample = torch.randn(shape, generator=gen).to(dtype)
+    model_output = torch.randn(((2 if cfg else 1) * batch,) + shape[1:], generator=gen).to(dtype)
+    kwargs = {t: torch.randn(shape, generator=gen).to(dtype) for t in sorted(terms)}
+    if cfg:
+        kwargs["scale"] = 1.0 + 4.0 * torch.rand(batch, generator=gen)
+    table = torch.randn(4, parity.NUM_COLS, generator=gen)
+    for term, col in (("x0_prev", parity.Col.F), ("x0_prev2", parity.Col.F2)):
+        if term not in terms:
+            table[:, col] = float("nan")
+    write_out = outputs != "x0_only"
+    misaligned = "x0_prev2" if "x0_prev2" in terms else "x0_prev"
+
+    def run(backend: str):
+        # Fresh copies of the history (the aliasing calls overwrite it), one misaligned on that path.
+        args = {k: v.clone() if k in ("x0_prev", "x0_prev2") else v for k, v in kwargs.items()}
+        if path == "misaligned":
+            args[misaligned] = _misaligned_copy(args[misaligned])
+        if outputs == "alias_history":
+            out = args.get("x0_prev")
+            x0 = args["x0_prev2"]
+            res = fastguide.guided_step(sample, model_output, table, 2, out=out, x0_out=x0, backend=backend,
+                                        **args)
+            return res, x0
+        x0 = torch.full(shape, float("nan"), dtype=dtype)
+        res = fastguide.guided_step(sample, model_output, table, 2, x0_out=x0, write_out=write_out,
+                                    backend=backend, **args)
+        return res, x0
+
+    want, want_x0 = run("torch")
+    cuda_emulated.clear_log()
+    got, got_x0 = run("cuda")
+    tol = parity.step_tol(dtype)
+    if write_out:
+        assert not torch.isnan(want).any()  # the NaN coefficient of an absent term does not enter
+        parity.assert_matches(got, want, tol)
+    else:
+        assert got is None
+    parity.assert_matches(got_x0, want_x0, tol)
+
+    io, vec, mask = _step_launch(cuda_emulated)
+    assert io == IO_NAMES[dtype]
+    if path == "vector":
+        assert vec == VEC[dtype], f"took the scalar kernel (pack of {vec})"
+        want_mask = _mask(terms, cfg, False, write_out)
+        assert bool(want_mask & X0_PREV) == write_out
+        assert mask == want_mask, f"ran the kernel of feature mask {mask}, expected {want_mask}"
+    elif path == "misaligned" and not write_out:
+        # The history is not read, so its alignment does not matter: the vector kernel runs.
+        assert (vec, mask) == (VEC[dtype], _mask(terms, cfg, False, False)), (vec, mask)
+    else:
+        assert (vec, mask) == (1, None), f"took the vector kernel (pack of {vec}, mask {mask})"
+    accesses = cuda_emulated.last_accesses
+    for term in ("x0_prev", "x0_prev2"):
+        expected = batch * n // vec if write_out and term in terms else 0
+        assert accesses.get(term, 0) == expected, (term, accesses)
 
 
 def test_step_rows_beyond_grid_limit(cuda_emulated):
@@ -648,17 +758,21 @@ def test_eps_from_uncond_with_scale(cuda_emulated, case, dtype, path):
 
 def _beyond_sweep_calls() -> List[Tuple[guide.CombineCase, bool, frozenset]]:
     """(case, combine?, runtime terms) reaching every beyond-CFG kernel: each combination of its static streams
-    (noise, x0_prev, learned variance, extra), with a combine or CFG++ with a scale (extra needs a combine),
-    g_score / g_mean drawn at random (runtime in these kernels; g_mean where the variance needs it)."""
+    (noise, the history: x0_prev and/or x0_prev2, learned variance, extra), with a combine or CFG++ with a scale
+    (extra needs a combine), g_score / g_mean drawn at random (runtime in these kernels; g_mean where the
+    variance needs it)."""
     calls = []
-    for i, (noise, x0_prev, lv, extra, combine) in enumerate(itertools.product(*[(False, True)] * 5)):
+    for i, (noise, history, lv, extra, combine) in enumerate(itertools.product(*[(False, True)] * 5)):
         if extra and not combine:
             continue
         rng = random.Random(parity.seed_of("emulated-beyond-sweep", i))
         runtime = frozenset(t for t in ("g_score", "g_mean") if rng.random() < 0.5)
         if lv and not noise:
             runtime |= {"g_mean"}  # the variance is read only for a term that uses Sigma
-        terms = runtime | {t for t, on in (("noise", noise), ("x0_prev", x0_prev)) if on}
+        # The history stream (X0_PREV): x0_prev, x0_prev2 or both, drawn from a generator of its own.
+        terms = runtime | ({"noise"} if noise else set())
+        if history:
+            terms |= random.Random(parity.seed_of("emulated-beyond-history", i)).choice(HISTORIES)
         case = guide.CombineCase(f"beyond{i}", shape=(2, 2, 3, 8), extra=extra, terms=frozenset(terms),
                                  learned_variance=lv, eps_from_uncond=not combine or rng.random() < 0.5,
                                  clip=rng.choice(["none", "range", "threshold"]))
@@ -669,9 +783,12 @@ def _beyond_sweep_calls() -> List[Tuple[guide.CombineCase, bool, frozenset]]:
 @pytest.mark.parametrize("dtype", parity.DTYPES, ids=DTYPE_IDS.get)
 def test_beyond_cfg_kernels_sweep(cuda_emulated, dtype):
     """Every beyond-CFG vector kernel runs and matches the reference (16 per dtype: the combinations of noise,
-    x0_prev, learned variance and extra), with g_score / g_mean present or not at runtime."""
+    the history (x0_prev, x0_prev2 or both), learned variance and extra), with g_score / g_mean present or not
+    at runtime."""
     failures, masks = [], set()
-    for case, combine, runtime in _beyond_sweep_calls():
+    calls = _beyond_sweep_calls()
+    assert {c.terms & {"x0_prev", "x0_prev2"} for c, _, _ in calls} >= set(HISTORIES)
+    for case, combine, runtime in calls:
         try:
             sample, model_output, table, step, kwargs = guide.combine_call(
                 case, "cpu", dtype, parity.seed_of("emulated-beyond", case.name, str(dtype)))

@@ -1,6 +1,6 @@
 // The fused guided sampler step: one pass over x, the model output(s), the guidance gradients, the noise
-// and the previous x0, writing x_out (optionally twice: out2, a loop's next [x; x] model input) and/or x0^
-// (the row formula of fastguide/core/layout.py, computed in fp32).
+// and the previous x0 (and the one before it), writing x_out (optionally twice: out2, a loop's next [x; x]
+// model input) and/or x0^ (the row formula of fastguide/core/layout.py, computed in fp32).
 //
 // Grid: x = chunk of a row, y = row (sample). Each thread moves ITEMS packs of every input, issuing all
 // loads before any arithmetic so that enough bytes are in flight to saturate HBM. Which element streams
@@ -34,7 +34,7 @@ enum StepFeature : int {
   kScoreGrad = 1 << 1,   // g_score
   kMeanGrad = 1 << 2,    // g_mean (read only when out is written)
   kNoise = 1 << 3,       // noise
-  kX0Prev = 1 << 4,      // x0_prev (read only when out is written)
+  kX0Prev = 1 << 4,      // x0_prev and/or x0_prev2 (read only when out is written; which: a runtime branch)
   kLearnedVar = 1 << 5,  // variance channels (read only when out is written and Sigma is used)
   kExtra = 1 << 6,       // extra e, the third term of a combine (only with kBeyondCfg and combine)
   // Not a stream: guidance beyond CFG (with kCfg), a combine (read per row) and/or eps~ from u. Which of the
@@ -85,8 +85,10 @@ struct GuidedStepParams {
   int64_t g_mean_stride;
   const Bits* noise;
   int64_t noise_stride;
-  const Bits* x0_prev;
+  const Bits* x0_prev;   // with kX0Prev: x0_prev, x0_prev2 or both may be present (null when absent)
   int64_t x0_prev_stride;
+  const Bits* x0_prev2;
+  int64_t x0_prev2_stride;
   int32_t clip_mode;
   float clip_lo, clip_hi;
   const float* threshold;
@@ -115,8 +117,9 @@ constexpr int kScalarItems = 2;
 // and half the registers.
 constexpr int vector_items(int mask) { return 2 + __builtin_popcount(mask & kStreamFeatures) <= 4 ? 2 : 1; }
 
-// No __restrict__ on the data pointers: out may be sample, x0_out may be x0_prev. Each element is read by
-// the thread that writes it, and every read of a pack happens before its writes, so exact aliasing is safe.
+// No __restrict__ on the data pointers: out may be sample, x0_out may be x0_prev or x0_prev2. Each element
+// is read by the thread that writes it, and every read of a pack happens before its writes, so exact
+// aliasing is safe.
 template <class IO, int VEC, int ITEMS, class Features>
 __global__ void __launch_bounds__(kStepThreads)
     guided_step_kernel(const GuidedStepParams<IO> p, const Features feat) {
@@ -126,6 +129,15 @@ __global__ void __launch_bounds__(kStepThreads)
   const bool write_out = p.out != nullptr;
   const bool write_out2 = write_out && p.out2 != nullptr;  // uniform over the grid: no divergence
   const bool write_x0 = p.x0_out != nullptr;
+  // The multistep history (kX0Prev, set for x0_prev, x0_prev2 or both; no bit of its own, which would
+  // double the kernels): one stream slot, xp, holds x0_prev (coefficient F), or x0_prev2 (F2) when that
+  // comes alone. With both (third order), x0_prev2 is loaded once a pack's results are formed, when the
+  // other packs of that item are dead, rather than with the other streams: that keeps the kernels near the
+  // registers of one history stream (a second pack per item in flight would cost every x0_prev call
+  // occupancy), at one more exposed load latency per item for third-order calls. Branches uniform over
+  // the grid.
+  const bool has_xp = feat.has(kX0Prev) && p.x0_prev != nullptr;
+  const bool late_xp2 = has_xp && p.x0_prev2 != nullptr;
   const int64_t nvec = p.n / VEC;
   const int64_t first = int64_t(blockIdx.x) * (kStepThreads * ITEMS) + threadIdx.x;
 
@@ -151,7 +163,9 @@ __global__ void __launch_bounds__(kStepThreads)
     const Bits* gs_row = p.g_score + b * p.g_score_stride;
     const Bits* gm_row = p.g_mean + b * p.g_mean_stride;
     const Bits* z_row = p.noise + b * p.noise_stride;
-    const Bits* xp_row = p.x0_prev + b * p.x0_prev_stride;
+    // The history slot; the late x0_prev2 address is formed where it is loaded (from the parameters, not
+    // a row pointer held over the whole row: fewer registers).
+    const Bits* xp_row = has_xp ? p.x0_prev + b * p.x0_prev_stride : p.x0_prev2 + b * p.x0_prev2_stride;
     const Bits* e_row = p.extra + b * p.extra_stride;
     Bits* out_row = p.out + b * p.out_stride;
     Bits* out2_row = p.out2 + b * p.out2_stride;
@@ -169,7 +183,7 @@ __global__ void __launch_bounds__(kStepThreads)
       if (feat.has(kScoreGrad)) gs[i] = load_pack<IO, VEC>(gs_row + e);
       if (feat.has(kNoise)) z[i] = load_pack<IO, VEC>(z_row + e);
       if (feat.has(kMeanGrad)) gm[i] = load_pack<IO, VEC>(gm_row + e);
-      if (feat.has(kX0Prev)) xp[i] = load_pack<IO, VEC>(xp_row + e);
+      if (feat.has(kX0Prev)) xp[i] = load_pack<IO, VEC>(xp_row + e);  // the bit: one of the two is present
       if (feat.has(kLearnedVar)) v[i] = load_pack<IO, VEC>(v_row + e);
       if (feat.has(kExtra)) ex[i] = load_pack<IO, VEC>(e_row + e);
     }
@@ -214,8 +228,9 @@ __global__ void __launch_bounds__(kStepThreads)
     const float px = coef[P_X], pm = coef[P_M], pg = coef[P_G], pz = coef[P_Z];
     const float qx = coef[Q_X], qm = coef[Q_M], qg = coef[Q_G], qz = coef[Q_Z];
     const float ca = coef[A], cb = coef[B], cc = coef[C], cd = coef[D];
-    const float ce = coef[E], cf = coef[F], cdv = coef[DV], cev = coef[EV];
+    const float ce = coef[E], cdv = coef[DV], cev = coef[EV];
     const float lv_max = coef[LV_MAX], lv_min = coef[LV_MIN];
+    const float cxp = coef[has_xp ? F : F2], cf2 = coef[F2];  // the history slot's; x0_prev2's with both
 
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
@@ -286,8 +301,15 @@ __global__ void __launch_bounds__(kStepThreads)
           const float amp = feat.has(kLearnedVar) ? ce + cev * sqrtf(variance) : ce;
           res += amp * zf;
         }
-        if (feat.has(kX0Prev)) res += cf * pack_get(xp[i], j);
+        if (feat.has(kX0Prev)) res += cxp * pack_get(xp[i], j);
         out_vals[j] = res;
+      }
+      // With both histories, x0_prev2's term comes last (the reference's order), read before any store of
+      // the pack (x0_out or out may be x0_prev2).
+      if (late_xp2) {
+        const P xp2 = load_pack<IO, VEC>(p.x0_prev2 + b * p.x0_prev2_stride + e);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) out_vals[j] += cf2 * pack_get(xp2, j);
       }
       // Store order x0, out, out2: an output that is x0_out too holds the result, as in the reference.
       if (write_x0) store_pack<IO, VEC>(x0_row + e, make_pack<IO, VEC>(x0_vals));
@@ -361,6 +383,8 @@ GuidedStepParams<IO> typed_params(const GuidedStepArgs& a) {
   p.noise_stride = a.noise_stride;
   p.x0_prev = static_cast<const Bits*>(a.x0_prev);
   p.x0_prev_stride = a.x0_prev_stride;
+  p.x0_prev2 = static_cast<const Bits*>(a.x0_prev2);
+  p.x0_prev2_stride = a.x0_prev2_stride;
   p.clip_mode = a.clip_mode;
   p.clip_lo = a.clip_lo;
   p.clip_hi = a.clip_hi;
@@ -392,7 +416,7 @@ int feature_mask(const GuidedStepArgs& a) {
   if (a.g_score) mask |= kScoreGrad;
   if (a.noise) mask |= kNoise;
   if (write_out && a.g_mean) mask |= kMeanGrad;
-  if (write_out && a.x0_prev) mask |= kX0Prev;
+  if (write_out && (a.x0_prev || a.x0_prev2)) mask |= kX0Prev;
   if (write_out && a.learned_variance && (a.g_mean || a.noise)) mask |= kLearnedVar;
   if (a.has_cfg && (a.combine || a.eps_from_uncond)) mask |= kBeyondCfg;
   if (a.has_cfg && a.combine && a.extra) mask |= kExtra;
@@ -408,6 +432,7 @@ bool vectorizable(const GuidedStepArgs& a, int mask, int64_t elem_size) {
          rows_aligned16((mask & kMeanGrad) ? a.g_mean : nullptr, a.g_mean_stride, elem_size) &&
          rows_aligned16((mask & kNoise) ? a.noise : nullptr, a.noise_stride, elem_size) &&
          rows_aligned16((mask & kX0Prev) ? a.x0_prev : nullptr, a.x0_prev_stride, elem_size) &&
+         rows_aligned16((mask & kX0Prev) ? a.x0_prev2 : nullptr, a.x0_prev2_stride, elem_size) &&
          rows_aligned16((mask & kExtra) ? a.extra : nullptr, a.extra_stride, elem_size) &&
          rows_aligned16(a.out, a.out_stride, elem_size) &&
          rows_aligned16(a.x0_out, a.x0_out_stride, elem_size) &&

@@ -188,7 +188,9 @@ class Emulator:
                     region("combine", a.combine + 12 * b, 1, 12, 0, sample_row=b)
                 region("extra", a.extra, a.batch, a.n * es, a.extra_stride * es)
             region("mfactor", a.mfactor, 1, a.batch * 4, 0)
-            for name in ("g_score", "g_mean", "noise", "x0_prev"):
+            # The terms that only feed x_out (g_mean, the multistep history x0_prev / x0_prev2) are read only
+            # when out is written: an x0-only call that touches them faults.
+            for name in ("g_score", "noise") + (("g_mean", "x0_prev", "x0_prev2") if a.out else ()):
                 region(name, getattr(a, name), a.batch, a.n * es, getattr(a, f"{name}_stride") * es)
             if a.clip_mode == 2:
                 region("threshold", a.threshold, 1, a.batch * 4, 0)
