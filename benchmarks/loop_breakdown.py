@@ -5,9 +5,10 @@ shared machine hits them alike) and reported as medians:
 
 1. **Breakdown** of one steady-state step of ``fastguide.sample`` (CFG with a null label + DDIM, 50 steps,
    2x4x64x64 latents, the near-free network ``x * 0.5``): each op the stage runs, timed by itself in micro-runs
-   on the loop's own objects (its device tables, step counter and pair buffers): the network, the ``[x; x]``
-   cat, the timestep gather, the fused step (``ops.run_step``, split into its host side and the C++ kernel),
-   the output allocation, the counter increment, and what is left of the measured per-step time (the stage's
+   on the loop's own objects (its device tables, host step index and pair buffers): the network, the ``[x; x]``
+   cat, the model timestep's row (a view of the loop's table: an eager loop passes its stages the step index
+   as a host int), the fused step (``ops.run_step``, split into its host side and the C++ kernel), the output
+   allocation, and what is left of the measured per-step time (the stage's
    Python: ``StepArgs``, the output check, the loop itself). "paired" is the loop as shipped (the fused step
    writes both halves of the next ``[x; x]`` input, ``StepArgs.out2``), "plain" the same loop with that
    switched off (``fastguide.native.spec._PAIR_INPUTS = False``: a ``torch.cat`` and an output allocation
@@ -153,12 +154,12 @@ class _Extension:
 
 def instrumented(run: Callable, timed: Timed, loops: int) -> None:  # noqa: C901
     """Run ``run`` ``loops`` times with the stage's ops timed: the network (wrapped by the caller), the
-    timestep gather, the output check, ``StepArgs``, ``run_step`` and inside it the argument block, the
+    timestep row, the output check, ``StepArgs``, ``run_step`` and inside it the argument block, the
     kernel and the output allocation, and ``torch.cat``."""
     patches = [(fg_loop, "_at"), (fg_loop, "_check_model_output"), (fg_loop, "StepArgs"), (ops, "run_step"),
                (abi, "guided_step_args"), (torch, "cat"), (torch, "empty_like")]
     saved = [(obj, name, getattr(obj, name)) for obj, name in patches]
-    names = {"_at": "gather", "_check_model_output": "check", "StepArgs": "StepArgs", "run_step": "run_step",
+    names = {"_at": "timestep", "_check_model_output": "check", "StepArgs": "StepArgs", "run_step": "run_step",
              "guided_step_args": "abi", "cat": "cat", "empty_like": "alloc"}
     extension = abi._extension
     try:
@@ -196,7 +197,7 @@ def alone(x_T, y, schedule) -> Dict[str, Callable[[], object]]:
                                        SHAPE[0], None)
     tables = fg_spec.cached_tables(spec, SHAPE[0], x_T.device)
     inputs = fg_spec.make_inputs(spec, (), y, torch.full((SHAPE[0],), SCALE), SHAPE[0], x_T.device)
-    counter = torch.full((), STEPS // 2, dtype=torch.int64)
+    counter = STEPS // 2  # the host step index an eager loop's stages get
     coeffs, t_model2, scale = tables.coeffs, tables.t_model2, inputs.cfg_scale
     x = x_T.clone()
     pair_in, x_in, _ = fg_loop.pair_buffer(x)
@@ -210,7 +211,7 @@ def alone(x_T, y, schedule) -> Dict[str, Callable[[], object]]:
     kernel = abi.extension().cpu_guided_step
     fns = {
         "network": lambda: free_net(pair_in, None, inputs.y_pair),
-        "gather": lambda: fg_loop._at(t_model2, counter),
+        "timestep": lambda: fg_loop._at(t_model2, counter),
         "check": lambda: fg_loop._check_model_output(model_output, 4, x_in, False),
         "StepArgs": lambda: StepArgs(x_in, model_output, coeffs, counter, scale=scale, out=dest[1], out2=dest[2]),
         "run_step paired": lambda: ops.run_step(
@@ -222,22 +223,20 @@ def alone(x_T, y, schedule) -> Dict[str, Callable[[], object]]:
         "kernel plain": lambda: kernel(launch_plain.args),
         "cat": lambda: torch.cat([x, x]),
         "alloc": lambda: torch.empty_like(x, memory_format=torch.contiguous_format),
-        "counter": lambda: counter.add_(0),
     }
     fns["_keep"] = (launch, launch_plain, plain, dest, pair_in)
     return fns
 
 
-ITEMS = [  # (row label, in-loop key), in the order printed; counter.add_ runs in run_loop, timed alone only
+ITEMS = [  # (row label, in-loop key), in the order printed
     ("network (x * 0.5 on the [2B] batch)", "network"),
     ("cat ([x; x] model input)", "cat"),
-    ("gather (model timesteps at the counter)", "gather"),
+    ("timestep row (a view of the loop's table)", "timestep"),
     ("fused step: host side (run_step, dispatch, alias checks)", "run_step_host"),
     ("fused step: argument block (backends/abi.py)", "abi"),
     ("fused step: C++ kernel", "kernel"),
     ("allocation (step output)", "alloc"),
     ("StepArgs + model-output check", "args_check"),
-    ("counter.add_ (timed alone)", "counter"),
 ]
 
 
@@ -293,7 +292,6 @@ def breakdown(threads: int, repeats: int, x_T, y, schedule) -> List[dict]:
         inside["run_step_host"] = inside["run_step"] - inside["abi"] - inside["kernel"] - inside.get("alloc", 0.0) \
             - nested
         inside["args_check"] = inside["StepArgs"] + inside["check"]
-        inside["counter"] = hot["counter"]
         step_timed, step_plain = per_step("timed"), per_step("plain")
         setup = statistics.mean(walls[("plain", STEPS)]) * 1e6 - STEPS * step_plain
         accounted = 0.0
@@ -436,11 +434,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--repeats", type=int, default=41)
-    parser.add_argument("--unet-repeats", type=int, default=4)
+    parser.add_argument("--unet-repeats", type=int, default=4, help="repeats of the in-loop UNet section (0: skip it)")
     parser.add_argument("--unet-steps", type=int, default=25)
     parser.add_argument("--quick", action="store_true", help="a few repeats, for a smoke test")
     parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args()
+    if args.repeats < 1 or args.unet_repeats < 0 or args.unet_steps < 2:
+        parser.error("--repeats must be >= 1, --unet-repeats >= 0 and --unet-steps >= 2")
     repeats = 3 if args.quick else args.repeats
     unet_repeats, unet_steps = (1, 5) if args.quick else (args.unet_repeats, args.unet_steps)
     from fastguide.samplers.schedule import Schedule
@@ -454,7 +454,8 @@ def main() -> None:
             torch.set_num_threads(threads)
             rows += side_by_side(threads, repeats, x_T, y, schedule)
             rows += breakdown(threads, repeats, x_T, y, schedule)
-            rows += in_loop(threads, unet_repeats, unet_steps)
+            if unet_repeats:
+                rows += in_loop(threads, unet_repeats, unet_steps)
     finally:
         set_pairing(True)
     print_rows(rows)

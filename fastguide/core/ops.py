@@ -207,7 +207,7 @@ def run_step(args: StepArgs, backend: str) -> Optional[torch.Tensor]:
     fresh = args.write_out and out is None
     if fresh:
         out = args.out = torch.empty_like(sample, memory_format=torch.contiguous_format)  # no overlap
-    if not fresh or out2 is not None or x0_out is not None:
+    if not args.outputs_disjoint and (not fresh or out2 is not None or x0_out is not None):
         spans = _spans((sample, args.model_output, args.g_score, args.g_mean, args.noise, args.x0_prev,
                         args.x0_prev2, args.extra))
         if out is not None:

@@ -32,9 +32,13 @@ from .spec import (FIXED_SCALAR_ROWS, ROW_C_IN, ROW_GUIDE_IN, ROW_PRE_NOISE, ROW
 _gather = torch.ops.aten.index.Tensor
 
 
-def _at(table: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
-    """Row ``counter`` (a 0-dim int64 device tensor) of ``table``, as one device-side gather. Not
-    ``table[counter]``: Python indexing reads a 0-dim integer tensor on the host (a sync per step)."""
+def _at(table: torch.Tensor, counter) -> torch.Tensor:
+    """Row ``counter`` of ``table``: for a host int (an eager loop) a view, like a diffusers loop's
+    ``for t in scheduler.timesteps``; for a 0-dim int64 device tensor (a captured or compiled loop) one
+    device-side gather. Not ``table[counter]`` for a tensor: Python indexing reads a 0-dim integer tensor on
+    the host (a sync per step)."""
+    if type(counter) is int:
+        return table[counter]
     return _gather(table, [counter])
 
 
@@ -88,7 +92,8 @@ def make_stage(spec: LoopSpec, kind: StageKind, model: Callable, classifiers: Se
                discriminators: Sequence, backend: str) -> StageFn:
     """The code of one stage kind: ``stage(x, x0_prev, z_pre, z_step, counter, tables, inputs, dest=None)``
     returns ``(x_next, x0 or None)``. Every per-stage number is read from ``tables`` at ``counter`` (a 0-dim
-    int64 device tensor), so one function serves every stage of its kind.
+    int64 device tensor, or in an eager loop the stage index as a host int: ``stage.accepts_host_steps``),
+    so one function serves every stage of its kind.
 
     Paired calls (``run_loop``, from ``spec.pair_out``; eager and CUDA-graph loops only, the function says
     so with ``stage.accepts_pairs``): given ``dest = pair_buffer(...)``, the fused step writes its result into
@@ -108,7 +113,8 @@ def make_stage(spec: LoopSpec, kind: StageKind, model: Callable, classifiers: Se
         return StepArgs(x, out, coeffs, counter, scale=scale, rescale=rescale, g_score=g_score, g_mean=g_mean,
                         noise=z, x0_prev=x0_prev, clip_mode=clip_mode, clip_lo=lo, clip_hi=hi,
                         learned_variance=spec.learned_step, out=dest, x0_out=x0_out, write_out=write_out,
-                        out2=dest2, combine=combine, extra=extra, eps_from_uncond=eps_from_uncond)
+                        out2=dest2, combine=combine, extra=extra, eps_from_uncond=eps_from_uncond,
+                        outputs_disjoint=True)  # fresh tensors, or the pair buffer the stage's inputs are not in
 
     def stage(x, x0_prev, z_pre, z_step, counter, tables, inputs, dest=None):
         # Nothing flows back into the denoiser (the guidance gradients enable grad for their own networks):
@@ -173,7 +179,7 @@ def make_stage(spec: LoopSpec, kind: StageKind, model: Callable, classifiers: Se
                                         x0_next), backend)
         return x_next, x0_next
 
-    stage.accepts_pairs = True
+    stage.accepts_pairs = stage.accepts_host_steps = True
     return stage
 
 
@@ -225,12 +231,15 @@ def run_loop(stages: Sequence[StageFn], spec: LoopSpec, x_T: torch.Tensor, table
              progress: Optional[Callable] = None) -> torch.Tensor:
     """Run every stage: ``stages[k]`` is stage k's function (shared between stages of one kind).
 
-    The step counter starts at 0 on the device and advances in place after each stage; ``counter`` may be
-    a caller's buffer (a CUDA graph's), else a fresh one."""
-    if counter is None:
-        counter = torch.zeros((), dtype=torch.int64, device=x_T.device)
-    else:
+    Stage functions that take host steps (``make_stage``'s, eager) get the stage index k as a Python int:
+    their table reads are views and the fused step takes its row by number, with no counter to advance (the
+    loop stays sync-free on a GPU too). Otherwise (compiled bodies, or a caller's ``counter``: a CUDA graph's
+    buffer) a 0-dim int64 device counter starts at 0 and advances in place after each stage."""
+    host_steps = counter is None and all(getattr(s, "accepts_host_steps", False) for s in set(stages))
+    if counter is not None:
         counter.zero_()
+    elif not host_steps:
+        counter = torch.zeros((), dtype=torch.int64, device=x_T.device)
     x = x_T * spec.init_scale
     x0_prev = None
     table_args, input_args = tables.as_tuple(), inputs.as_tuple()
@@ -249,15 +258,18 @@ def run_loop(stages: Sequence[StageFn], spec: LoopSpec, x_T: torch.Tensor, table
     paired = spec.pair_out if spec.pair_out and all(getattr(s, "accepts_pairs", False) for s in set(stages)) \
         else ()
     buffers = (pair_buffer(like), pair_buffer(like)) if paired else None
-    one = torch.ones((), dtype=torch.int64, device=counter.device)  # add_(tensor): no scalar wrapped per step
+    # add_(tensor): no scalar wrapped per step
+    one = None if host_steps else torch.ones((), dtype=torch.int64, device=counter.device)
     with torch.no_grad():
         for k in order:
             kind = kinds[k]
             z_pre = noise.draw(like) if kind.pre_noise else None
             z_step = noise.draw(like) if kind.noise else None
+            step = k if host_steps else counter
             if paired and paired[k]:
-                x, x0_prev = stages[k](x, x0_prev, z_pre, z_step, counter, table_args, input_args, buffers[k & 1])
+                x, x0_prev = stages[k](x, x0_prev, z_pre, z_step, step, table_args, input_args, buffers[k & 1])
             else:
-                x, x0_prev = stages[k](x, x0_prev, z_pre, z_step, counter, table_args, input_args)
-            counter.add_(one)
+                x, x0_prev = stages[k](x, x0_prev, z_pre, z_step, step, table_args, input_args)
+            if not host_steps:
+                counter.add_(one)
     return x
