@@ -223,7 +223,8 @@ SCALE_INPUT_WARNING = ("The `scale_model_input` function should be called before
 def _warn_if_input_not_scaled(scheduler) -> None:
     """Log diffusers' warning, with diffusers' logger of the scheduler's ``step`` (so diffusers' verbosity
     settings apply alike), for schedulers that track ``is_scale_input_called`` and have not scaled yet."""
-    if getattr(scheduler, "is_scale_input_called", True):
+    # (the instance dict: for schedulers without the flag, getattr goes through diffusers' slow __getattr__)
+    if vars(scheduler).get("is_scale_input_called", True):
         return
     module = getattr(getattr(type(scheduler), "step", None), "__module__", None) or __name__
     logging.getLogger(module).warning(SCALE_INPUT_WARNING)
