@@ -472,7 +472,7 @@ def build(sampler: str, schedule: Schedule, steps: int, **options) -> Plan:
 
     >>> plan = fastguide.samplers.build("heun", fastguide.Schedule.edm(), steps=18, s_churn=0.0)
     >>> plan.table.shape      # 35 stages: 18 Euler stages + 17 Heun corrections
-    torch.Size([35, 18])
+    torch.Size([35, 19])
     >>> vp = fastguide.samplers.build("heun", fastguide.Schedule.ddpm(timestep_spacing="trailing"), steps=10)
     """
     if sampler not in _BUILDERS:
