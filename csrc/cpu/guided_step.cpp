@@ -2,7 +2,7 @@
 //
 // A work item is one tile of one sample row; inputs are read as fp32 (converted into scratch when stored
 // as fp16/bf16). Terms that only add to the output (mean shift, noise, x0_prev, x0_prev2) are first summed
-// into an L1 buffer. In the common case (no clipping, no score term, no x0 output) one loop then computes the
+// into an L1 buffer. In the common case (no clipping, no score term) one loop then computes the
 // guided model output and applies the row's folded x / m / z coefficients in registers; otherwise x0 and eps
 // go through L1 buffers so that clipping and the score term can change them. Optional terms are branches
 // around whole loops, never multiplications by zero, so an absent tensor cannot inject NaN.
@@ -81,6 +81,17 @@ inline void predict(const float* k, const Model& in, float* __restrict x0, float
     }
     x0[i] = x0_raw;
     eps[i] = e;
+  }
+}
+
+// x0 = P_X x + P_M m + P_Z z alone into an L1 buffer (the folded loop below does not form it).
+template <bool kCfg, bool kNoise>
+inline void predict_x0(const float* k, const Model& in, float* __restrict x0, int64_t len) {
+  const float px = k[P_X], pm = k[P_M], pz = k[P_Z];
+  for (int64_t i = 0; i < len; ++i) {
+    float v = px * in.x[i] + pm * guided<kCfg>(in, i);
+    if (kNoise) v += pz * in.z[i];
+    x0[i] = v;
   }
 }
 
@@ -302,7 +313,17 @@ void step_tile(const GuidedStepArgs& a, const float* k, int64_t row, int64_t beg
   float* out = f32_out ? static_cast<float*>(a.out) + row * a.out_stride + begin : s.res;
   float* out2 = f32_out && a.out2 ? static_cast<float*>(a.out2) + row * a.out2_stride + begin : nullptr;
 
-  if (a.out && a.clip_mode == kClipNone && !a.g_score && !a.x0_out) {
+  // The folded loop also serves calls that want x0 (computed first, into s.x0, before out may overwrite an
+  // input it aliases), so asking for x0 never changes the result's rounding; CFG++ with x0 takes the buffers.
+  if (a.out && a.clip_mode == kClipNone && !a.g_score && (!a.x0_out || !eps_u)) {
+    if (a.x0_out) {
+      switch (variant & 3) {  // bits: 2 kCfg, 1 kNoise
+        case 0: predict_x0<false, false>(k, in, s.x0, len); break;
+        case 1: predict_x0<false, true>(k, in, s.x0, len); break;
+        case 2: predict_x0<true, false>(k, in, s.x0, len); break;
+        default: predict_x0<true, true>(k, in, s.x0, len); break;
+      }
+    }
     // Bits of the case: 8 kEpsU, 4 kCfg, 2 kNoise, 1 kExtra.
     switch (variant * 2 + (extra ? 1 : 0)) {
       case 0: predict_and_combine<false, false, false, false>(k, in, extra, out, out2, len); break;
