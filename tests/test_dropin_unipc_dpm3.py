@@ -9,6 +9,8 @@ that switch between ``scheduler.step`` and ``fastguide.step``, and the rejected 
 
 from __future__ import annotations
 
+import copy
+
 
 import pytest
 import torch
@@ -166,19 +168,64 @@ def test_unsupported_unipc_options(make, match):
     assert sched.step_index is None and sched.lower_order_nums == 0
 
 
-def test_unipc_refuses_solver_p_and_guidance_networks():
+def test_unipc_refuses_solver_p_and_guidance_on_flow_sigmas():
     sched = UniPCMultistepScheduler(solver_p=DPMSolverMultistepScheduler())
     sched.set_timesteps(6)
     x = latents()
     with pytest.raises(ValueError, match="solver_p"):
         step(fake_model(x, 999), sched.timesteps[0], x, scheduler=sched, guidance_scale=2.0)
-    sched = UniPCMultistepScheduler()
+    sched = UNI(use_flow_sigmas=True, prediction_type="flow_prediction")()
     sched.set_timesteps(6)
     spec = fastguide.ClassifierGuidance(lambda x, t: x.flatten(1)[:, :3], scale=1.0)
-    with pytest.raises(ValueError, match="not supported for UniPCMultistepScheduler"):
+    with pytest.raises(ValueError, match="use_flow_sigmas"):
         step(fake_model(x, 999)[B:], sched.timesteps[0], x, scheduler=sched, guidance=[spec],
              y=torch.zeros(B, dtype=torch.long))
     assert sched.step_index is None
+    sched = UNI()()
+    sched.set_timesteps(6)
+    with pytest.raises(ValueError, match="input='x0'"):   # Ma et al.'s recipe is a DDPM mean shift here
+        step(fake_model(x, 999)[B:], sched.timesteps[0], x, scheduler=sched, guidance=[
+             fastguide.ClassifierGuidance(lambda x, t: x.flatten(1)[:, :3], input="x0")],
+             y=torch.zeros(B, dtype=torch.long))
+    assert sched.step_index is None
+
+
+def _classifier(x, t):
+    return torch.tanh(x.flatten(1)[:, :12].reshape(x.shape[0], 3, 4)).sum(2) * (1.0 + t.reshape(-1, 1) / 1000.0)
+
+
+def _discriminator(x, t, y=None):
+    return torch.tanh(x.flatten(1)).mean(1) * 3.0 + t / 1000.0
+
+
+def test_unipc_classifier_and_discriminator_guidance_by_hand():
+    """Guidance is a score correction of the model output, eps -= sigma g (the networks see the state and the
+    timestep, the DG window in t / T): every call equals diffusers' own step on the corrected prediction, the
+    corrector included (it reads the corrected x0 the step stored)."""
+    y = torch.tensor([1, 2])
+    specs = [fastguide.ClassifierGuidance(_classifier, scale=1.5),
+             fastguide.DiscriminatorGuidance(_discriminator, weight=0.8, t_min=0.2, t_max=0.9)]
+    for solver_type in ("bh2", "bh1"):
+        ours = UNI(solver_type=solver_type, final_sigmas_type="sigma_min")()
+        ours.set_timesteps(8)
+        theirs = copy.deepcopy(ours)
+        sigmas = fastguide.dropin.plan_for(ours).sigma
+        x = latents()
+        for i, t in enumerate(ours.timesteps):
+            mo = fake_model(x, t)
+            tt = torch.full((B,), float(t))
+            with torch.enable_grad():
+                leaf = x.detach().clone().requires_grad_(True)
+                obj = 1.5 * torch.log_softmax(_classifier(leaf, tt), 1)[torch.arange(B), y]
+                if 0.2 <= float(t) / 1000 <= 0.9:
+                    obj = obj + 0.8 * _discriminator(leaf, tt).clamp(-11.5, 11.5)
+                (g,) = torch.autograd.grad(obj.sum(), leaf)
+            want = theirs.step(diffusers_cfg(mo, 3.0) - float(sigmas[i]) * g, t, x).prev_sample
+            got = step(mo, t, x, scheduler=ours, guidance_scale=3.0, guidance=specs, y=y)
+            assert rel_err(got, want) <= STEP_TOL, (solver_type, i)
+            assert rel_err(ours.last_sample, theirs.last_sample) <= STEP_TOL
+            assert rel_err(ours.model_outputs[-1], theirs.model_outputs[-1]) <= STEP_TOL
+            x = want
 
 
 def test_unipc_state_errors_leave_the_scheduler_alone():

@@ -124,13 +124,14 @@ def _check_call(model_output, sample, scheduler, guidance_scale, guidance_rescal
 # What the row is applied to
 
 
-def _predicted_x0(call: Call, clip: bool = True) -> torch.Tensor:
-    """x0^ of this step (the x0-only pass of the fused kernel), before any guidance term."""
+def _predicted_x0(call: Call, clip: bool = True, guided: bool = False) -> torch.Tensor:
+    """x0^ of this step (the x0-only pass of the fused kernel), before any guidance term (with ``guided``,
+    after the score correction: UniPC's corrector reads the guided x0^)."""
     a = call.args
     x0 = torch.empty_like(a.sample, memory_format=torch.contiguous_format)
     predict = StepArgs(a.sample, a.model_output, a.table, a.step, scale=a.scale, rescale=a.rescale,
-                       learned_variance=a.learned_variance, x0_out=x0, write_out=False, combine=a.combine,
-                       extra=a.extra)
+                       g_score=a.g_score if guided else None, learned_variance=a.learned_variance, x0_out=x0,
+                       write_out=False, combine=a.combine, extra=a.extra)
     if clip:
         predict.clip_mode, predict.clip_lo, predict.clip_hi, predict.threshold = \
             a.clip_mode, a.clip_lo, a.clip_hi, a.threshold
@@ -290,7 +291,7 @@ def scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *
         _advance(scheduler, call, index, init_index, timestep, None)
         return prev, None
     if call.unipc is not None:
-        prev = _unipc.run(scheduler, call, lambda: _predicted_x0(call), timestep, backend)
+        prev = _unipc.run(scheduler, call, lambda: _predicted_x0(call, guided=True), timestep, backend)
         _advance(scheduler, call, index, init_index, timestep, None)
         return prev, None
     _draw_noise(call, index)
@@ -307,9 +308,9 @@ def _guide_of(scheduler, state: SchedulerState, guidance, y, sample: torch.Tenso
               backend: str) -> Optional[Callable]:
     """The guidance hook of a ``guidance=`` list, everything about it checked first; None for no networks."""
     classifiers, discriminators = _dropin_guidance.split_specs(guidance)
-    if state.kind == UNIPC and (classifiers or discriminators or y is not None):
-        raise ValueError("guidance: classifier / discriminator guidance is not supported for "
-                         "UniPCMultistepScheduler yet (CFG is: pass guidance_scale)")
+    if state.kind == UNIPC and (classifiers or discriminators) and config(scheduler, "use_flow_sigmas", False):
+        raise ValueError("guidance: classifier / discriminator guidance with UniPCMultistepScheduler needs "
+                         "scheduler.config.use_flow_sigmas=False (its VP state); CFG works with both")
     if state.kind == FLOW_HEUN and any(c.input == "x0" for c in classifiers):
         raise ValueError("guidance: ClassifierGuidance(input='x0') is not supported for "
                          "FlowMatchHeunDiscreteScheduler (its rows carry the derivative, not x0^); use "
@@ -357,8 +358,8 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
             ``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``,
             ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler`` (``dpmsolver++`` or
             ``sde-dpmsolver++``, order 1, 2 or 3), ``UniPCMultistepScheduler`` (``bh1`` / ``bh2``, order 1 or
-            2 with its corrector, ``predict_x0=True``, no ``solver_p``; no ``guidance=``, not inside
-            ``torch.compile``), ``LCMScheduler``, ``FlowMatchEulerDiscreteScheduler``
+            2 with its corrector, ``predict_x0=True``, no ``solver_p``; ``guidance=`` on VP sigmas without x0
+            classifiers, not inside ``torch.compile``), ``LCMScheduler``, ``FlowMatchEulerDiscreteScheduler``
             (velocity ``model_output``; ``shift``, dynamic shifting with ``set_timesteps(..., mu=...)``,
             ``shift_terminal``, ``invert_sigmas``, ``stochastic_sampling``, Karras / exponential / beta sigmas
             and custom sigmas all come from its ``sigmas``; latents of any shape, ``[B, C, H, W]`` or

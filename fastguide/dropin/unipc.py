@@ -13,6 +13,8 @@ three: the x0-only pass of the model output, the corrector (the last sample and 
 pass: x0_prev, x0_prev2) and the predictor from the corrected sample. The rows are
 ``fastguide.samplers.scheduler_tables.unipc_plan``'s; the scheduler's state (``model_outputs``,
 ``timestep_list``, ``this_order``, ``last_sample``, ``lower_order_nums``) advances as its own ``step`` does.
+Guidance networks correct the score of the model output (``eps -= sigma g``) in the x0 the step stores, so the
+next corrector reads the corrected x0, as diffusers' own step on the corrected prediction would.
 """
 
 from __future__ import annotations
