@@ -21,6 +21,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 import fastguide
 
 STEPS = 12  # more than dynamo's recompile limit (8): a graph per step would fail with fullgraph=True
+GRAPHS_3M = 6
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,6 +75,9 @@ def _loop(scheduler_cls, compiled: bool, where: str = "global", loops: int = 2, 
     (EulerAncestralDiscreteScheduler, {}, 1, "global"),
     # DPM-Solver++ 2M: first step (no previous x0), second (lower_order_nums 1), the rest, the final step.
     (DPMSolverMultistepScheduler, {}, 4, "global"),
+    # DPM-Solver++ 3M: orders 1, 2 and 3 while warming up (lower_order_nums 0, 1, 2), the third-order middle,
+    # the second-order step before the last (under 15 steps), the first-order final step.
+    (DPMSolverMultistepScheduler, dict(solver_order=3), GRAPHS_3M, "global"),
 ])
 def test_compiled_dropin_step_has_no_graph_break_and_matches_eager(cls, config, graphs, where):
     eager, _, eager_scheduler = _loop(cls, False, where, **config)

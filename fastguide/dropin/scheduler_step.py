@@ -437,8 +437,9 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
     counter, which ``prepare`` sets (from the scheduler's step or begin index, else 0) and each step advances
     together with the scheduler's ``step_index``. Dynamo traces that counter as a symbolic integer (fastguide
     adds its name, and only its name, to ``torch.compiler.config.dynamic_sources``), so one graph serves every
-    step (DPM-Solver++ 2M: four, for its first, second, middle and final steps; 3M a few more). Noise must come as ``noise=``
-    (or ``generator=None``, drawn by the compiled code's own RNG); ``guidance=`` is not traced.
+    step (DPM-Solver++ 2M: four, for its first, second, middle and final steps; 3M six: its three warm-up
+    steps, the middle, the second-to-last and the final). Noise must come as ``noise=`` (or
+    ``generator=None``, drawn by the compiled code's own RNG); ``guidance=`` is not traced.
 
     >>> scheduler.set_timesteps(50)
     >>> for t in scheduler.timesteps:
