@@ -16,7 +16,7 @@ import torch
 
 from ..core.args import StepArgs
 from ..samplers.scheduler_tables import DDIM, DPM, FLOW_HEUN, LCM, UNIPC, SchedulerPlan, config, dpm_step_order
-from .schedulers import INDEX_BASED, HeunStage, SchedulerState, heun_stage, off_schedule_plan
+from .schedulers import INDEX_BASED, HeunStage, SchedulerState, check_stored, heun_stage, off_schedule_plan
 
 GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]
 
@@ -150,9 +150,15 @@ def select_row(scheduler, call: Call, timestep) -> Tuple[Optional[int], bool]:
 
 def history(scheduler, back: int, sample: torch.Tensor) -> torch.Tensor:
     """``scheduler.model_outputs[-back]``, the x0 of ``back`` steps ago, checked against the sample."""
-    x0 = scheduler.model_outputs[-back]
-    if not isinstance(x0, torch.Tensor) or tuple(x0.shape) != tuple(sample.shape) or x0.device != sample.device:
-        got = tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__
-        raise ValueError(f"scheduler.model_outputs[-{back}] must be the x0 of {back} step(s) ago, of the sample's "
-                         f"shape {tuple(sample.shape)} on {sample.device}, got {got}")
-    return x0
+    return check_stored(f"scheduler.model_outputs[-{back}]", f"the x0 of {back} step(s) ago,",
+                        scheduler.model_outputs[-back], sample)
+
+
+def push_history(scheduler, order: int, x0: torch.Tensor) -> None:
+    """What the multistep schedulers' ``step`` does with this step's x0: shift ``model_outputs`` and put it
+    last, and count the warm-up (``lower_order_nums``, up to the solver order)."""
+    for i in range(order - 1):
+        scheduler.model_outputs[i] = scheduler.model_outputs[i + 1]
+    scheduler.model_outputs[-1] = x0
+    if scheduler.lower_order_nums < order:
+        scheduler.lower_order_nums += 1

@@ -39,7 +39,7 @@ from ..samplers.scheduler_tables import DDIM, DDPM, DPM, EULER, FLOW, FLOW_HEUN,
 from . import guidance as _dropin_guidance
 from . import guiders as _guiders
 from . import unipc as _unipc
-from .call import Call, GeneratorArg, scalar_timestep, select_row
+from .call import Call, GeneratorArg, push_history, scalar_timestep, select_row
 from .schedulers import INDEX_BASED, SchedulerState, heun_store, output_of, plan_of, scheduler_state, variant
 
 _DEFAULT_CHURN = (0.0, 0.0, math.inf, 1.0)
@@ -239,12 +239,7 @@ def _advance(scheduler, call: Call, index: int, init_index: bool, timestep, x0: 
     if init_index and not torch.compiler.is_compiling():  # (it sets the index that the next line overwrites)
         scheduler._init_step_index(timestep)
     if state.kind == DPM:
-        order = state.solver_order
-        for i in range(order - 1):
-            scheduler.model_outputs[i] = scheduler.model_outputs[i + 1]
-        scheduler.model_outputs[-1] = x0
-        if scheduler.lower_order_nums < order:
-            scheduler.lower_order_nums += 1
+        push_history(scheduler, state.solver_order, x0)
     scheduler._step_index = index + 1
     state.next_index = index + 1
 

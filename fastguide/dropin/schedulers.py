@@ -199,6 +199,17 @@ def scheduler_state(scheduler) -> SchedulerState:
     return state
 
 
+def check_stored(label: str, what: str, t, sample: torch.Tensor, note: str = "") -> torch.Tensor:
+    """``t``, a tensor the scheduler keeps between calls (``label``, e.g. ``scheduler.last_sample``), checked
+    against the sample: a ``ValueError`` saying it must be ``what`` otherwise (``note`` explains why it is
+    read)."""
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(sample.shape) or t.device != sample.device:
+        got = f"{tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{label} must be {what} of the sample's shape {tuple(sample.shape)} on "
+                         f"{sample.device}{note}, got {got}")
+    return t
+
+
 @dataclass
 class HeunStage:
     """One FlowMatchHeunDiscreteScheduler call: which stage, the row (of ``plan``'s table) and, for a second
@@ -227,12 +238,8 @@ def heun_stage(scheduler, state: SchedulerState, plan: SchedulerPlan, index: int
         return HeunStage(False, plan, index, index, bool(plan.draws_noise[index]))
     stored = []
     for name in ("sample", "prev_derivative"):
-        t = getattr(scheduler, name, None)
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(sample.shape) or t.device != sample.device:
-            got = f"{tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"scheduler.{name} must be the first stage's {name} of the sample's shape "
-                             f"{tuple(sample.shape)} on {sample.device} (scheduler.dt is set, so this call is a "
-                             f"second stage), got {got}")
+        t = check_stored(f"scheduler.{name}", f"the first stage's {name}", getattr(scheduler, name, None), sample,
+                         " (scheduler.dt is set, so this call is a second stage)")
         stored.append(t if t.dtype == sample.dtype else t.to(sample.dtype))
     record = state.heun_record
     if record is not None and record[0] is scheduler.dt:

@@ -27,7 +27,8 @@ import torch
 from ..core import ops as _ops
 from ..core.args import StepArgs
 from ..samplers.scheduler_tables import UNIPC_CORRECT, UNIPC_PREDICT, UNIPC_PREDICT_FROM_X0, config
-from .call import Call, history
+from .call import Call, history, push_history
+from .schedulers import check_stored
 
 
 @dataclass
@@ -38,7 +39,9 @@ class UniPCStep:
     index: int
     predictor_order: int
     corrector_order: Optional[int]      # None: no corrector on this call
-    last_sample: Optional[torch.Tensor]
+    last_sample: Optional[torch.Tensor]  # the corrector's start
+    x0_prev: Optional[torch.Tensor]     # m_{i-1}: read by the corrector and by an order-2 predictor
+    x0_prev2: Optional[torch.Tensor]    # m_{i-2}: read by an order-2 corrector
 
 
 def _row(block: int, order: int, index: int, n: int) -> int:
@@ -51,26 +54,19 @@ def select(scheduler, call: Call, index: int) -> UniPCStep:
     if torch.compiler.is_compiling():
         raise RuntimeError("fastguide.step does not trace UniPCMultistepScheduler inside torch.compile (its "
                            "corrector state lives on the scheduler); call it eagerly")
-    n, order = call.plan.num_steps, int(config(scheduler, "solver_order"))
+    n, order, sample = call.plan.num_steps, call.state.solver_order, call.args.sample
     this_order = min(order, n - index) if config(scheduler, "lower_order_final") else order
     predictor = min(this_order, int(scheduler.lower_order_nums) + 1)
-    last = scheduler.last_sample
-    corrector = None
-    if index > 0 and index - 1 not in scheduler.disable_corrector and last is not None:
+    corrector = last = None
+    if index > 0 and index - 1 not in scheduler.disable_corrector and scheduler.last_sample is not None:
         corrector = int(scheduler.this_order)
-        sample = call.args.sample
-        if not isinstance(last, torch.Tensor) or tuple(last.shape) != tuple(sample.shape) or \
-                last.device != sample.device:
-            got = tuple(last.shape) if isinstance(last, torch.Tensor) else type(last).__name__
-            raise ValueError(f"scheduler.last_sample must be the previous step's sample of the sample's shape "
-                             f"{tuple(sample.shape)} on {sample.device}, got {got}")
-        history(scheduler, 1, sample)
-        if corrector == 2:
-            history(scheduler, 2, sample)
+        last = check_stored("scheduler.last_sample", "the previous step's sample", scheduler.last_sample, sample)
+    m1 = history(scheduler, 1, sample) if corrector is not None or predictor == 2 else None
+    m2 = history(scheduler, 2, sample) if corrector == 2 else None
     if predictor == 2:
-        call.args.x0_prev = history(scheduler, 1, call.args.sample)
+        call.args.x0_prev = m1
     call.args.step = _row(UNIPC_PREDICT, predictor, index, n)
-    return UniPCStep(index, predictor, corrector, last if corrector is not None else None)
+    return UniPCStep(index, predictor, corrector, last, m1, m2)
 
 
 def run(scheduler, call: Call, predicted_x0: Callable[[], torch.Tensor], timestep, backend: str) -> torch.Tensor:
@@ -84,31 +80,26 @@ def run(scheduler, call: Call, predicted_x0: Callable[[], torch.Tensor], timeste
             kept = a.sample.clone()
         x0 = a.x0_out = torch.empty_like(a.sample, memory_format=torch.contiguous_format)
         prev = _ops.run_step(a, backend)
-        _advance(scheduler, st, x0, kept, timestep)
+        _advance(scheduler, call, x0, kept, timestep)
         return prev
     x0 = predicted_x0()
-    m1 = history(scheduler, 1, a.sample)
-    m2 = history(scheduler, 2, a.sample) if st.corrector_order == 2 else None
     corrected = torch.empty_like(a.sample, memory_format=torch.contiguous_format)
     _ops.run_step(StepArgs(st.last_sample, x0, a.table, _row(UNIPC_CORRECT, st.corrector_order, st.index, n),
-                           x0_prev=m1, x0_prev2=m2, out=corrected), backend)
+                           x0_prev=st.x0_prev, x0_prev2=st.x0_prev2, out=corrected), backend)
     prev = _ops.run_step(StepArgs(corrected, x0, a.table, _row(UNIPC_PREDICT_FROM_X0, st.predictor_order,
                                                                 st.index, n),
-                                  x0_prev=m1 if st.predictor_order == 2 else None, out=a.out), backend)
-    _advance(scheduler, st, x0, corrected, timestep)
+                                  x0_prev=st.x0_prev if st.predictor_order == 2 else None, out=a.out), backend)
+    _advance(scheduler, call, x0, corrected, timestep)
     return prev
 
 
-def _advance(scheduler, st: UniPCStep, x0: torch.Tensor, last: torch.Tensor, timestep) -> None:
-    """``UniPCMultistepScheduler.step``'s bookkeeping: shift the x0 and timestep lists, keep the sample the
-    next corrector starts from, the order taken, and the warm-up count."""
-    order = int(config(scheduler, "solver_order"))
+def _advance(scheduler, call: Call, x0: torch.Tensor, last: torch.Tensor, timestep) -> None:
+    """``UniPCMultistepScheduler.step``'s bookkeeping: the x0 history and warm-up count (as DPM-Solver's), the
+    timestep list, the order taken and the sample the next corrector starts from."""
+    order = call.state.solver_order
+    push_history(scheduler, order, x0)
     for i in range(order - 1):
-        scheduler.model_outputs[i] = scheduler.model_outputs[i + 1]
         scheduler.timestep_list[i] = scheduler.timestep_list[i + 1]
-    scheduler.model_outputs[-1] = x0
     scheduler.timestep_list[-1] = timestep
-    scheduler.this_order = st.predictor_order
+    scheduler.this_order = call.unipc.predictor_order
     scheduler.last_sample = last
-    if scheduler.lower_order_nums < order:
-        scheduler.lower_order_nums += 1

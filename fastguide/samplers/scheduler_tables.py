@@ -245,6 +245,13 @@ def euler_ancestral_plan(scheduler) -> SchedulerPlan:
     return SchedulerPlan(EULER_ANCESTRAL, np.stack(rows), n, np.ones(n), sigma, np.ones(n, dtype=bool))
 
 
+def _vp_state(sigma: float) -> Tuple[float, float]:
+    """(alpha, sigma_vp) of a k-diffusion sigma on the VP state: ``alpha = 1/sqrt(1 + sigma^2)``,
+    ``sigma_vp = sigma alpha`` (diffusers' ``_sigma_to_alpha_sigma_t``)."""
+    a = 1.0 / sqrt(sigma * sigma + 1.0)
+    return a, sigma * a
+
+
 def dpm_lower_order_final(scheduler, i: int, n: int) -> bool:
     """DPMSolverMultistepScheduler falls back to first order on the last step under these settings."""
     return i == n - 1 and bool(config(scheduler, "euler_at_final") or
@@ -318,18 +325,14 @@ def dpm_plan(scheduler) -> SchedulerPlan:
     blocks: List[List[np.ndarray]] = [[] for _ in range(order)]
     alpha, sigma = np.zeros(n), np.zeros(n)
 
-    def vp(x: float) -> Tuple[float, float]:
-        a = 1.0 / sqrt(x * x + 1.0)
-        return a, x * a
-
     def log_ratio(a: float, b: float) -> np.float64:  # (numpy: a zero divisor gives inf/NaN, not an error)
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.log(np.float64(a) / b)
 
     for i in range(n):
         s, nxt = sig[i], sig[i + 1]
-        a_s, s_s = vp(s)
-        a_n, s_n = vp(nxt)
+        a_s, s_s = _vp_state(s)
+        a_n, s_n = _vp_state(nxt)
         decay = nxt / s  # exp(-h)
         pred_cols = prediction_coeffs(pred, a_s, s_s, with_eps=False)
         if sde:
@@ -475,7 +478,7 @@ def _unipc_alpha_sigma(scheduler) -> Callable[[float], Tuple[float, float]]:
     """UniPCMultistepScheduler's ``_sigma_to_alpha_sigma_t``: the VP state of a sigma, or the flow state."""
     if config(scheduler, "use_flow_sigmas", False):
         return lambda s: (1.0 - s, s)
-    return lambda s: (1.0 / sqrt(s * s + 1.0), s / sqrt(s * s + 1.0))
+    return _vp_state
 
 
 def _unipc_rhos(hh: float, b_h: float, rk: Optional[float]) -> np.ndarray:
