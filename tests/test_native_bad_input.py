@@ -191,6 +191,9 @@ def test_cfg_scale_tensor_2d_or_integer():
         CFG(torch.ones(2, 2))
     with pytest.raises(ValueError, match="CFG scale"):
         CFG(torch.ones(3, dtype=torch.long))
+    for bad in (torch.full((2, 2), 0.5), torch.zeros(3, dtype=torch.long)):  # the same check, CFG++'s name
+        with pytest.raises(ValueError, match="CFGPlusPlus scale"):
+            fastguide.CFGPlusPlus(bad)
 
 
 @pytest.mark.parametrize("kw", [dict(start=0.6, stop=0.4), dict(start=-0.1), dict(stop=1.5),

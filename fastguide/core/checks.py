@@ -77,6 +77,14 @@ def check_window(name_lo: str, lo, name_hi: str, hi) -> Tuple[float, float]:
     return lo, hi
 
 
+def check_spec_scale_tensor(name: str, scale: torch.Tensor) -> torch.Tensor:
+    """A guidance spec's tensor scale: one value or one per sample (0-D or [B]), floating point. Its values and
+    batch size are checked where the loop knows the batch."""
+    if scale.dim() > 1 or not scale.is_floating_point():
+        raise ValueError(f"{name} must be a float or a [B] floating-point tensor")
+    return scale
+
+
 def check_int(name: str, value, *, minimum: Optional[int] = None) -> int:
     """An int (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 
-from ..core.checks import check_bool, check_fraction, check_int, check_nonneg, check_real
+from ..core.checks import check_bool, check_fraction, check_int, check_nonneg, check_real, check_spec_scale_tensor
 
 Scale = Union[float, torch.Tensor]
 
@@ -55,9 +55,7 @@ __all__ = ["CFGZeroStar", "APG", "MamboG", "TCFG", "PerturbedGuidance", "coeffic
 
 def _check_scale(name: str, scale) -> Scale:
     if isinstance(scale, torch.Tensor):
-        if scale.dim() > 1 or not scale.is_floating_point():
-            raise ValueError(f"{name} must be a finite float or a [B] floating-point tensor")
-        return scale
+        return check_spec_scale_tensor(name, scale)
     return check_real(name, scale)
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Union
 import torch
 from torch import nn
 
-from ..core.checks import check_fraction, check_nonneg, check_real, check_window
+from ..core.checks import check_fraction, check_nonneg, check_real, check_spec_scale_tensor, check_window
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,7 @@ class CFG:
 
     def __post_init__(self):
         if isinstance(self.scale, torch.Tensor):
-            if self.scale.dim() > 1 or not self.scale.is_floating_point():
-                raise ValueError("CFG scale must be a float or a [B] floating-point tensor")
+            check_spec_scale_tensor("CFG scale", self.scale)
         else:
             check_nonneg("CFG scale", self.scale)
         check_fraction("CFG rescale", self.rescale)
@@ -112,9 +111,7 @@ class CFGPlusPlus:
 
     def __post_init__(self):
         if isinstance(self.scale, torch.Tensor):
-            if self.scale.dim() > 1 or not self.scale.is_floating_point():
-                raise ValueError("CFGPlusPlus scale must be a float or a [B] floating-point tensor")
-            check_lambda("CFGPlusPlus scale", self.scale)
+            check_lambda("CFGPlusPlus scale", check_spec_scale_tensor("CFGPlusPlus scale", self.scale))
         else:
             check_fraction("CFGPlusPlus scale", self.scale)
         check_window("CFGPlusPlus start", self.start, "CFGPlusPlus stop", self.stop)
