@@ -84,17 +84,6 @@ inline void predict(const float* k, const Model& in, float* __restrict x0, float
   }
 }
 
-// x0 = P_X x + P_M m + P_Z z alone into an L1 buffer (the folded loop below does not form it).
-template <bool kCfg, bool kNoise>
-inline void predict_x0(const float* k, const Model& in, float* __restrict x0, int64_t len) {
-  const float px = k[P_X], pm = k[P_M], pz = k[P_Z];
-  for (int64_t i = 0; i < len; ++i) {
-    float v = px * in.x[i] + pm * guided<kCfg>(in, i);
-    if (kNoise) v += pz * in.z[i];
-    x0[i] = v;
-  }
-}
-
 // out = A x + B x0 + C eps (+ extra), the whole step in one loop, storing to out2 too when kOut2 (fp32
 // storage). Without clipping or a score term x0 and eps are linear in (x, m, z), so the row folds (in double,
 // once per tile) into out = fx x + fm m + fz z: 4 vector ops per element instead of 9, which is what bounds a
@@ -316,12 +305,12 @@ void step_tile(const GuidedStepArgs& a, const float* k, int64_t row, int64_t beg
   // The folded loop also serves calls that want x0 (computed first, into s.x0, before out may overwrite an
   // input it aliases), so asking for x0 never changes the result's rounding; CFG++ with x0 takes the buffers.
   if (a.out && a.clip_mode == kClipNone && !a.g_score && (!a.x0_out || !eps_u)) {
-    if (a.x0_out) {
+    if (a.x0_out) {  // (predict's eps goes unused here)
       switch (variant & 3) {  // bits: 2 kCfg, 1 kNoise
-        case 0: predict_x0<false, false>(k, in, s.x0, len); break;
-        case 1: predict_x0<false, true>(k, in, s.x0, len); break;
-        case 2: predict_x0<true, false>(k, in, s.x0, len); break;
-        default: predict_x0<true, true>(k, in, s.x0, len); break;
+        case 0: predict<false, false, false>(k, in, s.x0, s.eps, len); break;
+        case 1: predict<false, true, false>(k, in, s.x0, s.eps, len); break;
+        case 2: predict<true, false, false>(k, in, s.x0, s.eps, len); break;
+        default: predict<true, true, false>(k, in, s.x0, s.eps, len); break;
       }
     }
     // Bits of the case: 8 kEpsU, 4 kCfg, 2 kNoise, 1 kExtra.
