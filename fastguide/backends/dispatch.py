@@ -58,14 +58,18 @@ def backends(reasons: bool = False) -> Union[Dict[str, bool], Dict[str, str]]:
 
 def runs_on(name: str, device: torch.device) -> bool:
     """Whether backend ``name`` can run on tensors of ``device`` (whether it is built is ``backends()``)."""
+    return _runs_on_type(name, device.type)
+
+
+def _runs_on_type(name: str, device_type: str) -> bool:
     if name == "torch":
         return True
     if name == "cpp":
-        return device.type == "cpu"
+        return device_type == "cpu"
     if name == "cuda":
-        return device.type == "cuda"
+        return device_type == "cuda"
     if name == "triton":
-        return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        return device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     return False
 
 
@@ -79,9 +83,10 @@ _AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
 def resolve(backend: str, device: torch.device) -> ModuleType:
     """The module of the backend a call on ``device`` uses; raises if a forced one cannot run here."""
     if backend == "auto":
-        for name in _AUTO_ORDER.get(device.type, ("torch",)):
+        device_type = device.type  # (a new str on every read)
+        for name in _AUTO_ORDER.get(device_type, ("torch",)):
             ok, _, module = _status(name)
-            if ok and runs_on(name, device):
+            if ok and _runs_on_type(name, device_type):
                 return module
         return _status("torch")[2]
     if backend not in BACKEND_NAMES:

@@ -27,7 +27,7 @@ def host_checks_allowed(t: torch.Tensor) -> bool:
     """Value checks read tensors on the host: cheap on CPU, but a device sync on CUDA and impossible while
     tracing, so device tensors' values (per-sample scales, labels) are only checked on the CPU. The native
     loop checks its CFG scale once, up front, on any device (``check_scale(..., sync_ok=True)``)."""
-    return t.device.type == "cpu" and not is_compiling()
+    return t.is_cpu and not is_compiling()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -43,7 +43,8 @@ def check_real(name: str, value, *, minimum: Optional[float] = None, maximum: Op
                allow_inf: bool = False) -> float:
     """A real number (not a bool), not NaN, finite unless ``allow_inf``, within ``[minimum, maximum]``;
     returned as a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    kind = type(value)
+    if kind is not float and kind is not int and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise NotANumberError(f"{name} must be a float, got {type(value).__name__} {value!r}")
     v = float(value)
     bad = math.isnan(v) or (math.isinf(v) and not allow_inf)

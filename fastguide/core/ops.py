@@ -182,16 +182,18 @@ def check_outputs(args: StepArgs) -> None:
         raise ValueError("write_out=False computes only x0; pass x0_out")
 
 
-def run_step(args: StepArgs, backend: str) -> Optional[torch.Tensor]:
+def run_step(args: StepArgs, backend: str, impl=None) -> Optional[torch.Tensor]:
     """The fused step on arguments already checked (``guided_step``, or once, up front, by a sampling loop):
     ``args.scale`` is the [B] fp32 CFG scale or None, ``args.table`` contiguous fp32. Eager calls run the
     backend kernel directly; traced calls go through the ``torch.ops.fastguide`` custom ops.
 
     ``args.out2`` (unchecked: the sample's shape, dtype and device) receives a second copy of the result in
-    the same kernel pass; it is ignored by an x0-only call."""
+    the same kernel pass; it is ignored by an x0-only call. ``impl``: the module ``dispatch.resolve(backend,
+    device)`` gave, when the caller resolved it already (the drop-in step, which checks the backend up front)."""
     if hooks.via_torch_ops():
         return _traced_step(args, backend)
-    impl = _dispatch.resolve(backend, args.sample.device)
+    if impl is None:
+        impl = _dispatch.resolve(backend, args.sample.device)
     if hooks.observed():
         hooks.report("fastguide.guided_step")
         if args.rescale:
@@ -213,7 +215,8 @@ def run_step(args: StepArgs, backend: str) -> Optional[torch.Tensor]:
         if out is not None:
             if not fresh and not _writable_in_place(out, spans):
                 args.out = torch.empty_like(sample, memory_format=torch.contiguous_format)
-            spans.append((out,) + _span(out))
+            if out2 is not None or x0_out is not None:
+                spans.append((out,) + _span(out))
         if out2 is not None:
             if not _writable_in_place(out2, spans):
                 args.out2 = torch.empty_like(sample, memory_format=torch.contiguous_format)

@@ -35,6 +35,7 @@ class Call:
     backend: str
     heun: Optional[HeunStage] = None   # FlowMatchHeunDiscreteScheduler: this call's stage
     unipc: Optional[object] = None     # UniPCMultistepScheduler: this call's passes (``dropin.unipc.UniPCStep``)
+    impl: Optional[object] = None      # the backend module ``backend`` resolved to (``dispatch.resolve``)
 
 
 def scalar_timestep(timestep) -> float:
@@ -85,7 +86,7 @@ def _indexed_step(scheduler, state: SchedulerState, timestep) -> Tuple[int, bool
     if state.kind not in (DPM, LCM, UNIPC) and integer:
         # As Euler*.step: integer indices (enumerate) are a common mistake; pass a value of scheduler.timesteps.
         raise ValueError("timestep must be a value of scheduler.timesteps, not an integer index")
-    n = len(scheduler.timesteps)
+    n = scheduler.timesteps.shape[0]
     if torch.compiler.is_compiling():
         index, init = state.next_index, False   # see SchedulerState.next_index
     elif scheduler.step_index is not None:

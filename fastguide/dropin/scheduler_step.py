@@ -91,8 +91,8 @@ def _check_scheduler_options(scheduler, kind: str, eta, use_clipped_model_output
 
 def _check_call(model_output, sample, scheduler, guidance_scale, guidance_rescale, generator, options: tuple,
                 out, g_score, g_mean, noise, check_outputs_finite: bool, backend: str, combine=None,
-                extra=None) -> Call:
-    state = scheduler_state(scheduler)
+                extra=None, state: Optional[SchedulerState] = None) -> Call:
+    state = state if state is not None else scheduler_state(scheduler)
     if options is None:
         options = variant(state.kind, 0.0, False, *_DEFAULT_CHURN)
     batch = check_sample("sample", sample)
@@ -106,18 +106,20 @@ def _check_call(model_output, sample, scheduler, guidance_scale, guidance_rescal
     if rescale and w is None:
         raise ValueError("guidance_rescale needs guidance_scale (a 2B-row [uncond; cond] model_output)")
     check_tensor("out", out, like=sample, allow_none=True, same_dtype=True)
-    for name, g in (("g_score", g_score), ("g_mean", g_mean)):
-        check_tensor(name, g, like=sample, allow_none=True)
+    if g_score is not None or g_mean is not None:
+        for name, g in (("g_score", g_score), ("g_mean", g_mean)):
+            check_tensor(name, g, like=sample, allow_none=True)
     check_tensor("noise", noise, like=sample, allow_none=True, same_dtype=True)
-    _noise.check_generator(generator, batch, sample.device)
-    _dispatch.resolve(backend, sample.device)
+    if generator is not None:
+        _noise.check_generator(generator, batch, sample.device)
+    impl = _dispatch.resolve(backend, sample.device)
     plan = plan_of(scheduler, state, options)
     if g_mean is not None and not plan.supports_mean_shift:
         raise ValueError(f"g_mean: a mean shift is defined only for DDPMScheduler, not {type(scheduler).__name__}")
     args = StepArgs(sample, model_output, plan.table(sample.device), 0, scale=w, rescale=rescale, g_score=g_score,
                     g_mean=g_mean, learned_variance=plan.learned_variance, out=out, combine=combine, extra=extra)
     _ops.set_clip(args, state.clip, None)
-    return Call(state, plan, options, args, noise, generator, check_outputs_finite, backend)
+    return Call(state, plan, options, args, noise, generator, check_outputs_finite, backend, impl=impl)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -135,7 +137,7 @@ def _predicted_x0(call: Call, clip: bool = True, guided: bool = False) -> torch.
     if clip:
         predict.clip_mode, predict.clip_lo, predict.clip_hi, predict.threshold = \
             a.clip_mode, a.clip_lo, a.clip_hi, a.threshold
-    _ops.run_step(predict, call.backend)
+    _ops.run_step(predict, call.backend, call.impl)
     return x0
 
 
@@ -149,7 +151,7 @@ def _lcm_denoised(call: Call) -> torch.Tensor:
                          combine=a.combine, extra=a.extra)
     pass_args.clip_mode, pass_args.clip_lo, pass_args.clip_hi, pass_args.threshold = \
         a.clip_mode, a.clip_lo, a.clip_hi, a.threshold
-    _ops.run_step(pass_args, call.backend)
+    _ops.run_step(pass_args, call.backend, call.impl)
     return denoised
 
 
@@ -251,13 +253,13 @@ def scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *
                    backend: str = "auto", want_x0: bool = False, g_score: Optional[torch.Tensor] = None,
                    g_mean: Optional[torch.Tensor] = None, guide: Optional[Callable] = None,
                    check_finite_output: bool = False, noise: Optional[torch.Tensor] = None,
-                   combine: Optional[torch.Tensor] = None,
-                   extra: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                   combine: Optional[torch.Tensor] = None, extra: Optional[torch.Tensor] = None,
+                   state: Optional[SchedulerState] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One scheduler step; returns (prev_sample, x0 or None); for LCMScheduler the second value is its
     ``denoised`` output instead of x0^.
 
     ``options`` is the plan key of the scheduler's step options (``schedulers.variant``; None: the
-    defaults). ``combine``/``extra``: a per-sample linear combine instead of ``guidance_scale`` (a guider,
+    defaults); ``state`` the scheduler's ``scheduler_state`` when the caller has it already. ``combine``/``extra``: a per-sample linear combine instead of ``guidance_scale`` (a guider,
     ``dropin.guiders``). ``g_score``
     (``eps -= sigma g``) and ``g_mean`` (DDPM mean shift ``mu += Sigma g``) are gradients already scaled;
     ``guide(plan, index, predicted_x0) -> (g_score, g_mean, table or None)`` computes guidance terms once
@@ -265,7 +267,7 @@ def scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *
     scheduler is touched.
     """
     call = _check_call(model_output, sample, scheduler, guidance_scale, guidance_rescale, generator, options, out,
-                       g_score, g_mean, noise, check_finite_output, backend, combine, extra)
+                       g_score, g_mean, noise, check_finite_output, backend, combine, extra, state)
     index, init_index = select_row(scheduler, call, timestep)
     if call.state.kind == UNIPC:
         call.unipc = _unipc.select(scheduler, call, index)
@@ -281,7 +283,7 @@ def scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *
     if call.heun is not None:
         kept = _heun_inputs(call)
         derivative = call.args.x0_out
-        prev = _ops.run_step(call.args, backend)
+        prev = _ops.run_step(call.args, backend, call.impl)
         heun_store(scheduler, call.state, call.heun, kept, derivative)
         _advance(scheduler, call, index, init_index, timestep, None)
         return prev, None
@@ -294,7 +296,7 @@ def scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *
     denoised = _lcm_denoised(call) if want_x0 and lcm else None
     need_x0 = want_x0 and not lcm or call.state.kind == DPM
     x0 = call.args.x0_out = torch.empty_like(sample, memory_format=torch.contiguous_format) if need_x0 else None
-    prev = _ops.run_step(call.args, backend)
+    prev = _ops.run_step(call.args, backend, call.impl)
     _advance(scheduler, call, index, init_index, timestep, x0)
     return prev, (denoised if lcm else x0) if want_x0 else None
 
@@ -464,7 +466,8 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
                               guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, generator=generator,
                               options=options, out=out, backend=backend,
                               want_x0=return_dict is not None and len(fields) > 1, guide=guide,
-                              check_finite_output=check_finite, noise=noise, combine=fused.combine, extra=fused.extra)
+                              check_finite_output=check_finite, noise=noise, combine=fused.combine, extra=fused.extra,
+                              state=state)
     fused.commit()
     if return_dict is None:
         return prev

@@ -79,16 +79,17 @@ def run(scheduler, call: Call, predicted_x0: Callable[[], torch.Tensor], timeste
         if a.out is not None and a.out.untyped_storage().data_ptr() == a.sample.untyped_storage().data_ptr():
             kept = a.sample.clone()
         x0 = a.x0_out = torch.empty_like(a.sample, memory_format=torch.contiguous_format)
-        prev = _ops.run_step(a, backend)
+        prev = _ops.run_step(a, backend, call.impl)
         _advance(scheduler, call, x0, kept, timestep)
         return prev
     x0 = predicted_x0()
     corrected = torch.empty_like(a.sample, memory_format=torch.contiguous_format)
     _ops.run_step(StepArgs(st.last_sample, x0, a.table, _row(UNIPC_CORRECT, st.corrector_order, st.index, n),
-                           x0_prev=st.x0_prev, x0_prev2=st.x0_prev2, out=corrected), backend)
+                           x0_prev=st.x0_prev, x0_prev2=st.x0_prev2, out=corrected), backend, call.impl)
     prev = _ops.run_step(StepArgs(corrected, x0, a.table, _row(UNIPC_PREDICT_FROM_X0, st.predictor_order,
                                                                 st.index, n),
-                                  x0_prev=st.x0_prev if st.predictor_order == 2 else None, out=a.out), backend)
+                                  x0_prev=st.x0_prev if st.predictor_order == 2 else None, out=a.out), backend,
+                        call.impl)
     _advance(scheduler, call, x0, corrected, timestep)
     return prev
 
