@@ -1,0 +1,63 @@
+// fp16 <-> fp32 conversions with F16C (declared in storage.h), eight values per instruction.
+//
+// Compiled for those features function by function and called only after a runtime check of the CPU, so
+// the extension still loads everywhere. Each loop's tail (len % 8) takes the portable scalar conversion,
+// which rounds identically.
+#include "fastguide_cpu.h"
+#include "storage.h"
+
+#ifdef FASTGUIDE_F16C
+#include <immintrin.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace fastguide::cpu {
+
+bool has_f16c() {
+  static const bool enabled = [] {
+    const char* portable = std::getenv("FASTGUIDE_PORTABLE_CONVERSIONS");
+    if (portable && *portable && std::strcmp(portable, "0") != 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");  // (the loops use AVX2 registers)
+  }();
+  return enabled;
+}
+
+__attribute__((target("avx2,f16c"))) void half_to_float_f16c(const uint16_t* src, float* dst, int64_t len) {
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {  // (two independent loads per iteration keep more of them in flight)
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm256_castsi256_si128(h)));  // exact, subnormals included
+    _mm256_storeu_ps(dst + i + 8, _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)));
+  }
+  for (; i + 8 <= len; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (; i < len; ++i) dst[i] = half_to_float(src[i]);
+}
+
+__attribute__((target("avx2,f16c"))) void float_to_half_f16c(const float* src, uint16_t* dst, int64_t len) {
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    // Round to nearest even from the immediate (not MXCSR), as the portable conversion and torch do.
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+  }
+  for (; i < len; ++i) dst[i] = float_to_half(src[i]);
+}
+
+}  // namespace fastguide::cpu
+#endif
+
+namespace fastguide::cpu {
+
+bool fp16_uses_f16c() {
+#ifdef FASTGUIDE_F16C
+  return has_f16c();
+#else
+  return false;
+#endif
+}
+
+}  // namespace fastguide::cpu
