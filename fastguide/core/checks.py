@@ -130,7 +130,7 @@ def check_tensor(name: str, t, *, like: Optional[torch.Tensor] = None, float_onl
     if like is not None:
         if t.device != like.device:
             raise ValueError(f"{name} is on {t.device} but sample is on {like.device}")
-        if tuple(t.shape) != tuple(like.shape):
+        if t.shape != like.shape:
             raise ValueError(f"{name} must have the sample's shape {tuple(like.shape)}, got {tuple(t.shape)}")
         if same_dtype and t.dtype != like.dtype:
             raise TypeError(f"{name} must have the sample's dtype {like.dtype}, got {t.dtype}")
@@ -162,10 +162,10 @@ def check_model_output(model_output, sample: torch.Tensor, cfg: bool, learned_va
                 else "B rows because no guidance_scale is given")
         raise ValueError(f"model_output must have {what}: sample has B={batch}, model_output has "
                          f"{model_output.shape[0]} rows")
-    expected = list(sample.shape[1:])
+    expected = sample.shape[1:]
     if learned_variance:
-        expected[0] *= 2
-    if list(model_output.shape[1:]) != expected:
+        expected = (2 * expected[0],) + tuple(expected[1:])
+    if model_output.shape[1:] != expected:
         extra = " (channels doubled for the learned variance)" if learned_variance else ""
         raise ValueError(f"model_output must have per-sample shape {tuple(expected)}{extra}, "
                          f"got {tuple(model_output.shape[1:])}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple, Union
@@ -181,7 +182,7 @@ def scheduler_state(scheduler) -> SchedulerState:
         kind = _KIND_OF_TYPE[type(scheduler)] = kind_of(scheduler)
     refs = _state_refs(scheduler, kind)
     state = getattr(scheduler, STATE_ATTR, None)
-    if state is not None and len(state.refs) == len(refs) and all(a is b for a, b in zip(state.refs, refs)):
+    if state is not None and len(state.refs) == len(refs) and all(map(operator.is_, state.refs, refs)):
         return state
     if torch.compiler.is_compiling():
         raise RuntimeError(PREPARE_HELP)
