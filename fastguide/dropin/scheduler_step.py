@@ -40,6 +40,7 @@ from . import guidance as _dropin_guidance
 from . import guiders as _guiders
 from . import unipc as _unipc
 from .call import Call, GeneratorArg, push_history, scalar_timestep, select_row
+from .checked import Checked, plain_call_key
 from .schedulers import INDEX_BASED, SchedulerState, heun_store, output_of, plan_of, scheduler_state, variant
 
 _DEFAULT_CHURN = (0.0, 0.0, math.inf, 1.0)
@@ -95,6 +96,26 @@ def _check_call(model_output, sample, scheduler, guidance_scale, guidance_rescal
     state = state if state is not None else scheduler_state(scheduler)
     if options is None:
         options = variant(state.kind, 0.0, False, *_DEFAULT_CHURN)
+    key = None
+    if generator is None and noise is None and g_score is None and g_mean is None and combine is None:
+        key = plain_call_key(model_output, sample, out, guidance_scale, guidance_rescale, options)
+    checked = state.checked.get(key) if key is not None else None
+    if checked is None:
+        checked = _check_arguments(model_output, sample, scheduler, state, guidance_scale, guidance_rescale,
+                                   generator, options, out, g_score, g_mean, noise, backend, combine, extra)
+        if key is not None:
+            state.checked.put(key, checked)
+    impl = _dispatch.resolve(backend, sample.device)  # (every call: it follows which backends are built)
+    args = StepArgs(sample, model_output, checked.table, 0, scale=checked.scale, rescale=checked.rescale,
+                    g_score=g_score, g_mean=g_mean, learned_variance=checked.plan.learned_variance, out=out,
+                    combine=combine, extra=extra)
+    _ops.set_clip(args, state.clip, None)
+    return Call(state, checked.plan, options, args, noise, generator, check_outputs_finite, backend, impl=impl)
+
+
+def _check_arguments(model_output, sample, scheduler, state: SchedulerState, guidance_scale, guidance_rescale,
+                     generator, options: tuple, out, g_score, g_mean, noise, backend: str, combine,
+                     extra) -> Checked:
     batch = check_sample("sample", sample)
     learned = state.kind == DDPM and config(scheduler, "variance_type") == "learned_range"
     check_model_output(model_output, sample, guidance_scale is not None or combine is not None, learned)
@@ -112,14 +133,11 @@ def _check_call(model_output, sample, scheduler, guidance_scale, guidance_rescal
     check_tensor("noise", noise, like=sample, allow_none=True, same_dtype=True)
     if generator is not None:
         _noise.check_generator(generator, batch, sample.device)
-    impl = _dispatch.resolve(backend, sample.device)
+    _dispatch.resolve(backend, sample.device)
     plan = plan_of(scheduler, state, options)
     if g_mean is not None and not plan.supports_mean_shift:
         raise ValueError(f"g_mean: a mean shift is defined only for DDPMScheduler, not {type(scheduler).__name__}")
-    args = StepArgs(sample, model_output, plan.table(sample.device), 0, scale=w, rescale=rescale, g_score=g_score,
-                    g_mean=g_mean, learned_variance=plan.learned_variance, out=out, combine=combine, extra=extra)
-    _ops.set_clip(args, state.clip, None)
-    return Call(state, plan, options, args, noise, generator, check_outputs_finite, backend, impl=impl)
+    return Checked(plan, plan.table(sample.device), w, rescale)
 
 
 # ---------------------------------------------------------------------------------------------------

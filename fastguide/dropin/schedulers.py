@@ -17,6 +17,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from ..backends import dispatch as _dispatch
+from ..core.cache import LRUCache
 from ..core.checks import check_device
 from ..samplers.scheduler_tables import (BUILDERS, ddim_plan, DDIM, DDPM, DPM, EULER, EULER_ANCESTRAL, FLOW,
                                          FLOW_HEUN, LCM, PREPARE_HELP, UNIPC, SchedulerPlan, config)
@@ -144,6 +145,8 @@ class SchedulerState:
     # FlowMatchHeunDiscreteScheduler: (the ``dt`` tensor fastguide stored on the scheduler, the plan and step of
     # that first stage), so the second stage knows its row without reading ``dt`` on the host.
     heun_record: Optional[tuple] = None
+    # What the checks of repeat plain calls found (``dropin.checked``): it goes with the state it was checked on.
+    checked: LRUCache = field(default_factory=lambda: LRUCache(8))
 
 
 # The cached state lives on the scheduler object itself: it dies with it, copies carry it along, and
