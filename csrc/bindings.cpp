@@ -94,36 +94,36 @@ void bind_guided_step_args(py::module_& m) {
   def_pointer(cls, "extra", &GuidedStepArgs::extra);
   cls.def_readwrite("extra_stride", &GuidedStepArgs::extra_stride)
       .def_readwrite("eps_from_uncond", &GuidedStepArgs::eps_from_uncond);
-  // The fields every call sets (and out2), in one call: each property assignment costs a Python -> C++
-  // round trip (~0.3 us), and these are most of a loop step's argument-block time.
-  cls.def(
-      "set_main",
-      [](GuidedStepArgs& s, int64_t batch, int64_t n, int32_t dtype, uintptr_t sample, int64_t sample_stride,
-         uintptr_t model_output, int64_t model_output_stride, int32_t has_cfg, uintptr_t scale,
-         int64_t scale_stride, uintptr_t table, uintptr_t step_ptr, int64_t step, uintptr_t out,
-         int64_t out_stride, uintptr_t out2, int64_t out2_stride) {
-        s.batch = batch;
-        s.n = n;
-        s.dtype = dtype;
-        s.sample = reinterpret_cast<const void*>(sample);
-        s.sample_stride = sample_stride;
-        s.model_output = reinterpret_cast<const void*>(model_output);
-        s.model_output_stride = model_output_stride;
-        s.has_cfg = has_cfg;
-        s.scale = reinterpret_cast<const float*>(scale);
-        s.scale_stride = scale_stride;
-        s.table = reinterpret_cast<const float*>(table);
-        s.step_ptr = reinterpret_cast<const int64_t*>(step_ptr);
-        s.step = step;
-        s.out = reinterpret_cast<void*>(out);
-        s.out_stride = out_stride;
-        s.out2 = reinterpret_cast<void*>(out2);
-        s.out2_stride = out2_stride;
-      },
-      py::arg("batch"), py::arg("n"), py::arg("dtype"), py::arg("sample"), py::arg("sample_stride"),
-      py::arg("model_output"), py::arg("model_output_stride"), py::arg("has_cfg"), py::arg("scale"),
-      py::arg("scale_stride"), py::arg("table"), py::arg("step_ptr"), py::arg("step"), py::arg("out"),
-      py::arg("out_stride"), py::arg("out2") = 0, py::arg("out2_stride") = 0);
+  // The fields every call sets (and out2), given to the constructor: each property assignment costs a Python ->
+  // C++ round trip (~0.3 us), and these are most of a loop step's argument-block time.
+  cls.def(py::init([](int64_t batch, int64_t n, int32_t dtype, uintptr_t sample, int64_t sample_stride,
+                      uintptr_t model_output, int64_t model_output_stride, int32_t has_cfg, uintptr_t scale,
+                      int64_t scale_stride, uintptr_t table, uintptr_t step_ptr, int64_t step, uintptr_t out,
+                      int64_t out_stride, uintptr_t out2, int64_t out2_stride) {
+            GuidedStepArgs s;
+            s.batch = batch;
+            s.n = n;
+            s.dtype = dtype;
+            s.sample = reinterpret_cast<const void*>(sample);
+            s.sample_stride = sample_stride;
+            s.model_output = reinterpret_cast<const void*>(model_output);
+            s.model_output_stride = model_output_stride;
+            s.has_cfg = has_cfg;
+            s.scale = reinterpret_cast<const float*>(scale);
+            s.scale_stride = scale_stride;
+            s.table = reinterpret_cast<const float*>(table);
+            s.step_ptr = reinterpret_cast<const int64_t*>(step_ptr);
+            s.step = step;
+            s.out = reinterpret_cast<void*>(out);
+            s.out_stride = out_stride;
+            s.out2 = reinterpret_cast<void*>(out2);
+            s.out2_stride = out2_stride;
+            return s;
+          }),
+          py::arg("batch"), py::arg("n"), py::arg("dtype"), py::arg("sample"), py::arg("sample_stride"),
+          py::arg("model_output"), py::arg("model_output_stride"), py::arg("has_cfg"), py::arg("scale"),
+          py::arg("scale_stride"), py::arg("table"), py::arg("step_ptr"), py::arg("step"), py::arg("out"),
+          py::arg("out_stride"), py::arg("out2") = 0, py::arg("out2_stride") = 0);
 }
 
 void bind_cfg_rescale_factor_args(py::module_& m) {

@@ -134,14 +134,14 @@ def guided_step_args(args: StepArgs) -> Launch:
     """A ``GuidedStepArgs`` launch for ``guided_step``: the kernels' argument block filled from ``args``.
 
     This runs on every step of a loop, so the common case is kept to a few tensor queries and one call into
-    the extension (``set_main``): contiguous tensors in the storage dtype are read where they lie, with row
-    strides from the shapes, and tensors ``args`` holds need no keep-alive."""
+    the extension (the block's constructor, given the fields every call sets): contiguous tensors in the
+    storage dtype are read where they lie, with row strides from the shapes, and tensors ``args`` holds need
+    no keep-alive."""
     sample, model_output, table, step, out = args.sample, args.model_output, args.table, args.step, args.out
     dtype = sample.dtype if sample.dtype in DTYPE_CODES else torch.float32
     batch = sample.shape[0]
     n = sample.numel() // batch if batch else 0
-    launch = Launch(extension().GuidedStepArgs())
-    a = launch.args
+    launch = Launch(None)  # (its block is made below, from the main fields)
     if sample.dtype is dtype and sample.is_contiguous():
         sample_ptr, sample_stride = sample.data_ptr(), n
     else:
@@ -168,8 +168,7 @@ def guided_step_args(args: StepArgs) -> Launch:
         step_ptr, step_index = 0, int(step)
     # Outputs registered in the kernels' store order (x0, out, out2), which is also the order ``finish``
     # copies temporaries back in: an output that is x0_out too ends up with the result.
-    if args.x0_out is not None:
-        a.x0_out, a.x0_out_stride = launch.output(args.x0_out, dtype)
+    x0_out = launch.output(args.x0_out, dtype) if args.x0_out is not None else None
     out_ptr = out_stride = out2_ptr = out2_stride = 0
     if out is not None:
         if out.dtype is dtype and out.is_contiguous():
@@ -183,9 +182,11 @@ def guided_step_args(args: StepArgs) -> Launch:
             out2_ptr, out2_stride = out2.data_ptr(), n
         else:
             out2_ptr, out2_stride = launch.output(out2, dtype)
-    a.set_main(batch, n, DTYPE_CODES[dtype], sample_ptr, sample_stride, model_ptr, model_stride,
-               0 if scale is None else 1, scale_ptr, scale_stride, table.data_ptr(), step_ptr, step_index,
-               out_ptr, out_stride, out2_ptr, out2_stride)
+    a = launch.args = extension().GuidedStepArgs(
+        batch, n, DTYPE_CODES[dtype], sample_ptr, sample_stride, model_ptr, model_stride, 0 if scale is None else 1,
+        scale_ptr, scale_stride, table.data_ptr(), step_ptr, step_index, out_ptr, out_stride, out2_ptr, out2_stride)
+    if x0_out is not None:
+        a.x0_out, a.x0_out_stride = x0_out
     # Absent inputs keep the struct's null/zero defaults: every skipped pybind assignment saves ~0.3 us of a
     # loop step's host time.
     device = sample.device
