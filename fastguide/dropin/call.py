@@ -36,6 +36,7 @@ class Call:
     heun: Optional[HeunStage] = None   # FlowMatchHeunDiscreteScheduler: this call's stage
     unipc: Optional[object] = None     # UniPCMultistepScheduler: this call's passes (``dropin.unipc.UniPCStep``)
     impl: Optional[object] = None      # the backend module ``backend`` resolved to (``dispatch.resolve``)
+    compiling: bool = False            # traced by torch.compile (asked once per call: ~0.2 us each time)
 
 
 def scalar_timestep(timestep) -> float:
@@ -79,15 +80,16 @@ def _vp_row(scheduler, call: Call, timestep) -> int:
     raise ValueError(f"timestep {value!r} is not in {where}")
 
 
-def _indexed_step(scheduler, state: SchedulerState, timestep) -> Tuple[int, bool]:
+def _indexed_step(scheduler, call: Call, timestep) -> Tuple[int, bool]:
     """(step index this call uses, whether the scheduler's counter must be initialised from ``timestep``)."""
+    state = call.state
     integer = isinstance(timestep, int) and not isinstance(timestep, bool) or \
         isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()
     if state.kind not in (DPM, LCM, UNIPC) and integer:
         # As Euler*.step: integer indices (enumerate) are a common mistake; pass a value of scheduler.timesteps.
         raise ValueError("timestep must be a value of scheduler.timesteps, not an integer index")
     n = scheduler.timesteps.shape[0]
-    if torch.compiler.is_compiling():
+    if call.compiling:
         index, init = state.next_index, False   # see SchedulerState.next_index
     elif scheduler.step_index is not None:
         index, init = int(scheduler.step_index), False
@@ -123,7 +125,7 @@ def select_row(scheduler, call: Call, timestep) -> Tuple[Optional[int], bool]:
     state, plan, args = call.state, call.plan, call.args
     init_index = False
     if state.kind in INDEX_BASED:
-        index, init_index = _indexed_step(scheduler, state, timestep)
+        index, init_index = _indexed_step(scheduler, call, timestep)
         if state.kind == LCM:
             _check_lcm_timestep(plan, index, timestep)
     elif torch.compiler.is_compiling() and isinstance(timestep, torch.Tensor):

@@ -32,14 +32,13 @@ class Checked:
 
 
 def plain_call_key(model_output, sample, out, guidance_scale, guidance_rescale, options: tuple) -> Optional[tuple]:
-    """The memo key of a plain call (see the module docstring), or None for any other call."""
+    """The memo key of a plain call (see the module docstring), or None for any other call. Not for a call
+    being traced: the caller asks ``torch.compiler.is_compiling()`` first."""
     if type(model_output) is not torch.Tensor or type(sample) is not torch.Tensor:
         return None
     if out is not None and type(out) is not torch.Tensor:
         return None
     if guidance_scale is not None and type(guidance_scale) not in _NUMBERS or type(guidance_rescale) not in _NUMBERS:
-        return None
-    if torch.compiler.is_compiling():
         return None
     out_key = None if out is None else (out.shape, out.dtype, out.device)
     return (options, guidance_scale, guidance_rescale, model_output.shape, model_output.dtype, model_output.device,

@@ -96,8 +96,10 @@ def _check_call(model_output, sample, scheduler, guidance_scale, guidance_rescal
     state = state if state is not None else scheduler_state(scheduler)
     if options is None:
         options = variant(state.kind, 0.0, False, *_DEFAULT_CHURN)
+    compiling = torch.compiler.is_compiling()
     key = None
-    if generator is None and noise is None and g_score is None and g_mean is None and combine is None:
+    if not compiling and generator is None and noise is None and g_score is None and g_mean is None and \
+            combine is None:
         key = plain_call_key(model_output, sample, out, guidance_scale, guidance_rescale, options)
     checked = state.checked.get(key) if key is not None else None
     if checked is None:
@@ -110,7 +112,8 @@ def _check_call(model_output, sample, scheduler, guidance_scale, guidance_rescal
                     g_score=g_score, g_mean=g_mean, learned_variance=checked.plan.learned_variance, out=out,
                     combine=combine, extra=extra)
     _ops.set_clip(args, state.clip, None)
-    return Call(state, checked.plan, options, args, noise, generator, check_outputs_finite, backend, impl=impl)
+    return Call(state, checked.plan, options, args, noise, generator, check_outputs_finite, backend, impl=impl,
+                compiling=compiling)
 
 
 def _check_arguments(model_output, sample, scheduler, state: SchedulerState, guidance_scale, guidance_rescale,
@@ -216,7 +219,7 @@ def _heun_inputs(call: Call) -> Optional[torch.Tensor]:
 def _draw_noise(call: Call, index: Optional[int]) -> None:
     """The step's noise, where diffusers draws it: the caller's ``noise``, or drawn from the generator."""
     plan, a = call.plan, call.args
-    compiling = torch.compiler.is_compiling()
+    compiling = call.compiling
     # With a device row, every row's noise column is applied to one draw (the rows that draw none hold 0).
     if not (plan.noise_steps[index] if index is not None and not compiling else plan.any_noise):
         return
@@ -256,7 +259,7 @@ def _advance(scheduler, call: Call, index: int, init_index: bool, timestep, x0: 
     state = call.state
     if state.kind not in INDEX_BASED:
         return
-    if init_index and not torch.compiler.is_compiling():  # (it sets the index that the next line overwrites)
+    if init_index and not call.compiling:  # (it sets the index that the next line overwrites)
         scheduler._init_step_index(timestep)
     if state.kind == DPM:
         push_history(scheduler, state.solver_order, x0)
@@ -296,7 +299,7 @@ def scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *
     if call.check_finite:
         check_finite("model_output", model_output)
     # Checks are done: from here on the generator, out and the scheduler may change.
-    if not torch.compiler.is_compiling():  # (a log call would break the graph)
+    if not call.compiling:  # (a log call would break the graph)
         _warn_if_input_not_scaled(scheduler)
     if call.heun is not None:
         kept = _heun_inputs(call)
