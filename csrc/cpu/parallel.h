@@ -20,17 +20,13 @@ template <class Fn>
 void for_each_chunk(int64_t rows, int64_t n, int64_t chunk, Fn&& fn) {
   const int64_t per_row = chunks_per_row(n, chunk);
   const int64_t items = rows * per_row;
-  auto run = [&](int64_t item) {
+  const bool parallel = rows * n >= kParallelMinElements;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t item = 0; item < items; ++item) {
     const int64_t row = item / per_row;
     const int64_t begin = (item % per_row) * chunk;
     fn(item, row, begin, std::min(chunk, n - begin));
-  };
-  if (rows * n < kParallelMinElements) {  // (not even a team of one: entering a region costs ~1 us)
-    for (int64_t item = 0; item < items; ++item) run(item);
-    return;
   }
-#pragma omp parallel for schedule(static)
-  for (int64_t item = 0; item < items; ++item) run(item);
 }
 
 }  // namespace fastguide::cpu
