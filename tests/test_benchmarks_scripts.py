@@ -134,3 +134,22 @@ def test_step_cpu_guider_rows_quick_run(tmp_path):
             # diffusers' few full-size ones)
             assert 1 <= kernels < fused and diffusers > 1, (kind, guider, kernels, fused, diffusers)
     assert ops["ddim", "CFG", "kernels"] == 1      # no gram: the fused step alone
+
+
+def test_step_cpu_dtypes_checks_and_times_each_dtype(tmp_path, one_thread):
+    """``benchmarks/step_cpu_dtypes.py``: each dtype's result checked against the reference, then timed; one row
+    per dtype and method, fp32's own ratio exactly 1; bad sizes refused."""
+    if fastguide.backends(reasons=True)["cpp"]:
+        pytest.skip("the C++ backend is not built")
+    spec = importlib.util.spec_from_file_location("step_cpu_dtypes", SCRIPT.parent / "step_cpu_dtypes.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "dtypes.csv"
+    assert script.main(["--sizes", "2x3x5x7", "--repeats", "2", "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert sorted((r["dtype"], r["timed"]) for r in rows) == sorted(
+        (d, t) for d in ("float32", "float16", "bfloat16") for t in ("guided_step", "kernel"))
+    assert all(float(r["median_us"]) > 0 for r in rows)
+    assert all(float(r["vs_fp32"]) == 1.0 for r in rows if r["dtype"] == "float32")
+    with pytest.raises(SystemExit):
+        script.parse_args(["--sizes", "2x0x3"])
