@@ -2,10 +2,10 @@
 
 A CFG + DDIM step (``fastguide.guided_step(..., out=buf, backend="cpp")``, step 25 of 50) at each size, and the
 kernel alone (``fastguide._C.cpu_guided_step`` on an argument block built once), the three dtypes interleaved
-in blocks of 10 calls (so machine noise hits them alike), medians. fp16 and bf16 move
-half of fp32's bytes; the kernels compute in fp32 and convert each tile on load and store (fp16 with F16C
-where the CPU has it: ``fastguide._C.cpu_fp16_uses_f16c()``; ``FASTGUIDE_PORTABLE_CONVERSIONS=1`` times the
-portable conversions instead). Before timing, each half-precision result is checked against the torch
+in blocks of 10 calls (so machine noise hits them alike), medians. fp16 and bf16 move half of fp32's bytes; the
+kernels compute in fp32 and convert each tile on load and store (fp16 with F16C and bf16 stores with AVX2
+where the CPU has them: ``fastguide._C.cpu_avx2_conversions()``; ``FASTGUIDE_PORTABLE_CONVERSIONS=1`` times
+the portable conversions instead). Before timing, each half-precision result is checked against the torch
 reference at that dtype's tolerance. Rows are appended to benchmarks/results/step_cpu_dtypes.csv (``--csv``
 elsewhere, ``--no-csv`` nowhere) with the CPU model, versions and date.
 
@@ -72,7 +72,7 @@ def run(sizes, repeats: int) -> list:
             fp32 = statistics.median(times["float32" + (" kernel" if what else "")])
             rows.append(dict(shape="x".join(map(str, shape)), dtype=dtype, timed=what or "guided_step",
                              median_us=statistics.median(ts) * 1e6, vs_fp32=statistics.median(ts) / fp32,
-                             repeats=len(ts), fp16_f16c=fastguide._C.cpu_fp16_uses_f16c()))
+                             repeats=len(ts), avx2_conversions=fastguide._C.cpu_avx2_conversions()))
     return rows
 
 
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
                 cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
                 fastguide=fastguide.__version__, numpy=version("numpy"))
     rows = run(args.sizes, args.repeats)
-    print(f"{meta['device']}, {meta['torch_threads']} threads, fp16 via F16C: {rows[0]['fp16_f16c']}")
+    print(f"{meta['device']}, {meta['torch_threads']} threads, AVX2/F16C conversions: {rows[0]['avx2_conversions']}")
     for row in rows:
         print(f"{row['shape']:>16} {row['dtype']:>9} {row['timed']:>12} {row['median_us']:9.1f} us  "
               f"{row['vs_fp32']:.2f}x fp32's time")

@@ -201,8 +201,9 @@ PYBIND11_MODULE(_C, m) {
   def_cpu_kernel<TemperatureLseGradArgs>(m, "cpu_temperature_lse_grad", cpu::temperature_lse_grad);
   def_cpu_kernel<PerSampleRmsArgs>(m, "cpu_per_sample_rms", cpu::per_sample_rms);
   def_cpu_kernel<GuidanceGramArgs>(m, "cpu_guidance_gram", cpu::guidance_gram);
-  m.def("cpu_fp16_uses_f16c", cpu::fp16_uses_f16c,
-        "Whether the CPU kernels convert fp16 with F16C (FASTGUIDE_PORTABLE_CONVERSIONS=1 turns it off).");
+  m.def("cpu_avx2_conversions", cpu::avx2_conversions,
+        "Whether the CPU kernels convert fp16 with F16C and store bf16 with AVX2 (FASTGUIDE_PORTABLE_CONVERSIONS=1 "
+        "turns them off).");
 
 #ifdef FASTGUIDE_WITH_CUDA
   def_cuda_kernel<GuidedStepArgs>(m, "cuda_guided_step", cuda::guided_step);

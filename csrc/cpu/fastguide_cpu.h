@@ -21,7 +21,7 @@ void temperature_lse_grad(const TemperatureLseGradArgs& args);
 // sqrt(mean(x^2)) per row into args.out.
 void per_sample_rms(const PerSampleRmsArgs& args);
 
-// Whether fp16 storage is converted with F16C here (else by the portable loops; storage.h).
-bool fp16_uses_f16c();
+// Whether fp16 / bf16 storage is converted with F16C / AVX2 here (else by the portable loops; storage.h).
+bool avx2_conversions();
 
 }  // namespace fastguide::cpu

@@ -58,16 +58,18 @@ inline uint16_t float_to_bf16(float f) {
   return uint16_t((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
-// fp16 with F16C (storage_f16c.cpp), eight values per instruction, on x86-64 CPUs that have it: with the
-// portable selects above an fp16 step took 5-7x an fp32 step's time, with F16C 1.7-2.3x (bf16's shifts
-// vectorise as they are).
-// Chosen once per process; FASTGUIDE_PORTABLE_CONVERSIONS=1 keeps the portable loops (the tests run both).
-// Results are the same bit for bit, except that a NaN keeps the hardware's quieted payload, not 0x7e00.
+// fp16 with F16C and bf16 stores with AVX2 (storage_avx2.cpp), eight values per instruction, on x86-64 CPUs
+// that have both: with the portable selects above an fp16 kernel took 10-13x an fp32 one's time and a bf16
+// kernel 2.7-3.8x, with these 1.8-1.9x and 2.1-2.2x (benchmarks/step_cpu_dtypes.py; bf16's loads, a shift,
+// vectorise as they are). Chosen once per process; FASTGUIDE_PORTABLE_CONVERSIONS=1 keeps the portable loops
+// (the tests run both). Results are the same bit for bit, except an fp16 NaN's payload (the hardware keeps it
+// quieted, the portable loop writes 0x7e00).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTGUIDE_F16C 1
-bool has_f16c();
+#define FASTGUIDE_AVX2_CONVERSIONS 1
+bool avx2_conversions_enabled();
 void half_to_float_f16c(const uint16_t* src, float* dst, int64_t len);
 void float_to_half_f16c(const float* src, uint16_t* dst, int64_t len);
+void float_to_bf16_avx2(const float* src, uint16_t* dst, int64_t len);
 #endif
 
 // `len` values of a `dtype` array starting at element `offset`, as fp32: the data itself when it is fp32,
@@ -76,8 +78,8 @@ inline const float* load_f32(int32_t dtype, const void* base, int64_t offset, in
                              float* __restrict buf) {
   if (dtype == kF32) return static_cast<const float*>(base) + offset;
   const uint16_t* __restrict src = static_cast<const uint16_t*>(base) + offset;
-#ifdef FASTGUIDE_F16C
-  if (dtype == kF16 && has_f16c()) {
+#ifdef FASTGUIDE_AVX2_CONVERSIONS
+  if (dtype == kF16 && avx2_conversions_enabled()) {
     half_to_float_f16c(src, buf, len);
     return buf;
   }
@@ -97,9 +99,9 @@ inline void store_f32(int32_t dtype, void* base, int64_t offset, const float* __
     return;
   }
   uint16_t* __restrict dst = static_cast<uint16_t*>(base) + offset;
-#ifdef FASTGUIDE_F16C
-  if (dtype == kF16 && has_f16c()) {
-    float_to_half_f16c(src, dst, len);
+#ifdef FASTGUIDE_AVX2_CONVERSIONS
+  if (avx2_conversions_enabled()) {
+    (dtype == kF16 ? float_to_half_f16c : float_to_bf16_avx2)(src, dst, len);
     return;
   }
 #endif
