@@ -107,14 +107,14 @@ def _indexed_step(scheduler, call: Call, timestep) -> Tuple[int, bool]:
     return index, init
 
 
-def _check_lcm_timestep(plan: SchedulerPlan, index: int, timestep) -> None:
+def _check_lcm_timestep(call: Call, index: int, timestep) -> None:
     """LCMScheduler.step takes abar_t and c_skip/c_out from the timestep it is given but the previous timestep
     from its step index, so the row of step ``index`` is its step only for ``scheduler.timesteps[index]``.
     Checked where that reads nothing from a device (numbers and CPU tensors, outside torch.compile)."""
-    if torch.compiler.is_compiling() or isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
+    if call.compiling or isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
         return
     value = scalar_timestep(timestep)
-    if not float(value).is_integer() or plan.timestep_rows.get(int(value)) != index:
+    if not float(value).is_integer() or call.plan.timestep_rows.get(int(value)) != index:
         raise ValueError(f"timestep {value!r} is not scheduler.timesteps[{index}] (the scheduler's step index); "
                          "LCMScheduler steps through its timesteps in order")
 
@@ -127,8 +127,8 @@ def select_row(scheduler, call: Call, timestep) -> Tuple[Optional[int], bool]:
     if state.kind in INDEX_BASED:
         index, init_index = _indexed_step(scheduler, call, timestep)
         if state.kind == LCM:
-            _check_lcm_timestep(plan, index, timestep)
-    elif torch.compiler.is_compiling() and isinstance(timestep, torch.Tensor):
+            _check_lcm_timestep(call, index, timestep)
+    elif call.compiling and isinstance(timestep, torch.Tensor):
         index = None  # found on the device: reading the timestep on the host would break the graph
     else:
         index = _vp_row(scheduler, call, timestep)

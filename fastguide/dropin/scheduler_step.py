@@ -280,9 +280,9 @@ def scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *
     ``denoised`` output instead of x0^.
 
     ``options`` is the plan key of the scheduler's step options (``schedulers.variant``; None: the
-    defaults); ``state`` the scheduler's ``scheduler_state`` when the caller has it already. ``combine``/``extra``: a per-sample linear combine instead of ``guidance_scale`` (a guider,
-    ``dropin.guiders``). ``g_score``
-    (``eps -= sigma g``) and ``g_mean`` (DDPM mean shift ``mu += Sigma g``) are gradients already scaled;
+    defaults); ``state`` the scheduler's ``scheduler_state`` when the caller has it already.
+    ``combine``/``extra``: a per-sample linear combine instead of ``guidance_scale`` (a guider,
+    ``dropin.guiders``). ``g_score`` (``eps -= sigma g``) and ``g_mean`` (DDPM mean shift ``mu += Sigma g``) are gradients already scaled;
     ``guide(plan, index, predicted_x0) -> (g_score, g_mean, table or None)`` computes guidance terms once
     the row is known (``dropin.guidance``). Everything is checked before the generator, ``out`` or the
     scheduler is touched.

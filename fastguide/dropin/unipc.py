@@ -51,7 +51,7 @@ def _row(block: int, order: int, index: int, n: int) -> int:
 def select(scheduler, call: Call, index: int) -> UniPCStep:
     """This call's passes, and ``call.args`` pointed at the predictor row (the x0 pass reads its prediction
     columns); the stored sample and x0s it reads are checked first."""
-    if torch.compiler.is_compiling():
+    if call.compiling:
         raise RuntimeError("fastguide.step does not trace UniPCMultistepScheduler inside torch.compile (its "
                            "corrector state lives on the scheduler); call it eagerly")
     n, order, sample = call.plan.num_steps, call.state.solver_order, call.args.sample
