@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "../fastguide_abi.h"
+#include "fastguide_cpu.h"
 
 namespace fastguide::cpu {
 
@@ -66,7 +67,6 @@ inline uint16_t float_to_bf16(float f) {
 // quieted, the portable loop writes 0x7e00).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTGUIDE_AVX2_CONVERSIONS 1
-bool avx2_conversions_enabled();
 void half_to_float_f16c(const uint16_t* src, float* dst, int64_t len);
 void float_to_half_f16c(const float* src, uint16_t* dst, int64_t len);
 void float_to_bf16_avx2(const float* src, uint16_t* dst, int64_t len);
@@ -79,7 +79,7 @@ inline const float* load_f32(int32_t dtype, const void* base, int64_t offset, in
   if (dtype == kF32) return static_cast<const float*>(base) + offset;
   const uint16_t* __restrict src = static_cast<const uint16_t*>(base) + offset;
 #ifdef FASTGUIDE_AVX2_CONVERSIONS
-  if (dtype == kF16 && avx2_conversions_enabled()) {
+  if (dtype == kF16 && avx2_conversions()) {
     half_to_float_f16c(src, buf, len);
     return buf;
   }
@@ -100,7 +100,7 @@ inline void store_f32(int32_t dtype, void* base, int64_t offset, const float* __
   }
   uint16_t* __restrict dst = static_cast<uint16_t*>(base) + offset;
 #ifdef FASTGUIDE_AVX2_CONVERSIONS
-  if (avx2_conversions_enabled()) {
+  if (avx2_conversions()) {
     (dtype == kF16 ? float_to_half_f16c : float_to_bf16_avx2)(src, dst, len);
     return;
   }

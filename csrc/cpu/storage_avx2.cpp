@@ -15,16 +15,6 @@
 
 namespace fastguide::cpu {
 
-bool avx2_conversions_enabled() {
-  static const bool enabled = [] {
-    const char* portable = std::getenv("FASTGUIDE_PORTABLE_CONVERSIONS");
-    if (portable && *portable && std::strcmp(portable, "0") != 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");  // (the loops use AVX2 registers)
-  }();
-  return enabled;
-}
-
 __attribute__((target("avx2,f16c"))) void half_to_float_f16c(const uint16_t* src, float* dst, int64_t len) {
   int64_t i = 0;
   for (; i + 16 <= len; i += 16) {  // (two independent loads per iteration keep more of them in flight)
@@ -75,7 +65,13 @@ namespace fastguide::cpu {
 
 bool avx2_conversions() {
 #ifdef FASTGUIDE_AVX2_CONVERSIONS
-  return avx2_conversions_enabled();
+  static const bool enabled = [] {
+    const char* portable = std::getenv("FASTGUIDE_PORTABLE_CONVERSIONS");
+    if (portable && *portable && std::strcmp(portable, "0") != 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");  // (the loops use AVX2 registers)
+  }();
+  return enabled;
 #else
   return false;
 #endif
