@@ -1,13 +1,16 @@
-"""One drop-in call, checked, and which row of its scheduler's coefficient plan it takes.
+"""One drop-in call, checked: which row of its scheduler's coefficient plan it takes, and how the scheduler
+advances after it.
 
 The row is found on the host: the timestep's position for DDPM/DDIM (a timestep outside the schedule gets a
 one-row plan of its own for DDIM), the scheduler's step counter for the index-based schedulers (fastguide's own
 counter inside ``torch.compile``), and for the multistep solvers the order the scheduler's own step would take,
-with the history it reads (``scheduler.model_outputs``).
+with the history it reads (``scheduler.model_outputs``). ``advance`` then does the scheduler's own bookkeeping
+(its step index, the multistep history), for the general path and the repeat lane (``dropin.repeat``) alike.
 """
 
 from __future__ import annotations
 
+import logging
 import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
@@ -16,6 +19,7 @@ import torch
 
 from ..core.args import StepArgs
 from ..samplers.scheduler_tables import DDIM, DPM, FLOW_HEUN, LCM, UNIPC, SchedulerPlan, config, dpm_step_order
+from .checked import Checked
 from .schedulers import INDEX_BASED, HeunStage, SchedulerState, check_stored, heun_stage, off_schedule_plan
 
 GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]
@@ -37,6 +41,7 @@ class Call:
     unipc: Optional[object] = None     # UniPCMultistepScheduler: this call's passes (``dropin.unipc.UniPCStep``)
     impl: Optional[object] = None      # the backend module ``backend`` resolved to (``dispatch.resolve``)
     compiling: bool = False            # traced by torch.compile (asked once per call: ~0.2 us each time)
+    memo: Optional[Checked] = None     # the call's entry in ``state.checked`` (a plain call's)
 
 
 def scalar_timestep(timestep) -> float:
@@ -59,15 +64,21 @@ def scalar_timestep(timestep) -> float:
 # Which row
 
 
+def schedule_row(plan: SchedulerPlan, timestep) -> Optional[int]:
+    """The row of a DDPM/DDIM/LCM timestep in ``scheduler.timesteps``, or None for one off the schedule."""
+    value = scalar_timestep(timestep)
+    return plan.timestep_rows.get(int(value)) if float(value).is_integer() else None
+
+
 def _vp_row(scheduler, call: Call, timestep) -> int:
     """The row of a DDPM/DDIM timestep. DDIMScheduler.step takes any training timestep (its previous
     timestep is derived from ``t``): one outside ``scheduler.timesteps`` gets a one-row plan of its own,
     built on first use and kept with the scheduler's plans."""
     plan = call.plan
-    value = scalar_timestep(timestep)
-    row = plan.timestep_rows.get(int(value)) if float(value).is_integer() else None
+    row = schedule_row(plan, timestep)
     if row is not None:
         return row
+    value = scalar_timestep(timestep)
     train = int(config(scheduler, "num_train_timesteps"))
     if call.state.kind == DDIM and float(value).is_integer() and 0 <= int(value) < train:
         call.plan = off_schedule_plan(scheduler, call.state, call.options, int(value))
@@ -80,16 +91,16 @@ def _vp_row(scheduler, call: Call, timestep) -> int:
     raise ValueError(f"timestep {value!r} is not in {where}")
 
 
-def _indexed_step(scheduler, call: Call, timestep) -> Tuple[int, bool]:
-    """(step index this call uses, whether the scheduler's counter must be initialised from ``timestep``)."""
-    state = call.state
+def indexed_step(scheduler, state: SchedulerState, timestep, compiling: bool) -> Tuple[int, bool]:
+    """The step index of an index-based scheduler's call, and whether the scheduler's counter must be initialised
+    from ``timestep`` (``compiling``: traced by torch.compile, where fastguide's own counter is read)."""
     integer = isinstance(timestep, int) and not isinstance(timestep, bool) or \
         isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()
     if state.kind not in (DPM, LCM, UNIPC) and integer:
         # As Euler*.step: integer indices (enumerate) are a common mistake; pass a value of scheduler.timesteps.
         raise ValueError("timestep must be a value of scheduler.timesteps, not an integer index")
     n = scheduler.timesteps.shape[0]
-    if call.compiling:
+    if compiling:
         index, init = state.next_index, False   # see SchedulerState.next_index
     elif scheduler.step_index is not None:
         index, init = int(scheduler.step_index), False
@@ -125,7 +136,7 @@ def select_row(scheduler, call: Call, timestep) -> Tuple[Optional[int], bool]:
     state, plan, args = call.state, call.plan, call.args
     init_index = False
     if state.kind in INDEX_BASED:
-        index, init_index = _indexed_step(scheduler, call, timestep)
+        index, init_index = indexed_step(scheduler, state, timestep, call.compiling)
         if state.kind == LCM:
             _check_lcm_timestep(call, index, timestep)
     elif call.compiling and isinstance(timestep, torch.Tensor):
@@ -165,3 +176,32 @@ def push_history(scheduler, order: int, x0: torch.Tensor) -> None:
     scheduler.model_outputs[-1] = x0
     if scheduler.lower_order_nums < order:
         scheduler.lower_order_nums += 1
+
+
+# diffusers' EulerDiscreteScheduler / EulerAncestralDiscreteScheduler ``step`` log this (``logger.warning``, on
+# every call) while ``scale_model_input`` has never been called on the scheduler (``is_scale_input_called``).
+SCALE_INPUT_WARNING = ("The `scale_model_input` function should be called before `step` to ensure correct "
+                       "denoising. See `StableDiffusionPipeline` for a usage example.")
+
+
+def warn_if_input_not_scaled(scheduler) -> None:
+    """Log diffusers' warning, with diffusers' logger of the scheduler's ``step`` (so diffusers' verbosity
+    settings apply alike), for schedulers that track ``is_scale_input_called`` and have not scaled yet."""
+    # (the instance dict: for schedulers without the flag, getattr goes through diffusers' slow __getattr__)
+    if vars(scheduler).get("is_scale_input_called", True):
+        return
+    module = getattr(getattr(type(scheduler), "step", None), "__module__", None) or __name__
+    logging.getLogger(module).warning(SCALE_INPUT_WARNING)
+
+
+def advance(scheduler, state: SchedulerState, index: int, init_index: bool, timestep, x0: Optional[torch.Tensor],
+            compiling: bool) -> None:
+    """Advance the scheduler exactly as its step() does (``index``, ``init_index``: ``select_row``'s)."""
+    if state.kind not in INDEX_BASED:
+        return
+    if init_index and not compiling:  # (it sets the index that the next line overwrites)
+        scheduler._init_step_index(timestep)
+    if state.kind == DPM:
+        push_history(scheduler, state.solver_order, x0)
+    scheduler._step_index = index + 1
+    state.next_index = index + 1

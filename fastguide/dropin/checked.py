@@ -21,7 +21,7 @@ from ..samplers.scheduler_tables import SchedulerPlan
 _NUMBERS = (float, int)  # exact types: a bool (hash(True) == hash(1)) must still meet check_scale's TypeError
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Checked:
     """The outcome of one call's checks that a repeat call can reuse."""
 
@@ -29,6 +29,9 @@ class Checked:
     table: torch.Tensor              # plan.table(sample.device)
     scale: Optional[torch.Tensor]    # the [B] fp32 CFG scale, None without CFG
     rescale: float
+    # ``dropin.repeat.Lane`` once a call of this entry has run on the general path and the entry's calls can
+    # take the repeat lane; False when they never can (its scheduler, backend or options need more).
+    lane: object = None
 
 
 def plain_call_key(model_output, sample, out, guidance_scale, guidance_rescale, options: tuple) -> Optional[tuple]:

@@ -9,7 +9,7 @@ state (``fastguide.samplers.scheduler_tables``), kept on the device. A call chec
 (``_check_call``), finds its row on the host (the timestep's position for DDPM/DDIM, the scheduler's step
 counter for the others; ``select_row``), computes guidance terms (``_guidance_terms``), draws noise exactly
 where, and in the shape and dtype, diffusers draws it (``_draw_noise``), runs one fused kernel and advances
-the scheduler (``_advance``).
+the scheduler (``call.advance``).
 
 Supported: ``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``,
 ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler`` (``dpmsolver++`` and ``sde-dpmsolver++``,
@@ -22,7 +22,6 @@ scheduler or the option.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
@@ -38,10 +37,11 @@ from ..core.checks import (Scale, check_bool, check_finite, check_fraction, chec
 from ..samplers.scheduler_tables import DDIM, DDPM, DPM, EULER, FLOW, FLOW_HEUN, LCM, UNIPC, config
 from . import guidance as _dropin_guidance
 from . import guiders as _guiders
+from . import repeat as _repeat
 from . import unipc as _unipc
-from .call import Call, GeneratorArg, push_history, scalar_timestep, select_row
+from .call import Call, GeneratorArg, advance, scalar_timestep, select_row, warn_if_input_not_scaled
 from .checked import Checked, plain_call_key
-from .schedulers import INDEX_BASED, SchedulerState, heun_store, output_of, plan_of, scheduler_state, variant
+from .schedulers import SchedulerState, heun_store, output_of, plan_of, scheduler_state, variant
 
 _DEFAULT_CHURN = (0.0, 0.0, math.inf, 1.0)
 
@@ -113,7 +113,7 @@ def _check_call(model_output, sample, scheduler, guidance_scale, guidance_rescal
                     combine=combine, extra=extra)
     _ops.set_clip(args, state.clip, None)
     return Call(state, checked.plan, options, args, noise, generator, check_outputs_finite, backend, impl=impl,
-                compiling=compiling)
+                compiling=compiling, memo=checked if key is not None else None)
 
 
 def _check_arguments(model_output, sample, scheduler, state: SchedulerState, guidance_scale, guidance_rescale,
@@ -238,35 +238,6 @@ def _draw_noise(call: Call, index: Optional[int]) -> None:
         a.noise = _noise.randn(a.sample.shape, call.generator, a.model_output.device, a.model_output.dtype)
 
 
-# diffusers' EulerDiscreteScheduler / EulerAncestralDiscreteScheduler ``step`` log this (``logger.warning``, on
-# every call) while ``scale_model_input`` has never been called on the scheduler (``is_scale_input_called``).
-SCALE_INPUT_WARNING = ("The `scale_model_input` function should be called before `step` to ensure correct "
-                       "denoising. See `StableDiffusionPipeline` for a usage example.")
-
-
-def _warn_if_input_not_scaled(scheduler) -> None:
-    """Log diffusers' warning, with diffusers' logger of the scheduler's ``step`` (so diffusers' verbosity
-    settings apply alike), for schedulers that track ``is_scale_input_called`` and have not scaled yet."""
-    # (the instance dict: for schedulers without the flag, getattr goes through diffusers' slow __getattr__)
-    if vars(scheduler).get("is_scale_input_called", True):
-        return
-    module = getattr(getattr(type(scheduler), "step", None), "__module__", None) or __name__
-    logging.getLogger(module).warning(SCALE_INPUT_WARNING)
-
-
-def _advance(scheduler, call: Call, index: int, init_index: bool, timestep, x0: Optional[torch.Tensor]) -> None:
-    """Advance the scheduler exactly as its step() does."""
-    state = call.state
-    if state.kind not in INDEX_BASED:
-        return
-    if init_index and not call.compiling:  # (it sets the index that the next line overwrites)
-        scheduler._init_step_index(timestep)
-    if state.kind == DPM:
-        push_history(scheduler, state.solver_order, x0)
-    scheduler._step_index = index + 1
-    state.next_index = index + 1
-
-
 def scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *, scheduler,
                    guidance_scale: Optional[Scale] = None, guidance_rescale: float = 0.0,
                    generator: GeneratorArg = None, options: Optional[tuple] = None,
@@ -300,17 +271,17 @@ def scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *
         check_finite("model_output", model_output)
     # Checks are done: from here on the generator, out and the scheduler may change.
     if not call.compiling:  # (a log call would break the graph)
-        _warn_if_input_not_scaled(scheduler)
+        warn_if_input_not_scaled(scheduler)
     if call.heun is not None:
         kept = _heun_inputs(call)
         derivative = call.args.x0_out
         prev = _ops.run_step(call.args, backend, call.impl)
         heun_store(scheduler, call.state, call.heun, kept, derivative)
-        _advance(scheduler, call, index, init_index, timestep, None)
+        advance(scheduler, call.state, index, init_index, timestep, None, call.compiling)
         return prev, None
     if call.unipc is not None:
         prev = _unipc.run(scheduler, call, lambda: _predicted_x0(call, guided=True), timestep, backend)
-        _advance(scheduler, call, index, init_index, timestep, None)
+        advance(scheduler, call.state, index, init_index, timestep, None, call.compiling)
         return prev, None
     _draw_noise(call, index)
     lcm = call.state.kind == LCM
@@ -318,7 +289,9 @@ def scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *
     need_x0 = want_x0 and not lcm or call.state.kind == DPM
     x0 = call.args.x0_out = torch.empty_like(sample, memory_format=torch.contiguous_format) if need_x0 else None
     prev = _ops.run_step(call.args, backend, call.impl)
-    _advance(scheduler, call, index, init_index, timestep, x0)
+    advance(scheduler, call.state, index, init_index, timestep, x0, call.compiling)
+    if call.memo is not None and call.memo.lane is None:
+        call.memo.lane = _repeat.lane_for(call)
     return prev, (denoised if lcm else x0) if want_x0 else None
 
 
@@ -444,6 +417,12 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
     DPM++ SDE's noise are drawn in float32 as there (the generator advances alike) and rounded to a
     half-precision sample's dtype.
 
+    Speed: a loop's repeat calls with the same shapes, dtypes and scale skip the argument checks; for a step that
+    is one fused pass (DDIMScheduler with eta 0, FlowMatchEulerDiscreteScheduler without stochastic sampling,
+    C++ backend) such calls without ``guider``, ``guidance``, ``generator``, ``noise``, ``check_finite`` or
+    ``return_dict`` also run straight from the kernel's filled argument block (``fastguide.dropin.repeat``),
+    with the same results.
+
     Every argument is checked, and the guidance networks run (their outputs checked: a wrong shape is a
     ``ValueError`` naming the network and the expected shape), before ``generator``, ``out`` or the scheduler
     is touched: a failing call leaves them as they were.
@@ -475,6 +454,12 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
     state = scheduler_state(scheduler)
     options = _check_scheduler_options(scheduler, state.kind, eta, use_clipped_model_output,
                                        (s_churn, s_tmin, s_tmax, s_noise))
+    if guider is None and return_dict is None and not guidance and y is None and generator is None and \
+            noise is None and not check_finite:
+        prev = _repeat.run(model_output, timestep, sample, scheduler, state, options, guidance_scale,
+                           guidance_rescale, out, backend)
+        if prev is not None:
+            return prev
     if guidance or y is not None:
         guide = _guide_of(scheduler, state, guidance, y, sample, timestep, backend)
     output_class, fields = output_of(scheduler, state.kind) if return_dict is not None else (None, ())
