@@ -18,9 +18,10 @@ Flow matching (``--flow``, or ``--flow-only`` for just these rows): CFG + ``Flow
 (2x4096x64), interleaved the same way:
 
   copy       the bandwidth floor, as above
-  fg.step    the drop-in ``fastguide.step(noise_pred, t, x, scheduler=s, guidance_scale=w, out=buf)``
-  fused_op   the bare fused kernel on the same row (``fastguide.guided_step``): the drop-in's Python cost is the
-             difference
+  fg.step    the drop-in ``fastguide.step(noise_pred, t, x, scheduler=s, guidance_scale=w, out=buf)`` (its repeat
+             calls take the repeat lane, ``fastguide/dropin/repeat.py``)
+  fused_op   the public fused op on the same row (``fastguide.guided_step``, every argument checked on every
+             call): the same kernel, with the general path's host cost
   diffusers  chunk, CFG combine, ``scheduler.step(..., return_dict=False)[0]`` (what the SD3 / Flux pipelines do)
 
 with the ops each dispatches per step (``fastguide.tools.opcount.OpCounter``: torch ops plus fastguide's direct
