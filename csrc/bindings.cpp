@@ -198,20 +198,24 @@ PYBIND11_MODULE(_C, m) {
 
   def_cpu_kernel<GuidedStepArgs>(m, "cpu_guided_step", cpu::guided_step);
   // A repeat call of the drop-in's step (fastguide/dropin/repeat.py): a copy of a filled block, pointed at
-  // this call's sample, model output and out and at its host step index. One call instead of building a
-  // new block in Python.
+  // this call's sample, model output, out and x0_out (0: none; contiguous rows, like out) and at its host
+  // step index. One call instead of building a new block in Python.
   m.def(
       "cpu_guided_step_at",
-      [](const GuidedStepArgs& filled, uintptr_t sample, uintptr_t model_output, uintptr_t out, int64_t step) {
+      [](const GuidedStepArgs& filled, uintptr_t sample, uintptr_t model_output, uintptr_t out, uintptr_t x0_out,
+         int64_t step) {
         GuidedStepArgs args = filled;
         args.sample = reinterpret_cast<const void*>(sample);
         args.model_output = reinterpret_cast<const void*>(model_output);
         args.out = reinterpret_cast<void*>(out);
+        args.x0_out = reinterpret_cast<void*>(x0_out);
+        args.x0_out_stride = x0_out ? args.n : 0;
         args.step = step;
         py::gil_scoped_release release;
         cpu::guided_step(args);
       },
-      py::arg("args"), py::arg("sample"), py::arg("model_output"), py::arg("out"), py::arg("step"));
+      py::arg("args"), py::arg("sample"), py::arg("model_output"), py::arg("out"), py::arg("x0_out"),
+      py::arg("step"));
   def_cpu_kernel<CfgRescaleFactorArgs>(m, "cpu_cfg_rescale_factor", cpu::cfg_rescale_factor);
   def_cpu_kernel<TemperatureLseGradArgs>(m, "cpu_temperature_lse_grad", cpu::temperature_lse_grad);
   def_cpu_kernel<PerSampleRmsArgs>(m, "cpu_per_sample_rms", cpu::per_sample_rms);

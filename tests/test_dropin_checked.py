@@ -10,7 +10,8 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler  # noqa: E402
+from diffusers import (DDIMScheduler, EulerAncestralDiscreteScheduler,  # noqa: E402
+                       FlowMatchEulerDiscreteScheduler)
 
 import fastguide  # noqa: E402
 from fastguide.dropin.schedulers import scheduler_state  # noqa: E402
@@ -92,17 +93,64 @@ def test_a_new_schedule_starts_an_empty_memo():
     assert not list(scheduler_state(sched).checked.keys())
 
 
-def test_calls_with_generators_noise_or_tensor_scales_are_not_kept():
+def test_calls_with_noise_or_tensor_scales_are_not_kept():
     sched = DDIMScheduler(clip_sample=False)
     sched.set_timesteps(5)
     x, mo = _tensors()
     t = sched.timesteps[1]
-    fastguide.step(mo, t, x, scheduler=sched, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
     fastguide.step(mo, t, x, scheduler=sched, guidance_scale=3.0, noise=torch.zeros_like(x))
     fastguide.step(mo, t, x, scheduler=sched, guidance_scale=torch.full((B,), 3.0))
     assert not list(scheduler_state(sched).checked.keys())
     fastguide.step(mo, t, x, scheduler=sched, guidance_scale=3.0)
     assert len(list(scheduler_state(sched).checked.keys())) == 1
+
+
+def _euler_ancestral():
+    sched = EulerAncestralDiscreteScheduler()
+    sched.set_timesteps(8)
+    sched.is_scale_input_called = True
+    return sched
+
+
+BAD_GENERATORS = {
+    "not a generator": (5, TypeError),
+    "a list of the wrong length": ([torch.Generator()] * (B + 1), ValueError),
+    "a list holding a non-generator": ([torch.Generator(), "seed"], TypeError),
+}
+SCHEDULERS = {"flow": _flow, "euler ancestral": _euler_ancestral}
+
+
+@pytest.mark.parametrize("case", list(BAD_GENERATORS))
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_a_generator_is_checked_on_every_call_though_not_in_the_key(case, name):
+    """Calls with a generator share the memo (the checks' outcome does not depend on it), so a repeat call
+    checks the generator itself: a bad one after good ones meets the error a fresh scheduler gives."""
+    bad, error = BAD_GENERATORS[case]
+    warm, fresh = SCHEDULERS[name](), SCHEDULERS[name]()
+    x, mo = _tensors()
+    for _ in range(3):
+        _good_call(warm, x, mo, generator=torch.Generator().manual_seed(0))
+    assert len(list(scheduler_state(warm).checked.keys())) == 1
+    for sched in (fresh, warm):
+        sched._step_index = 3
+        with pytest.raises(error, match="generator"):
+            fastguide.step(mo, sched.timesteps[3], x, scheduler=sched, guidance_scale=4.0, generator=bad,
+                           out=torch.empty_like(x))
+        assert sched.step_index == 3
+
+
+def test_kept_generator_calls_draw_as_diffusers_draws():
+    ours = _euler_ancestral()
+    theirs = copy.deepcopy(ours)
+    x, mo = _tensors(2)
+    g_ours, g_theirs = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for t in ours.timesteps:
+        u, c = mo.chunk(2)
+        want = theirs.step(u + 4.0 * (c - u), t, x, generator=g_theirs, return_dict=False)[0]
+        got = fastguide.step(mo, t, x, scheduler=ours, guidance_scale=4.0, generator=g_ours)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(list(scheduler_state(ours).checked.keys())) == 1
+    assert torch.equal(g_ours.get_state(), g_theirs.get_state())
 
 
 def test_a_bool_scale_never_passes_for_the_number_it_equals():

@@ -106,6 +106,39 @@ def test_lane_gives_the_general_paths_bits_step_for_step(case, out_mode, monkeyp
     assert scheduler_state(on_lane).next_index == scheduler_state(general).next_index
 
 
+def _pipeline_loop(sched, return_dict: bool, seed: int) -> list:
+    """A loop as the diffusers pipelines call the scheduler: a generator and ``return_dict``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 6, 6, generator=g)
+    gen = torch.Generator().manual_seed(7)
+    results = []
+    for t in sched.timesteps:
+        mo = torch.randn(4, 4, 6, 6, generator=g)
+        res = fastguide.step(mo, t, x, scheduler=sched, guidance_scale=W, generator=gen, return_dict=return_dict)
+        fields = res if not return_dict else tuple(res.values())
+        results.append((type(res), [f.clone() for f in fields]))
+        x = fields[0]
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(7).get_state())  # nothing drawn
+    return results
+
+
+@pytest.mark.parametrize("return_dict", [False, True])
+@pytest.mark.parametrize("case", ["flow SD3 latent", "ddim", "ddim clip v"])
+def test_lane_takes_pipeline_calls_with_a_generator_and_return_dict(case, return_dict, monkeypatch):
+    make = CASES[case][0]
+    on_lane, general = make(), make()
+    runs = _general_runs(monkeypatch)
+    got = _pipeline_loop(on_lane, return_dict, seed=4)
+    assert len(runs) == 1
+    monkeypatch.setattr(repeat, "run", lambda *args, **kwargs: None)
+    want = _pipeline_loop(general, return_dict, seed=4)
+    for (got_type, got_fields), (want_type, want_fields) in zip(got, want):
+        assert got_type is want_type
+        assert len(got_fields) == len(want_fields) == (1 if case.startswith("flow") else 2)
+        for a, b in zip(got_fields, want_fields):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("make", [_flow, _ddim], ids=["flow", "ddim"])
 def test_lane_loop_matches_diffusers_and_per_sample_scales(make):
     ours = make()
@@ -202,6 +235,8 @@ BAD = {
     "unknown backend": (dict(backend="nope"), ValueError, "backend"),
     "cpu-only backend forced off": (dict(backend="cuda"), (RuntimeError, ValueError), "cuda"),
     "timestep not in the schedule": (dict(timestep=torch.tensor(0.5)), ValueError, "not in scheduler.timesteps"),
+    "generator list of the wrong length": (dict(generator=[torch.Generator()] * 3), ValueError, "generator"),
+    "not a generator": (dict(generator=1), TypeError, "generator"),
 }
 
 
@@ -216,7 +251,7 @@ def test_bad_calls_after_the_lane_exists_meet_the_general_paths_errors(case):
         out = torch.full_like(x, 7.0)
         with pytest.raises(error, match=word):
             fastguide.step(mo, changes.get("timestep", sched.timesteps[2]), x, scheduler=sched, guidance_scale=W,
-                           out=out, backend=changes.get("backend", "auto"))
+                           out=out, backend=changes.get("backend", "auto"), generator=changes.get("generator"))
         assert torch.all(out == 7.0)   # nothing written
     assert warm.step_index == fresh.step_index
 

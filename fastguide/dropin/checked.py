@@ -5,8 +5,9 @@ of ``scheduler_step._check_call`` give the same answer every time. Their outcome
 options, its device table, the [B] scale vector, the rescale factor) is kept in the scheduler's cached state,
 keyed by everything those checks read, and a call whose key is there skips them. A new schedule or config
 gives a new state, hence an empty memo; only calls that passed every check are kept, so a bad call always
-meets the checks. The calls covered are the plain ones: plain tensors, a number (or no) scale, no generator,
-noise, gradients or guider combine, not while tracing (whose scale vector differs).
+meets the checks. The calls covered are the plain ones: plain tensors, a number (or no) scale, no noise,
+gradients or guider combine, not while tracing (whose scale vector differs). A generator is not part of the key:
+a repeat call checks it where the checks would.
 """
 
 from __future__ import annotations

@@ -11,16 +11,17 @@ three tensors can be read and written where they lie, runs a copy of the block p
 
 Lanes exist for the steps that are one fused pass and nothing else: no noise on any step, no CFG rescale, no
 dynamic thresholding, no solver history (DDIMScheduler with eta 0, FlowMatchEulerDiscreteScheduler without
-stochastic sampling), on the C++ CPU backend, for calls with neither ``guider``, ``guidance``, ``generator``,
-``noise``, ``check_finite`` nor ``return_dict``. A call the lane cannot take as it comes (a strided tensor, an
-output overlapping an input other than ``out=sample``, a timestep off the schedule, a traced or routed call,
-another backend) takes the general path, which computes the same bits; so does every call before its entry
-has a lane.
+stochastic sampling), on the C++ CPU backend, for calls with neither ``guider``, ``guidance``, ``noise`` nor
+``check_finite``. A ``generator`` is checked and, these steps drawing nothing, left alone; with ``return_dict``,
+x0 comes from the same pass where the scheduler's tuple has it. A call the lane cannot take as it comes (a
+strided tensor, an output overlapping an input other than ``out=sample``, a timestep off the schedule, a traced
+or routed call, another backend) takes the general path, which computes the same bits; so does every call
+before its entry has a lane.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -28,6 +29,7 @@ from ..backends import abi
 from ..backends import cpp as _cpp
 from ..backends import dispatch as _dispatch
 from ..core import hooks
+from ..core import noise as _noise
 from ..core import ops as _ops
 from ..core.args import StepArgs
 from ..samplers.scheduler_tables import DDIM, DDPM, EULER, EULER_ANCESTRAL, FLOW
@@ -85,16 +87,21 @@ def lane_for(call: Call) -> Union[Lane, bool, None]:
 
 
 def run(model_output: torch.Tensor, timestep, sample: torch.Tensor, scheduler, state: SchedulerState,
-        options: tuple, guidance_scale, guidance_rescale, out: Optional[torch.Tensor],
-        backend: str) -> Optional[torch.Tensor]:
-    """The step on the lane (``prev_sample``), or None when the call takes the general path; nothing is
-    touched before the lane is sure to run, and a bad timestep raises what the general path raises."""
+        options: tuple, guidance_scale, guidance_rescale, generator, out: Optional[torch.Tensor], want_x0: bool,
+        backend: str) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """The step on the lane: ``(prev_sample, x0 or None)``, or None when the call takes the general path.
+    Nothing is touched before the lane is sure to run; a bad generator, backend or timestep raises what the
+    general path raises (the lane's steps draw no noise, so a generator is only checked)."""
     if hooks.via_torch_ops():
         return None
     key = plain_call_key(model_output, sample, out, guidance_scale, guidance_rescale, options)
     memo = state.checked.get(key) if key is not None else None
     lane = memo.lane if memo is not None else None
-    if not lane or _dispatch.resolve(backend, sample.device) is not lane.impl:
+    if not lane:
+        return None
+    if generator is not None:
+        _noise.check_generator(generator, sample.shape[0], sample.device)
+    if _dispatch.resolve(backend, sample.device) is not lane.impl:
         return None
     if state.kind in INDEX_BASED:
         index, init_index = indexed_step(scheduler, state, timestep, False)
@@ -109,9 +116,10 @@ def run(model_output: torch.Tensor, timestep, sample: torch.Tensor, scheduler, s
         out = torch.empty_like(sample)
     elif not (out.is_contiguous() and lane.writable(out.data_ptr(), s, m)):
         return None
+    x0 = torch.empty_like(sample) if want_x0 else None
     if hooks.observed():
         hooks.report("fastguide.guided_step")
     warn_if_input_not_scaled(scheduler)
-    lane.kernel(lane.launch.args, s, m, out.data_ptr(), index)
-    advance(scheduler, state, index, init_index, timestep, None, False)
-    return out
+    lane.kernel(lane.launch.args, s, m, out.data_ptr(), 0 if x0 is None else x0.data_ptr(), index)
+    advance(scheduler, state, index, init_index, timestep, x0, False)
+    return out, x0

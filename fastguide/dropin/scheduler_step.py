@@ -98,8 +98,7 @@ def _check_call(model_output, sample, scheduler, guidance_scale, guidance_rescal
         options = variant(state.kind, 0.0, False, *_DEFAULT_CHURN)
     compiling = torch.compiler.is_compiling()
     key = None
-    if not compiling and generator is None and noise is None and g_score is None and g_mean is None and \
-            combine is None:
+    if not compiling and noise is None and g_score is None and g_mean is None and combine is None:
         key = plain_call_key(model_output, sample, out, guidance_scale, guidance_rescale, options)
     checked = state.checked.get(key) if key is not None else None
     if checked is None:
@@ -107,6 +106,8 @@ def _check_call(model_output, sample, scheduler, guidance_scale, guidance_rescal
                                    generator, options, out, g_score, g_mean, noise, backend, combine, extra)
         if key is not None:
             state.checked.put(key, checked)
+    elif generator is not None:  # (not in the key: checked on every call, where the checks check it)
+        _noise.check_generator(generator, sample.shape[0], sample.device)
     impl = _dispatch.resolve(backend, sample.device)  # (every call: it follows which backends are built)
     args = StepArgs(sample, model_output, checked.table, 0, scale=checked.scale, rescale=checked.rescale,
                     g_score=g_score, g_mean=g_mean, learned_variance=checked.plan.learned_variance, out=out,
@@ -419,9 +420,8 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
 
     Speed: a loop's repeat calls with the same shapes, dtypes and scale skip the argument checks; for a step that
     is one fused pass (DDIMScheduler with eta 0, FlowMatchEulerDiscreteScheduler without stochastic sampling,
-    C++ backend) such calls without ``guider``, ``guidance``, ``generator``, ``noise``, ``check_finite`` or
-    ``return_dict`` also run straight from the kernel's filled argument block (``fastguide.dropin.repeat``),
-    with the same results.
+    C++ backend) such calls without ``guider``, ``guidance``, ``noise`` or ``check_finite`` also run straight
+    from the kernel's filled argument block (``fastguide.dropin.repeat``), with the same results.
 
     Every argument is checked, and the guidance networks run (their outputs checked: a wrong shape is a
     ``ValueError`` naming the network and the expected shape), before ``generator``, ``out`` or the scheduler
@@ -454,15 +454,15 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
     state = scheduler_state(scheduler)
     options = _check_scheduler_options(scheduler, state.kind, eta, use_clipped_model_output,
                                        (s_churn, s_tmin, s_tmax, s_noise))
-    if guider is None and return_dict is None and not guidance and y is None and generator is None and \
-            noise is None and not check_finite:
-        prev = _repeat.run(model_output, timestep, sample, scheduler, state, options, guidance_scale,
-                           guidance_rescale, out, backend)
-        if prev is not None:
-            return prev
+    output_class, fields = output_of(scheduler, state.kind) if return_dict is not None else (None, ())
+    want_x0 = return_dict is not None and len(fields) > 1
+    if guider is None and not guidance and y is None and noise is None and not check_finite:
+        done = _repeat.run(model_output, timestep, sample, scheduler, state, options, guidance_scale,
+                           guidance_rescale, generator, out, want_x0, backend)
+        if done is not None:
+            return _returned(*done, return_dict, output_class, fields)
     if guidance or y is not None:
         guide = _guide_of(scheduler, state, guidance, y, sample, timestep, backend)
-    output_class, fields = output_of(scheduler, state.kind) if return_dict is not None else (None, ())
     fused = _guiders.Fused(model_output)
     if guider is not None:
         if guidance_scale is not None or guidance_rescale != 0.0:
@@ -470,11 +470,16 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
         fused = _guiders.translate(guider, model_output, sample, scheduler, backend)
     prev, x0 = scheduler_step(fused.model_output, timestep, sample, scheduler=scheduler,
                               guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, generator=generator,
-                              options=options, out=out, backend=backend,
-                              want_x0=return_dict is not None and len(fields) > 1, guide=guide,
+                              options=options, out=out, backend=backend, want_x0=want_x0, guide=guide,
                               check_finite_output=check_finite, noise=noise, combine=fused.combine, extra=fused.extra,
                               state=state)
     fused.commit()
+    return _returned(prev, x0, return_dict, output_class, fields)
+
+
+def _returned(prev: torch.Tensor, x0: Optional[torch.Tensor], return_dict: Optional[bool],
+              output_class: Optional[type], fields: Tuple[str, ...]):
+    """What ``step`` returns: ``prev`` itself, or the tuple / output object ``scheduler.step`` returns."""
     if return_dict is None:
         return prev
     values = {"prev_sample": prev, "pred_original_sample": x0, "denoised": x0}
