@@ -20,6 +20,8 @@ Flow matching (``--flow``, or ``--flow-only`` for just these rows): CFG + ``Flow
   copy       the bandwidth floor, as above
   fg.step    the drop-in ``fastguide.step(noise_pred, t, x, scheduler=s, guidance_scale=w, out=buf)`` (its repeat
              calls take the repeat lane, ``fastguide/dropin/repeat.py``)
+  fg.tuple   the call a pipeline makes, ``fastguide.step(noise_pred, t, x, scheduler=s, guidance_scale=w,
+             return_dict=False)[0]`` (no ``out=``: one output allocated per step, as on the diffusers path)
   fused_op   the public fused op on the same row (``fastguide.guided_step``, every argument checked on every
              call): the same kernel, with the general path's host cost
   diffusers  chunk, CFG combine, ``scheduler.step(..., return_dict=False)[0]`` (what the SD3 / Flux pipelines do)
@@ -225,6 +227,11 @@ def run_flow(label: str, shape, repeats: int, block: int) -> list:
         scheduler._step_index = index
         return fastguide.step(noise_pred, t, x, scheduler=scheduler, guidance_scale=FLOW_GUIDANCE, out=step_out)
 
+    def fg_tuple():
+        scheduler._step_index = index
+        return fastguide.step(noise_pred, t, x, scheduler=scheduler, guidance_scale=FLOW_GUIDANCE,
+                              return_dict=False)[0]
+
     def diffusers_step():
         scheduler._step_index = index
         uncond, cond = noise_pred.chunk(2)
@@ -233,6 +240,7 @@ def run_flow(label: str, shape, repeats: int, block: int) -> list:
     fns = {
         "copy": lambda: copy_dst.copy_(copy_src),
         "fg.step": fg_step,
+        "fg.tuple": fg_tuple,
         "fused_op": lambda: fastguide.guided_step(x, noise_pred, table, index, scale=FLOW_GUIDANCE, out=op_out,
                                                   backend="cpp"),
         "diffusers": diffusers_step,
@@ -240,8 +248,9 @@ def run_flow(label: str, shape, repeats: int, block: int) -> list:
     expected = diffusers_step()   # same math, same answer: otherwise the timings compare different work
     fg_step(), fns["fused_op"]()
     torch.testing.assert_close(step_out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fg_tuple(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(op_out, expected, rtol=1e-5, atol=1e-5)
-    ops = {name: ops_per_call(fns[name]) for name in ("fg.step", "fused_op", "diffusers")}
+    ops = {name: ops_per_call(fns[name]) for name in ("fg.step", "fg.tuple", "fused_op", "diffusers")}
     # Page faults tell the two modes of an allocating path apart: glibc serves a 2 MiB temporary from its heap
     # or from a fresh mmap (512 faults), by an adaptive threshold whose state differs from process to process
     # (MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ pin it).

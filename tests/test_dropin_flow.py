@@ -479,6 +479,7 @@ def test_step_cpu_benchmark_flow_rows_run_and_agree(capsys):
     out = capsys.readouterr().out
     for label in ("SD3 latent", "Flux tokens"):
         rows = [line.split() for line in out.splitlines() if line.startswith(label)]
-        assert [r[2] for r in rows] == ["copy", "fg.step", "fused_op", "diffusers"]
+        assert [r[2] for r in rows] == ["copy", "fg.step", "fg.tuple", "fused_op", "diffusers"]
         ops = {r[2]: r[-2] for r in rows}
         assert ops["fg.step"] == ops["fused_op"] == "1" and int(ops["diffusers"]) > 1
+        assert ops["fg.tuple"] == "2"  # the output's allocation and the kernel
