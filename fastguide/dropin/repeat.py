@@ -32,7 +32,7 @@ from ..core import hooks
 from ..core import noise as _noise
 from ..core import ops as _ops
 from ..core.args import StepArgs
-from ..samplers.scheduler_tables import DDIM, DDPM, EULER, EULER_ANCESTRAL, FLOW
+from ..samplers.scheduler_tables import DDIM, DDPM, EULER, EULER_ANCESTRAL, FLOW, SchedulerPlan
 from .call import Call, advance, indexed_step, schedule_row, warn_if_input_not_scaled
 from .checked import plain_call_key
 from .schedulers import INDEX_BASED, SchedulerState
@@ -41,11 +41,16 @@ from .schedulers import INDEX_BASED, SchedulerState
 _SINGLE_PASS = (DDPM, DDIM, EULER, EULER_ANCESTRAL, FLOW)
 
 
-class Lane:
-    """A memo entry's filled argument block, and what a repeat call checks before it runs it."""
+def _single_pass(state: SchedulerState, plan: Optional[SchedulerPlan]) -> bool:
+    """Whether steps of ``plan`` (a plan of ``state``; None: not built yet) are one fused pass and nothing else."""
+    return state.kind in _SINGLE_PASS and plan is not None and not plan.any_noise and state.threshold is None
 
-    def __init__(self, impl, kernel, launch: abi.Launch, sample: torch.Tensor, model_output: torch.Tensor):
-        self.impl = impl                # the backend module the block is for
+
+class Lane:
+    """A memo entry's filled argument block (for the C++ backend), and what a repeat call checks before it
+    runs it."""
+
+    def __init__(self, kernel, launch: abi.Launch, sample: torch.Tensor, model_output: torch.Tensor):
         self.kernel = kernel            # fastguide._C.cpu_guided_step_at
         self.launch = launch            # the block, and any fp32 copy of the table or scale it points into
         self.sample_bytes = sample.nbytes          # (the memo key fixes shapes and dtypes)
@@ -71,8 +76,7 @@ def lane_for(call: Call) -> Union[Lane, bool, None]:
     """The lane of ``call``'s memo entry, built from this call (which ran on the general path): False when the
     entry's calls can never take one, None when this call's tensors cannot make it (a later call's may)."""
     state, memo, a = call.state, call.memo, call.args
-    if memo.rescale or call.impl is not _cpp or state.kind not in _SINGLE_PASS or memo.plan.any_noise or \
-            state.threshold is not None:
+    if memo.rescale or call.impl is not _cpp or not _single_pass(state, memo.plan):
         return False
     kernel = getattr(abi.extension(), "cpu_guided_step_at", None)
     if kernel is None:  # (an extension built before the lane existed)
@@ -83,7 +87,7 @@ def lane_for(call: Call) -> Union[Lane, bool, None]:
     args = StepArgs(a.sample, a.model_output, memo.table, 0, scale=memo.scale,
                     learned_variance=memo.plan.learned_variance, out=a.out)
     _ops.set_clip(args, state.clip, None)
-    return Lane(call.impl, kernel, abi.guided_step_args(args), a.sample, a.model_output)
+    return Lane(kernel, abi.guided_step_args(args), a.sample, a.model_output)
 
 
 def run(model_output: torch.Tensor, timestep, sample: torch.Tensor, scheduler, state: SchedulerState,
@@ -92,7 +96,9 @@ def run(model_output: torch.Tensor, timestep, sample: torch.Tensor, scheduler, s
     """The step on the lane: ``(prev_sample, x0 or None)``, or None when the call takes the general path.
     Nothing is touched before the lane is sure to run; a bad generator, backend or timestep raises what the
     general path raises (the lane's steps draw no noise, so a generator is only checked)."""
-    if hooks.via_torch_ops():
+    # (before the memo key: the calls of a scheduler or options that never get a lane compute it only once,
+    # on the general path)
+    if not _single_pass(state, state.plans.get(options)) or hooks.via_torch_ops():
         return None
     key = plain_call_key(model_output, sample, out, guidance_scale, guidance_rescale, options)
     memo = state.checked.get(key) if key is not None else None
@@ -101,7 +107,7 @@ def run(model_output: torch.Tensor, timestep, sample: torch.Tensor, scheduler, s
         return None
     if generator is not None:
         _noise.check_generator(generator, sample.shape[0], sample.device)
-    if _dispatch.resolve(backend, sample.device) is not lane.impl:
+    if _dispatch.resolve(backend, sample.device) is not _cpp:
         return None
     if state.kind in INDEX_BASED:
         index, init_index = indexed_step(scheduler, state, timestep, False)
