@@ -10,13 +10,13 @@ three tensors can be read and written where they lie, runs a copy of the block p
 (``fastguide._C.cpu_guided_step_at``), and advances the scheduler.
 
 Lanes exist for the steps that are one fused pass and nothing else: no noise on any step, no CFG rescale, no
-dynamic thresholding, no solver history (DDIMScheduler with eta 0, FlowMatchEulerDiscreteScheduler without
-stochastic sampling), on the C++ CPU backend, for calls with neither ``guider``, ``guidance``, ``noise`` nor
-``check_finite``. A ``generator`` is checked and, these steps drawing nothing, left alone; with ``return_dict``,
-x0 comes from the same pass where the scheduler's tuple has it. A call the lane cannot take as it comes (a
-strided tensor, an output overlapping an input other than ``out=sample``, a timestep off the schedule, a traced
-or routed call, another backend) takes the general path, which computes the same bits; so does every call
-before its entry has a lane.
+dynamic thresholding, no solver history (DDIMScheduler with eta 0, EulerDiscreteScheduler without churn,
+FlowMatchEulerDiscreteScheduler without stochastic sampling), on the C++ CPU backend, for calls with neither
+``guider``, ``guidance``, ``noise`` nor ``check_finite``. A ``generator`` is checked and, these steps drawing
+nothing, left alone; with ``return_dict``, x0 comes from the same pass where the scheduler's tuple has it. A call
+the lane cannot take as it comes (a strided tensor, an output overlapping an input other than ``out=sample``, a
+timestep off the schedule, a traced or routed call, another backend) takes the general path, which computes the
+same bits; so does every call before its entry has a lane.
 """
 
 from __future__ import annotations

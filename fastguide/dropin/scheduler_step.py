@@ -254,7 +254,8 @@ def scheduler_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *
     ``options`` is the plan key of the scheduler's step options (``schedulers.variant``; None: the
     defaults); ``state`` the scheduler's ``scheduler_state`` when the caller has it already.
     ``combine``/``extra``: a per-sample linear combine instead of ``guidance_scale`` (a guider,
-    ``dropin.guiders``). ``g_score`` (``eps -= sigma g``) and ``g_mean`` (DDPM mean shift ``mu += Sigma g``) are gradients already scaled;
+    ``dropin.guiders``). ``g_score`` (``eps -= sigma g``) and ``g_mean`` (DDPM mean shift ``mu += Sigma g``)
+    are gradients already scaled;
     ``guide(plan, index, predicted_x0) -> (g_score, g_mean, table or None)`` computes guidance terms once
     the row is known (``dropin.guidance``). Everything is checked before the generator, ``out`` or the
     scheduler is touched.
@@ -419,9 +420,10 @@ def step(model_output: torch.Tensor, timestep: Union[int, float, torch.Tensor], 
     half-precision sample's dtype.
 
     Speed: a loop's repeat calls with the same shapes, dtypes and scale skip the argument checks; for a step that
-    is one fused pass (DDIMScheduler with eta 0, FlowMatchEulerDiscreteScheduler without stochastic sampling,
-    C++ backend) such calls without ``guider``, ``guidance``, ``noise`` or ``check_finite`` also run straight
-    from the kernel's filled argument block (``fastguide.dropin.repeat``), with the same results.
+    is one fused pass (DDIMScheduler with eta 0, EulerDiscreteScheduler without churn,
+    FlowMatchEulerDiscreteScheduler without stochastic sampling; C++ backend) such calls without ``guider``,
+    ``guidance``, ``noise`` or ``check_finite`` also run straight from the kernel's filled argument block
+    (``fastguide.dropin.repeat``), with the same results.
 
     Every argument is checked, and the guidance networks run (their outputs checked: a wrong shape is a
     ``ValueError`` naming the network and the expected shape), before ``generator``, ``out`` or the scheduler
